@@ -1,0 +1,310 @@
+"""The FastAPI application: wiring, error mapping, request ids, metrics and health."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jobq import __name__ as _pkg
+from jobq import db, metrics
+from jobq.api import routes
+from jobq.api.auth import require_token
+from jobq.api.problems import Problem, ProblemError, openapi_problem, problem_response
+from jobq.api.schemas import Health, create_body_schema
+from jobq.queue import IdempotencyConflict, InvalidJob, InvalidTransition, JobNotFound, Queue
+from jobq.registry import Registry
+from jobq.settings import Settings
+
+log = logging.getLogger("jobq.api")
+
+RETRY_AFTER_SECONDS = "2"
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+class RequestContextMiddleware:
+    """Request id (the client's when valid), access log and HTTP metrics by route template."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        supplied = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                supplied = value.decode("latin-1")
+                break
+        request_id = supplied if supplied and _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            metrics.HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            metrics.HTTP_DURATION.labels(method, template).observe(elapsed)
+            log.debug(
+                "%s %s %s",
+                method,
+                template,
+                status,
+                extra={"request_id": request_id, "duration_ms": round(elapsed * 1000, 2)},
+            )
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def _problem(request: Request, status: int, error: str, detail: str, **extra: Any) -> Response:
+    return problem_response(
+        status,
+        error,
+        detail,
+        instance=request.url.path,
+        request_id=_request_id(request),
+        **extra,
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ProblemError)
+    async def on_problem(request: Request, exc: ProblemError) -> Response:
+        return problem_response(
+            exc.status,
+            exc.error,
+            exc.detail,
+            instance=request.url.path,
+            request_id=_request_id(request),
+            headers=exc.headers,
+            **exc.extra,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""),
+             "type": e.get("type", "")}
+            for e in exc.errors()
+        ]  # fmt: skip
+        return _problem(request, 422, "validation_error", "the request is invalid", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        slug = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return problem_response(
+            exc.status_code,
+            slug,
+            str(exc.detail),
+            instance=request.url.path,
+            request_id=_request_id(request),
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(JobNotFound)
+    async def on_not_found(request: Request, exc: JobNotFound) -> Response:
+        return _problem(request, 404, "not_found", str(exc))
+
+    @app.exception_handler(InvalidJob)
+    async def on_invalid(request: Request, exc: InvalidJob) -> Response:
+        loc = ["query" if exc.field in {"status", "offset", "cursor"} else "body", exc.field]
+        return _problem(
+            request,
+            422,
+            "validation_error",
+            str(exc),
+            errors=[{"loc": loc, "msg": exc.message, "type": "value_error"}],
+        )
+
+    @app.exception_handler(IdempotencyConflict)
+    async def on_conflict(request: Request, exc: IdempotencyConflict) -> Response:
+        return _problem(request, 422, "idempotency_key_reused", str(exc), job_id=str(exc.job_id))
+
+    @app.exception_handler(InvalidTransition)
+    async def on_transition(request: Request, exc: InvalidTransition) -> Response:
+        return _problem(request, 409, "invalid_state", str(exc), job_status=exc.status)
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception) -> Response:
+        if db.is_unavailable(exc):
+            log.warning("database unavailable: %s", exc, extra={"request_id": _request_id(request)})
+            return problem_response(
+                503,
+                "database_unavailable",
+                "the database is unavailable; retry later",
+                instance=request.url.path,
+                request_id=_request_id(request),
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        if isinstance(exc, asyncpg.exceptions.DataError):
+            # Values Postgres refuses (e.g. text it cannot store): the client's input.
+            return _problem(request, 422, "validation_error", "the database refused a value")
+        log.exception("unhandled error", extra={"request_id": _request_id(request)})
+        return _problem(request, 500, "internal_error", "an internal error occurred")
+
+
+def _install_openapi(app: FastAPI, registry: Registry | None) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(problem.pop("$defs", {}))
+        components["Problem"] = problem
+        body, defs = create_body_schema(registry)
+        components.update(defs)
+        for path_item in schema.get("paths", {}).values():
+            for op in path_item.values():
+                if isinstance(op, dict) and op.pop("x-jobq-request-body", False):
+                    op["requestBody"] = {
+                        "required": True,
+                        "content": {"application/json": {"schema": body}},
+                    }
+                if isinstance(op, dict):
+                    # FastAPI's own 422 entry: ours is a problem document.
+                    responses = op.get("responses", {})
+                    if "422" in responses and "application/json" in responses["422"].get(
+                        "content", {}
+                    ):
+                        responses["422"] = openapi_problem("Invalid request.")
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    dsn: str | None = None,
+    registry: Registry | None = None,
+    pool: asyncpg.Pool | None = None,
+) -> FastAPI:
+    """The API over the database at `dsn` (or an existing pool). With a registry, enqueue
+    checks kinds and payloads, and the OpenAPI document shows each kind's payload schema."""
+    settings = settings or Settings.from_env()
+    if pool is None and dsn is None:
+        raise ValueError("create_app needs a dsn or a pool")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_pool = pool is None
+        # min_size=0: the API starts (and reports not ready) while the database is down.
+        the_pool = pool or await db.create_pool(
+            dsn or "", min_size=0, max_size=settings.pool_max_size
+        )
+        app.state.pool = the_pool
+        app.state.queue = Queue(the_pool, default_max_attempts=settings.default_max_attempts)
+        try:
+            yield
+        finally:
+            if own_pool:
+                await the_pool.close()
+
+    app = FastAPI(
+        title="jobq",
+        version=_version(),
+        description="A job queue on PostgreSQL. Every error is an RFC 9457 problem document.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    if pool is not None:
+        app.state.pool = pool
+        app.state.queue = Queue(pool, default_max_attempts=settings.default_max_attempts)
+    app.add_middleware(RequestContextMiddleware)
+    _install_error_handlers(app)
+    app.include_router(routes.router)
+    _install_health(app, settings)
+    _install_openapi(app, registry)
+    return app
+
+
+def _install_health(app: FastAPI, settings: Settings) -> None:
+    @app.get("/healthz", tags=["health"], response_model=Health, summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Health,
+        summary="The database is reachable",
+        responses={503: {"model": Health, "description": "The database is unreachable."}},
+    )
+    async def readyz(request: Request) -> Response:
+        try:
+            await request.app.state.pool.fetchval("SELECT 1", timeout=2)
+        except Exception as exc:
+            if not db.is_unavailable(exc):
+                raise
+            return Response(
+                b'{"status":"unavailable"}',
+                status_code=503,
+                media_type="application/json",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    metric_deps = [] if not settings.protect_metrics else [require_token]
+    from fastapi import Depends
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics",
+        dependencies=[Depends(d) for d in metric_deps],
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        response_class=Response,
+    )
+    async def prometheus(request: Request) -> Response:
+        # Job counts are read at scrape time; a scrape during an outage still serves the rest.
+        with contextlib.suppress(*db.UNAVAILABLE_ERRORS):
+            metrics.set_job_counts(await request.app.state.queue.counts())
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(_pkg)
+    except PackageNotFoundError:  # pragma: no cover
+        return "0"

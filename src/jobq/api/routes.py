@@ -1,0 +1,259 @@
+"""Job routes: parse and check the request, call the queue core, shape the response."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+import orjson
+import pydantic
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from starlette.responses import Response
+
+from jobq import metrics
+from jobq.api.auth import require_token
+from jobq.api.problems import ProblemError, openapi_problem
+from jobq.api.schemas import CancelOut, JobCreate, JobOut, JobPage, job_to_dict
+from jobq.queue import (
+    MAX_NAME_LENGTH,
+    MAX_OFFSET,
+    STATUSES,
+    CancelOutcome,
+    NewJob,
+    Queue,
+    check_idempotency_key,
+)
+from jobq.registry import PayloadInvalid, Registry
+
+JSON = "application/json"
+
+router = APIRouter(dependencies=[Depends(require_token)], tags=["jobs"])
+
+_COMMON: dict[int | str, dict[str, Any]] = {
+    401: openapi_problem("Missing or invalid bearer token (when auth is on)."),
+    503: openapi_problem("The database is unavailable; retry after `Retry-After` seconds."),
+}
+_BAD_ID: dict[int | str, dict[str, Any]] = {422: openapi_problem("The job id is not a UUID.")}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: openapi_problem("No job with this id.")}
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=JSON)
+
+
+def _queue(request: Request) -> Queue:
+    queue: Queue = request.app.state.queue
+    return queue
+
+
+async def _read_json_body(request: Request) -> Any:
+    """The request body as JSON: size-limited, content type checked, strictly parsed."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != JSON and not (ctype.startswith("application/") and ctype.endswith("+json")):
+        raise ProblemError(415, "unsupported_media_type", "the body must be application/json")
+    limit: int = request.app.state.settings.max_payload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProblemError(413, "payload_too_large", f"the body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProblemError(413, "payload_too_large", f"the body exceeds {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise ProblemError(422, "invalid_json", f"the body is not valid JSON: {exc}") from None
+
+
+def _field_errors(exc: pydantic.ValidationError, prefix: str = "body") -> list[dict[str, Any]]:
+    return [
+        {"loc": [prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+def _new_job(body: Any, header_key: str | None, registry: Registry | None) -> NewJob:
+    if not isinstance(body, dict):
+        raise ProblemError(422, "validation_error", "the body must be a JSON object")
+    try:
+        req = JobCreate.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise ProblemError(
+            422, "validation_error", "the job is invalid", errors=_field_errors(exc)
+        ) from None
+    max_attempts = req.max_attempts
+    if registry is not None:
+        if req.kind not in registry:
+            raise ProblemError(
+                422,
+                "unknown_kind",
+                f"no handler for kind {req.kind!r}; known kinds: {', '.join(registry.kinds)}",
+                errors=[{"loc": ["body", "kind"], "msg": "unknown kind", "type": "unknown_kind"}],
+            )
+        handler = registry[req.kind]
+        try:
+            handler.parse_payload(req.payload)
+        except PayloadInvalid as exc:
+            errors = [
+                {"loc": ["body", "payload", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors
+            ]
+            raise ProblemError(
+                422, "invalid_payload", f"the payload does not fit {req.kind!r}", errors=errors
+            ) from None
+        if max_attempts is None:
+            max_attempts = handler.max_attempts
+    key = req.idempotency_key
+    if header_key is not None:
+        key = header_key.strip()
+        if len(key) >= 2 and key[0] == key[-1] == '"':
+            key = key[1:-1]  # the draft's examples quote the value
+    if key is not None:
+        check_idempotency_key(key)
+    return NewJob(
+        kind=req.kind,
+        payload=req.payload,
+        queue=req.queue,
+        priority=req.priority,
+        max_attempts=max_attempts,
+        run_at=req.run_at,
+        idempotency_key=key,
+    )
+
+
+@router.post(
+    "/jobs",
+    status_code=201,
+    summary="Enqueue a job",
+    response_model=None,
+    responses={
+        201: {"model": JobOut, "description": "Created."},
+        200: {"model": JobOut, "description": "Idempotent replay: the job this key created."},
+        413: openapi_problem("The body is larger than JOBQ_MAX_PAYLOAD_BYTES."),
+        415: openapi_problem("The body is not JSON."),
+        422: openapi_problem(
+            "Invalid job, unknown kind, payload that does not fit the kind, or an "
+            "Idempotency-Key reused with a different request."
+        ),
+        **_COMMON,
+    },
+    openapi_extra={"x-jobq-request-body": True},
+)
+async def enqueue(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Makes retries of this request safe: 1-255 printable ASCII characters.",
+        ),
+    ] = None,
+) -> Response:
+    body = await _read_json_body(request)
+    new = _new_job(body, idempotency_key, request.app.state.registry)
+    result = await _queue(request).enqueue(new)
+    if result.created:
+        metrics.JOBS_ENQUEUED.labels(result.job.kind).inc()
+    return _json(job_to_dict(result.job), 201 if result.created else 200)
+
+
+@router.get(
+    "/jobs",
+    summary="List jobs, newest first",
+    response_model=JobPage,
+    responses={422: openapi_problem("Invalid filter or paging parameter."), **_COMMON},
+)
+async def list_jobs(
+    request: Request,
+    status: Annotated[
+        str | None,
+        Query(
+            description=f"One of: {', '.join(STATUSES)}.",
+            json_schema_extra={"enum": list(STATUSES)},
+        ),
+    ] = None,
+    kind: Annotated[str | None, Query(max_length=MAX_NAME_LENGTH)] = None,
+    queue: Annotated[str | None, Query(max_length=MAX_NAME_LENGTH)] = None,
+    limit: Annotated[int, Query(description="Page size; clamped to 1..200.")] = 50,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="`next_cursor` of the previous page.")
+    ] = None,
+) -> Response:
+    if status is not None and status not in STATUSES:
+        raise ProblemError(
+            422,
+            "validation_error",
+            f"unknown status {status!r}; one of: {', '.join(STATUSES)}",
+            errors=[{"loc": ["query", "status"], "msg": "unknown status", "type": "enum"}],
+        )
+    page = await _queue(request).list_jobs(
+        status=status, kind=kind, queue=queue, limit=limit, offset=offset, cursor=cursor
+    )
+    n = max(1, min(200, limit))
+    return _json(
+        {
+            "jobs": [job_to_dict(j) for j in page.jobs],
+            "limit": n,
+            "offset": offset,
+            "next_cursor": page.next_cursor,
+        }
+    )
+
+
+JobId = Annotated[uuid.UUID, Path(description="The job's id (a UUID).")]
+
+
+@router.get(
+    "/jobs/{job_id}",
+    summary="Get a job",
+    response_model=JobOut,
+    responses={**_NOT_FOUND, **_BAD_ID, **_COMMON},
+)
+async def get_job(request: Request, job_id: JobId) -> Response:
+    return _json(job_to_dict(await _queue(request).get(job_id)))
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    summary="Cancel a job",
+    response_model=CancelOut,
+    responses={
+        200: {"model": CancelOut, "description": "Cancelled: the job had not started."},
+        202: {"model": CancelOut, "description": "Pending: the running handler was asked to stop."},
+        409: openapi_problem("The job already ended; the detail names its state."),
+        **_NOT_FOUND,
+        **_BAD_ID,
+        **_COMMON,
+    },
+)
+async def cancel_job(request: Request, job_id: JobId) -> Response:
+    result = await _queue(request).request_cancel(job_id)
+    if result.outcome is CancelOutcome.ALREADY_TERMINAL:
+        raise ProblemError(
+            409,
+            "job_terminal",
+            f"job {job_id} already ended as {result.job.status}",
+            job_status=result.job.status,
+        )
+    if result.outcome is CancelOutcome.PENDING:
+        return _json({"status": "pending", "job_id": str(job_id)}, 202)
+    return _json({"status": "cancelled", "job_id": str(job_id)}, 200)
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    summary="Run a failed or cancelled job again",
+    response_model=JobOut,
+    responses={
+        409: openapi_problem("Only failed_permanent or cancelled jobs can be retried."),
+        **_NOT_FOUND,
+        **_BAD_ID,
+        **_COMMON,
+    },
+)
+async def retry_job(request: Request, job_id: JobId) -> Response:
+    return _json(job_to_dict(await _queue(request).retry(job_id)))

@@ -1,0 +1,142 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobq.queue import (
+    DEFAULT_QUEUE,
+    MAX_ATTEMPTS_MAX,
+    MAX_ATTEMPTS_MIN,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    MAX_NAME_LENGTH,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    Job,
+)
+from jobq.registry import Registry
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+
+
+class JobCreate(BaseModel):
+    """A job to enqueue."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: Name = Field(description="Which handler runs the job.")
+    payload: dict[str, Any] = Field(
+        default_factory=dict, description="JSON object handed to the handler."
+    )
+    queue: Name = Field(default=DEFAULT_QUEUE)
+    priority: int = Field(
+        default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Lower runs first."
+    )
+    max_attempts: int | None = Field(
+        default=None,
+        ge=MAX_ATTEMPTS_MIN,
+        le=MAX_ATTEMPTS_MAX,
+        description="Attempts before the job fails permanently (default 3, or the handler's).",
+    )
+    run_at: Annotated[datetime, pydantic.Strict(False)] | None = Field(
+        default=None, description="When the job becomes due (RFC 3339); default now."
+    )
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+        description="Same as the Idempotency-Key header; the header wins.",
+    )
+
+
+class JobError(BaseModel):
+    attempt: int
+    error: str
+    at: datetime
+
+
+class JobOut(BaseModel):
+    """A job and everything known about its runs."""
+
+    id: uuid.UUID
+    kind: str
+    queue: str
+    status: Literal["queued", "running", "retrying", "succeeded", "failed_permanent", "cancelled"]
+    payload: dict[str, Any]
+    result: Any = Field(description="The handler's return value, once succeeded.")
+    priority: int
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    errors: list[JobError] = Field(description="Every failed attempt, oldest first.")
+    idempotency_key: str | None
+    cancel_requested: bool
+    run_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    limit: int
+    offset: int
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; stable under concurrent inserts."
+    )
+
+
+class CancelOut(BaseModel):
+    status: Literal["cancelled", "pending"]
+    job_id: uuid.UUID
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+
+
+_OUT_FIELDS = tuple(JobOut.model_fields)
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """The JSON shape of `JobOut`, without a validation pass on every response."""
+    out = {f: getattr(job, f) for f in _OUT_FIELDS}
+    out["id"] = str(job.id)  # asyncpg's UUID type is not one orjson knows
+    return out
+
+
+def create_body_schema(registry: Registry | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request-body schema of POST /jobs and the component schemas it refers to.
+
+    With a registry, a union over the known kinds, each with its payload schema.
+    """
+    ref = "#/components/schemas/{model}"
+    if registry is None or not len(registry):
+        schema = JobCreate.model_json_schema(ref_template=ref)
+        defs = schema.pop("$defs", {})
+        return {"$ref": "#/components/schemas/JobCreate"}, {"JobCreate": schema, **defs}
+    variants: list[type[BaseModel]] = []
+    for handler in registry:
+        payload_type: Any = handler.payload_model or dict[str, Any]
+        kind_type: Any = Literal[handler.kind]
+        name = "JobCreate_" + "".join(c if c.isalnum() else "_" for c in handler.kind)
+        variants.append(
+            pydantic.create_model(
+                name,
+                __base__=JobCreate,
+                kind=(kind_type, Field(description="Which handler runs the job.")),
+                payload=(payload_type, Field(default_factory=dict)),
+            )
+        )
+    body: Any = variants[0]
+    if len(variants) > 1:
+        body = Annotated[Union[tuple(variants)], Field(discriminator="kind")]  # noqa: UP007
+    schema = pydantic.TypeAdapter(body).json_schema(ref_template=ref)
+    defs = schema.pop("$defs", {})
+    return schema, defs

@@ -1,0 +1,783 @@
+"""The queue core: every statement that decides a job's fate lives here.
+
+Lifecycle (River-style, one row per job):
+
+    queued ──claim──▶ running ──complete──▶ succeeded
+      ▲                 │ ├──fail (attempts left)──▶ retrying ──claim──▶ running …
+      │                 │ ├──fail (attempts spent)─▶ failed_permanent
+      │                 │ └──cancel observed───────▶ cancelled
+      │                 └──lease expired (rescue)──▶ retrying | failed_permanent | cancelled
+      └──────────────────────────retry (operator)◀── failed_permanent | cancelled
+
+Every write by a worker is fenced by the lease token it got at claim time: once a job was
+rescued, cancelled or finished elsewhere, a late answer from the old run changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import enum
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from jobq.backoff import Backoff
+
+STATUSES = ("queued", "running", "retrying", "succeeded", "failed_permanent", "cancelled")
+LIVE_STATUSES = ("queued", "running", "retrying")
+TERMINAL_STATUSES = ("succeeded", "failed_permanent", "cancelled")
+
+NEW_JOB_CHANNEL = "jobq_jobs"
+CANCEL_CHANNEL = "jobq_cancel"
+
+DEFAULT_QUEUE = "default"
+MAX_NAME_LENGTH = 255
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+PRIORITY_MIN, PRIORITY_MAX = -32768, 32767
+MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 1000
+LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 200
+MAX_ERROR_LENGTH = 8000
+# Postgres bigint: an OFFSET beyond it is an error in the database, not an empty page.
+MAX_OFFSET = 2**63 - 1
+
+
+class JobqError(Exception):
+    """Base class of the errors the queue core raises on purpose."""
+
+
+class InvalidJob(JobqError, ValueError):
+    """A job's fields are out of bounds; nothing was stored."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class IdempotencyConflict(JobqError):
+    """The idempotency key already belongs to a job created by a different request."""
+
+    def __init__(self, key: str, job_id: uuid.UUID) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was already used for job {job_id} with a different request"
+        )
+        self.key = key
+        self.job_id = job_id
+
+
+class JobNotFound(JobqError):
+    def __init__(self, job_id: uuid.UUID) -> None:
+        super().__init__(f"job {job_id} not found")
+        self.job_id = job_id
+
+
+class InvalidTransition(JobqError):
+    """The job is not in a state that allows the operation."""
+
+    def __init__(self, job_id: uuid.UUID, status: str, operation: str) -> None:
+        super().__init__(f"job {job_id} is {status}; cannot {operation}")
+        self.job_id = job_id
+        self.status = status
+        self.operation = operation
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: uuid.UUID
+    kind: str
+    queue: str
+    payload: dict[str, Any]
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    idempotency_key: str | None
+    cancel_requested: bool
+    lease_owner: str | None
+    lease_token: uuid.UUID | None
+    lease_expires_at: datetime | None
+    retry_delay_seconds: float | None
+    last_error: str | None
+    errors: list[dict[str, Any]]
+    result: Any
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> Job:
+        return cls(**{f: r[f] for f in _JOB_FIELDS})
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+_JOB_COLUMNS = ", ".join(_JOB_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """What a client asks for. Validated by `validate()`; defaults filled by the core."""
+
+    kind: str
+    payload: dict[str, Any] = dataclasses.field(default_factory=dict)
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    max_attempts: int | None = None
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    job: Job
+    created: bool
+
+
+class CancelOutcome(enum.Enum):
+    CANCELLED = "cancelled"  # was queued or retrying: cancelled now
+    PENDING = "pending"  # running: the worker has been asked to stop
+    ALREADY_TERMINAL = "already_terminal"
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    outcome: CancelOutcome
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A worker's hold on one running job."""
+
+    job_id: uuid.UUID
+    token: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResult:
+    cancel_requested: frozenset[uuid.UUID]
+    lost: frozenset[uuid.UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class Rescued:
+    job_id: uuid.UUID
+    kind: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+# -- validation and encoding -------------------------------------------------------------
+
+
+def _check_name(field: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidJob(field, "must be a non-empty string")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidJob(field, f"must be at most {MAX_NAME_LENGTH} characters")
+    if not value.isprintable():
+        raise InvalidJob(field, "must not contain control characters")
+    return value
+
+
+def check_idempotency_key(key: str) -> str:
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise InvalidJob("idempotency_key", f"must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+    if not all(" " <= ch <= "~" for ch in key):
+        raise InvalidJob("idempotency_key", "must be printable ASCII")
+    return key
+
+
+def encode_json(field: str, value: Any) -> str:
+    """JSON text Postgres jsonb accepts, or InvalidJob: jsonb cannot hold NUL characters."""
+    try:
+        text = orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidJob(field, f"is not JSON Postgres can store ({exc})") from None
+    if "\\u0000" in text:
+        raise InvalidJob(field, "must not contain \\u0000 (NUL) characters")
+    return text
+
+
+def validate(job: NewJob, default_max_attempts: int = 3) -> NewJob:
+    """Return the job with defaults filled in, or raise InvalidJob."""
+    _check_name("kind", job.kind)
+    _check_name("queue", job.queue)
+    if not isinstance(job.payload, dict):
+        raise InvalidJob("payload", "must be a JSON object")
+    if isinstance(job.priority, bool) or not isinstance(job.priority, int):
+        raise InvalidJob("priority", "must be an integer")
+    if not PRIORITY_MIN <= job.priority <= PRIORITY_MAX:
+        raise InvalidJob("priority", f"must be between {PRIORITY_MIN} and {PRIORITY_MAX}")
+    max_attempts = default_max_attempts if job.max_attempts is None else job.max_attempts
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+        raise InvalidJob("max_attempts", "must be an integer")
+    if not MAX_ATTEMPTS_MIN <= max_attempts <= MAX_ATTEMPTS_MAX:
+        raise InvalidJob(
+            "max_attempts", f"must be between {MAX_ATTEMPTS_MIN} and {MAX_ATTEMPTS_MAX}"
+        )
+    run_at = job.run_at
+    if run_at is not None and run_at.tzinfo is None:
+        run_at = run_at.replace(tzinfo=UTC)  # naive times are UTC
+    if job.idempotency_key is not None:
+        check_idempotency_key(job.idempotency_key)
+    return dataclasses.replace(job, max_attempts=max_attempts, run_at=run_at)
+
+
+def fingerprint(job: NewJob, payload_json: str) -> str:
+    """What makes two requests "the same" for idempotency: everything that defines the job."""
+    canonical = orjson.dumps(
+        {
+            "kind": job.kind,
+            "payload": orjson.loads(payload_json),
+            "queue": job.queue,
+            "priority": job.priority,
+            "max_attempts": job.max_attempts,
+            "run_at": job.run_at.isoformat() if job.run_at else None,
+        },
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, _, job_id = raw.partition("|")
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidJob("cursor", "is not a cursor returned by this API") from None
+
+
+def clamp_limit(limit: int | None) -> int:
+    if limit is None:
+        return LIST_LIMIT_DEFAULT
+    return max(1, min(LIST_LIMIT_MAX, limit))
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_LENGTH else text[: MAX_ERROR_LENGTH - 1] + "…"
+
+
+# -- SQL -----------------------------------------------------------------------------------
+
+_INSERT = f"""
+WITH ins AS (
+    INSERT INTO jobs (kind, queue, payload, priority, max_attempts, run_at,
+                      idempotency_key, request_fingerprint)
+    VALUES ($1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), $7, $8)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+)
+SELECT {_JOB_COLUMNS}, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified FROM ins
+"""
+
+_SELECT_BY_KEY = f"""
+SELECT {_JOB_COLUMNS}, request_fingerprint FROM jobs WHERE idempotency_key = $1
+"""
+
+_INSERT_MANY = f"""
+WITH ins AS (
+    INSERT INTO jobs (kind, queue, payload, priority, max_attempts, run_at,
+                      idempotency_key, request_fingerprint)
+    SELECT k, q, p::jsonb, pr, ma, coalesce(ra, now()), ik, fp
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
+                $6::timestamptz[], $7::text[], $8::text[]) AS t(k, q, p, pr, ma, ra, ik, fp)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, queue, idempotency_key
+), notified AS (
+    SELECT pg_notify('{NEW_JOB_CHANNEL}', q) FROM (SELECT DISTINCT queue AS q FROM ins) AS qs
+)
+SELECT id, idempotency_key, (SELECT count(*) FROM notified) AS _n FROM ins
+"""
+
+_GET = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1"
+
+# One statement: pick due jobs in claim order, skipping rows other workers hold, and lease them.
+_CLAIM = f"""
+WITH picked AS (
+    SELECT id FROM jobs
+    WHERE status IN ('queued', 'retrying')
+      AND run_at <= now()
+      AND kind = ANY($2::text[])
+      AND queue = ANY($3::text[])
+    ORDER BY priority, run_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs AS j
+SET status = 'running',
+    attempts = j.attempts + 1,
+    started_at = now(),
+    updated_at = now(),
+    lease_owner = $1,
+    lease_token = gen_random_uuid(),
+    lease_expires_at = now() + make_interval(secs => $5)
+FROM picked
+WHERE j.id = picked.id
+RETURNING {", ".join("j." + f for f in _JOB_FIELDS)}
+"""
+
+_COMPLETE_MANY = """
+UPDATE jobs AS j
+SET status = 'succeeded',
+    result = r.result::jsonb,
+    finished_at = now(),
+    updated_at = now(),
+    lease_token = NULL,
+    lease_expires_at = NULL
+FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS r(id, token, result)
+WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
+RETURNING j.id
+"""
+
+_FAIL = """
+UPDATE jobs
+SET status = CASE WHEN NOT $5 AND attempts < max_attempts THEN 'retrying'
+                  ELSE 'failed_permanent' END,
+    run_at = CASE WHEN NOT $5 AND attempts < max_attempts
+                  THEN now() + make_interval(secs => $4) ELSE run_at END,
+    retry_delay_seconds = CASE WHEN NOT $5 AND attempts < max_attempts
+                               THEN $4 ELSE retry_delay_seconds END,
+    finished_at = CASE WHEN NOT $5 AND attempts < max_attempts THEN NULL ELSE now() END,
+    last_error = $3,
+    errors = errors || jsonb_build_array(
+        jsonb_build_object('attempt', attempts, 'error', $3::text, 'at', now())),
+    updated_at = now(),
+    lease_token = NULL,
+    lease_expires_at = NULL
+WHERE id = $1 AND lease_token = $2 AND status = 'running'
+RETURNING status
+"""
+
+_CANCELLED_BY_WORKER = """
+UPDATE jobs
+SET status = 'cancelled',
+    last_error = $3,
+    errors = errors || jsonb_build_array(
+        jsonb_build_object('attempt', attempts, 'error', $3::text, 'at', now())),
+    finished_at = now(),
+    updated_at = now(),
+    lease_token = NULL,
+    lease_expires_at = NULL
+WHERE id = $1 AND lease_token = $2 AND status = 'running'
+RETURNING status
+"""
+
+# Graceful shutdown: the interrupted run does not count as an attempt.
+_RELEASE = """
+UPDATE jobs AS j
+SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                  WHEN j.attempts <= 1 THEN 'queued' ELSE 'retrying' END,
+    attempts = CASE WHEN j.cancel_requested THEN j.attempts ELSE j.attempts - 1 END,
+    finished_at = CASE WHEN j.cancel_requested THEN now() END,
+    started_at = CASE WHEN j.cancel_requested THEN j.started_at END,
+    run_at = now(),
+    updated_at = now(),
+    lease_token = NULL,
+    lease_expires_at = NULL
+FROM unnest($1::uuid[], $2::uuid[]) AS r(id, token)
+WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
+RETURNING j.id, j.queue
+"""
+
+_HEARTBEAT = """
+UPDATE jobs AS j
+SET lease_expires_at = now() + make_interval(secs => $3)
+FROM unnest($1::uuid[], $2::uuid[]) AS r(id, token)
+WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
+RETURNING j.id, j.cancel_requested
+"""
+
+# Runs whose worker stopped heartbeating. Rows locked by a live transaction are skipped, so
+# every worker can run this at any time.
+_RESCUE = """
+WITH lost AS (
+    SELECT id FROM jobs
+    WHERE status = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs AS j
+SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                  WHEN j.attempts < j.max_attempts THEN 'retrying'
+                  ELSE 'failed_permanent' END,
+    last_error = 'worker lost: lease held by ' || coalesce(j.lease_owner, '?')
+                 || ' expired at ' || j.lease_expires_at::text,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempts,
+        'error', 'worker lost: lease held by ' || coalesce(j.lease_owner, '?') || ' expired',
+        'at', now())),
+    run_at = now(),
+    finished_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
+                       THEN now() END,
+    updated_at = now(),
+    lease_token = NULL,
+    lease_expires_at = NULL
+FROM lost
+WHERE j.id = lost.id
+RETURNING j.id, j.kind, j.status, j.queue
+"""
+
+_RETRY = f"""
+UPDATE jobs
+SET status = 'queued',
+    attempts = 0,
+    cancel_requested = false,
+    run_at = now(),
+    retry_delay_seconds = NULL,
+    result = NULL,
+    started_at = NULL,
+    finished_at = NULL,
+    lease_owner = NULL,
+    updated_at = now()
+WHERE id = $1 AND status IN ('failed_permanent', 'cancelled')
+RETURNING {_JOB_COLUMNS}, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified
+"""
+
+_COUNTS = """
+SELECT queue, status, count(*)::bigint AS n FROM jobs GROUP BY queue, status
+"""
+
+
+class Queue:
+    """Queue operations over an asyncpg pool. Safe to share between tasks."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        default_max_attempts: int = 3,
+        default_backoff: Backoff | None = None,
+    ) -> None:
+        self.pool = pool
+        self.default_max_attempts = default_max_attempts
+        self.default_backoff = default_backoff or Backoff()
+
+    # -- producers ---------------------------------------------------------------------
+
+    async def enqueue(self, new: NewJob) -> EnqueueResult:
+        """Insert a job; with an idempotency key, return the existing job for the same request.
+
+        Race-safe: concurrent inserts with one key wait on each other in the unique index, and
+        exactly one creates the row.
+        """
+        job = validate(new, self.default_max_attempts)
+        payload = encode_json("payload", job.payload)
+        fp = fingerprint(job, payload) if job.idempotency_key is not None else None
+        args = (
+            job.kind,
+            job.queue,
+            payload,
+            job.priority,
+            job.max_attempts,
+            job.run_at,
+            job.idempotency_key,
+            fp,
+        )
+        async with self.pool.acquire() as conn:
+            for _ in range(3):
+                row = await conn.fetchrow(_INSERT, *args)
+                if row is not None:
+                    return EnqueueResult(Job.from_record(row), created=True)
+                # The key exists. A fresh statement sees the committed row.
+                existing = await conn.fetchrow(_SELECT_BY_KEY, job.idempotency_key)
+                if existing is None:
+                    continue  # deleted in between: try the insert again
+                if existing["request_fingerprint"] != fp:
+                    raise IdempotencyConflict(job.idempotency_key or "", existing["id"])
+                return EnqueueResult(Job.from_record(existing), created=False)
+        raise RuntimeError("idempotent insert did not settle")  # pragma: no cover
+
+    async def enqueue_many(self, jobs: Sequence[NewJob]) -> list[uuid.UUID]:
+        """Insert many jobs in one round trip; returns their ids in input order.
+
+        Idempotency keys are honoured: a key that exists with the same request yields the
+        existing id; with a different request the whole batch is rejected and nothing is stored.
+        """
+        if not jobs:
+            return []
+        checked = [validate(j, self.default_max_attempts) for j in jobs]
+        payloads = [encode_json("payload", j.payload) for j in checked]
+        fps = [
+            fingerprint(j, p) if j.idempotency_key is not None else None
+            for j, p in zip(checked, payloads, strict=True)
+        ]
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                _INSERT_MANY,
+                [j.kind for j in checked],
+                [j.queue for j in checked],
+                payloads,
+                [j.priority for j in checked],
+                [j.max_attempts for j in checked],
+                [j.run_at for j in checked],
+                [j.idempotency_key for j in checked],
+                fps,
+            )
+            if all(j.idempotency_key is None for j in checked):
+                return [r["id"] for r in rows]
+            by_key: dict[str, uuid.UUID] = {
+                r["idempotency_key"]: r["id"] for r in rows if r["idempotency_key"] is not None
+            }
+            created_keys = set(by_key)
+            missing = {j.idempotency_key for j in checked if j.idempotency_key} - created_keys
+            if missing:
+                existing = await conn.fetch(
+                    "SELECT id, idempotency_key, request_fingerprint FROM jobs"
+                    " WHERE idempotency_key = ANY($1::text[])",
+                    list(missing),
+                )
+                fp_by_key = {r["idempotency_key"]: r["request_fingerprint"] for r in existing}
+                for r in existing:
+                    by_key[r["idempotency_key"]] = r["id"]
+            else:
+                fp_by_key = {}
+            # Within the batch and against stored jobs, one key means one request.
+            seen: dict[str, str | None] = {}
+            for j, fp in zip(checked, fps, strict=True):
+                key = j.idempotency_key
+                if key is None:
+                    continue
+                expected = seen.setdefault(key, fp_by_key.get(key, fp))
+                if expected != fp:
+                    raise IdempotencyConflict(key, by_key[key])
+            unkeyed = iter(r["id"] for r in rows if r["idempotency_key"] is None)
+            return [
+                by_key[j.idempotency_key] if j.idempotency_key is not None else next(unkeyed)
+                for j in checked
+            ]
+
+    # -- readers -----------------------------------------------------------------------
+
+    async def get(self, job_id: uuid.UUID) -> Job:
+        row = await self.pool.fetchrow(_GET, job_id)
+        if row is None:
+            raise JobNotFound(job_id)
+        return Job.from_record(row)
+
+    async def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        queue: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        cursor: str | None = None,
+    ) -> Page:
+        """Newest first (created_at, then id). `cursor` pages stably under concurrent inserts."""
+        if status is not None and status not in STATUSES:
+            raise InvalidJob("status", f"must be one of {', '.join(STATUSES)}")
+        if offset < 0 or offset > MAX_OFFSET:
+            raise InvalidJob("offset", f"must be between 0 and {MAX_OFFSET}")
+        n = clamp_limit(limit)
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("status", status), ("kind", kind), ("queue", queue)):
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} = ${len(args)}")
+        if cursor is not None:
+            created, last_id = decode_cursor(cursor)
+            args += [created, last_id]
+            where.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+        args += [n, offset]
+        sql = (
+            f"SELECT {_JOB_COLUMNS} FROM jobs"
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args) - 1} OFFSET ${len(args)}"
+        )
+        rows = await self.pool.fetch(sql, *args)
+        jobs = [Job.from_record(r) for r in rows]
+        next_cursor = encode_cursor(jobs[-1]) if len(jobs) == n else None
+        return Page(jobs, next_cursor)
+
+    async def counts(self) -> list[tuple[str, str, int]]:
+        """(queue, status, count) for every pair present."""
+        rows = await self.pool.fetch(_COUNTS)
+        return [(r["queue"], r["status"], r["n"]) for r in rows]
+
+    # -- operators ---------------------------------------------------------------------
+
+    async def request_cancel(self, job_id: uuid.UUID) -> CancelResult:
+        """Cancel a waiting job now, or ask the worker running it to stop."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(f"{_GET} FOR UPDATE", job_id)
+            if row is None:
+                raise JobNotFound(job_id)
+            status = row["status"]
+            if status in TERMINAL_STATUSES:
+                return CancelResult(CancelOutcome.ALREADY_TERMINAL, Job.from_record(row))
+            if status == "running":
+                row = await conn.fetchrow(
+                    f"UPDATE jobs SET cancel_requested = true, updated_at = now()"
+                    f" WHERE id = $1 RETURNING {_JOB_COLUMNS}",
+                    job_id,
+                )
+                await conn.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(job_id))
+                assert row is not None
+                return CancelResult(CancelOutcome.PENDING, Job.from_record(row))
+            row = await conn.fetchrow(
+                f"UPDATE jobs SET status = 'cancelled', cancel_requested = true,"
+                f" finished_at = now(), updated_at = now()"
+                f" WHERE id = $1 RETURNING {_JOB_COLUMNS}",
+                job_id,
+            )
+            assert row is not None
+            return CancelResult(CancelOutcome.CANCELLED, Job.from_record(row))
+
+    async def retry(self, job_id: uuid.UUID) -> Job:
+        """Queue a failed_permanent or cancelled job again: attempts reset, errors kept."""
+        row = await self.pool.fetchrow(_RETRY, job_id)
+        if row is not None:
+            return Job.from_record(row)
+        job = await self.get(job_id)
+        raise InvalidTransition(job_id, job.status, "retry")
+
+    # -- workers -----------------------------------------------------------------------
+
+    async def claim(
+        self,
+        worker: str,
+        kinds: Sequence[str],
+        queues: Sequence[str],
+        n: int,
+        *,
+        lease_seconds: float,
+        conn: asyncpg.Connection | None = None,
+    ) -> list[Job]:
+        """Lease up to n due jobs of the given kinds and queues, in claim order."""
+        if n <= 0 or not kinds or not queues:
+            return []
+        args = (worker, list(kinds), list(queues), n, float(lease_seconds))
+        rows = await (conn or self.pool).fetch(_CLAIM, *args)
+        jobs = [Job.from_record(r) for r in rows]
+        jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))
+        return jobs
+
+    async def complete_many(
+        self,
+        done: Iterable[tuple[Lease, Any]],
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> set[uuid.UUID]:
+        """Mark runs succeeded with their results; returns the ids whose lease still held.
+
+        Results must be JSON-serialisable (see `encode_json`).
+        """
+        ids: list[uuid.UUID] = []
+        tokens: list[uuid.UUID] = []
+        results: list[str] = []
+        for lease, result in done:
+            ids.append(lease.job_id)
+            tokens.append(lease.token)
+            results.append(encode_json("result", result))
+        if not ids:
+            return set()
+        rows = await (conn or self.pool).fetch(_COMPLETE_MANY, ids, tokens, results)
+        return {r["id"] for r in rows}
+
+    async def complete(self, lease: Lease, result: Any = None) -> bool:
+        return lease.job_id in await self.complete_many([(lease, result)])
+
+    async def fail(
+        self,
+        job: Job,
+        error: str,
+        *,
+        backoff: Backoff | None = None,
+        permanent: bool = False,
+    ) -> str | None:
+        """Record a failed attempt: retrying after a backoff delay, or failed_permanent.
+
+        Returns the new status, or None when the lease was lost (the row is left alone).
+        """
+        assert job.lease_token is not None, "fail() needs a claimed job"
+        delay = (backoff or self.default_backoff).next_delay(job.retry_delay_seconds)
+        row = await self.pool.fetchrow(
+            _FAIL, job.id, job.lease_token, _truncate(error), float(delay), permanent
+        )
+        return None if row is None else str(row["status"])
+
+    async def mark_cancelled(self, lease: Lease, reason: str = "cancelled on request") -> bool:
+        """The handler stopped for a cancel request: the run ends cancelled."""
+        row = await self.pool.fetchrow(
+            _CANCELLED_BY_WORKER, lease.job_id, lease.token, _truncate(reason)
+        )
+        return row is not None
+
+    async def release(self, leases: Sequence[Lease]) -> list[uuid.UUID]:
+        """Give running jobs back without counting the attempt (worker shutting down)."""
+        if not leases:
+            return []
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                _RELEASE, [lease.job_id for lease in leases], [lease.token for lease in leases]
+            )
+            for q in {r["queue"] for r in rows}:
+                await conn.execute("SELECT pg_notify($1, $2)", NEW_JOB_CHANNEL, q)
+        return [r["id"] for r in rows]
+
+    async def heartbeat(
+        self,
+        leases: Sequence[Lease],
+        *,
+        lease_seconds: float,
+        conn: asyncpg.Connection | None = None,
+    ) -> HeartbeatResult:
+        """Extend leases; report runs asked to cancel and runs this worker no longer holds."""
+        if not leases:
+            return HeartbeatResult(frozenset(), frozenset())
+        rows = await (conn or self.pool).fetch(
+            _HEARTBEAT,
+            [lease.job_id for lease in leases],
+            [lease.token for lease in leases],
+            float(lease_seconds),
+        )
+        held = {r["id"] for r in rows}
+        return HeartbeatResult(
+            cancel_requested=frozenset(r["id"] for r in rows if r["cancel_requested"]),
+            lost=frozenset(lease.job_id for lease in leases) - held,
+        )
+
+    async def rescue(self, limit: int = 1000) -> list[Rescued]:
+        """Return running jobs whose lease expired to the queue (or end them). Idempotent."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_RESCUE, limit)
+            for q in {r["queue"] for r in rows if r["status"] == "retrying"}:
+                await conn.execute("SELECT pg_notify($1, $2)", NEW_JOB_CHANNEL, q)
+        return [Rescued(r["id"], r["kind"], r["status"]) for r in rows]
+
+
+def lease_of(job: Job) -> Lease:
+    assert job.lease_token is not None, "job is not leased"
+    return Lease(job.id, job.lease_token)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

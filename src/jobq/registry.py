@@ -1,0 +1,185 @@
+"""Handlers: what code runs for each job kind, and what a handler sees (`JobContext`)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import typing
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+
+from jobq.backoff import Backoff
+
+HandlerFn = Callable[..., Any]
+
+
+class JobCancelled(Exception):
+    """Raised inside a handler (by `ctx.raise_if_cancelled()`) to stop for a cancel request."""
+
+
+class PayloadInvalid(ValueError):
+    """The payload does not fit the handler's declared model."""
+
+    def __init__(self, kind: str, errors: list[dict[str, Any]]) -> None:
+        super().__init__(f"payload for {kind!r} is invalid: {errors}")
+        self.kind = kind
+        self.errors = errors
+
+
+class JobContext:
+    """What a running handler knows about its job, and how it hears about cancellation."""
+
+    def __init__(
+        self,
+        *,
+        id: uuid.UUID,
+        kind: str,
+        queue: str,
+        attempt: int,
+        max_attempts: int,
+        worker_id: str,
+    ) -> None:
+        self.id = id
+        self.kind = kind
+        self.queue = queue
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.worker_id = worker_id
+        self._cancelled = asyncio.Event()
+        # Readable from a thread-pool thread running a sync handler.
+        self._cancelled_flag = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a cancel request for this job has reached the worker."""
+        return self._cancelled_flag.is_set()
+
+    async def wait_cancelled(self) -> None:
+        """Return when a cancel request arrives."""
+        await self._cancelled.wait()
+
+    def raise_if_cancelled(self) -> None:
+        """Stop here if cancellation was requested: the job then ends `cancelled`."""
+        if self._cancelled_flag.is_set():
+            raise JobCancelled(f"job {self.id} cancelled on request")
+
+    def _request_cancel(self) -> None:
+        self._cancelled_flag.set()
+        self._cancelled.set()
+
+
+@dataclass(frozen=True)
+class Handler:
+    kind: str
+    fn: HandlerFn
+    is_async: bool
+    payload_model: type[pydantic.BaseModel] | None
+    max_attempts: int | None
+    timeout: float | None
+    backoff: Backoff | None
+
+    def parse_payload(self, payload: dict[str, Any]) -> Any:
+        """The value handed to the handler: a model instance, or the dict as it is."""
+        if self.payload_model is None:
+            return payload
+        try:
+            return self.payload_model.model_validate(payload)
+        except pydantic.ValidationError as exc:
+            errors = [
+                {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
+            raise PayloadInvalid(self.kind, errors) from None
+
+    def payload_schema(self) -> dict[str, Any]:
+        if self.payload_model is None:
+            return {"type": "object", "additionalProperties": True}
+        return self.payload_model.model_json_schema()
+
+    def call(self, ctx: JobContext, payload: Any) -> Awaitable[Any]:
+        if self.is_async:
+            return typing.cast(Awaitable[Any], self.fn(ctx, payload))
+        # Sync handlers must not block the event loop.
+        return asyncio.get_running_loop().run_in_executor(None, self.fn, ctx, payload)
+
+
+def _payload_model(fn: HandlerFn) -> type[pydantic.BaseModel] | None:
+    params = list(inspect.signature(fn).parameters)
+    if len(params) < 2:
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):
+        return None
+    hint = hints.get(params[1])
+    if inspect.isclass(hint) and issubclass(hint, pydantic.BaseModel):
+        return hint
+    return None
+
+
+class Registry:
+    """Maps job kinds to handlers.
+
+    >>> registry = Registry()
+    >>> @registry.handler("email.send", max_attempts=5, timeout=30)
+    ... async def send_email(ctx: JobContext, payload: dict) -> dict | None: ...
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def handler(
+        self,
+        kind: str,
+        *,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        retry_base_seconds: float | None = None,
+        retry_cap_seconds: float | None = None,
+        payload: type[pydantic.BaseModel] | None = None,
+    ) -> Callable[[HandlerFn], HandlerFn]:
+        """Register `fn(ctx, payload)` for `kind`. The payload model comes from `payload=`
+        or from the annotation of the function's second parameter."""
+        if kind in self._handlers:
+            raise ValueError(f"a handler for {kind!r} is already registered")
+        if max_attempts is not None and not 1 <= max_attempts <= 1000:
+            raise ValueError("max_attempts must be between 1 and 1000")
+        backoff = None
+        if retry_base_seconds is not None or retry_cap_seconds is not None:
+            base = 1.0 if retry_base_seconds is None else retry_base_seconds
+            backoff = Backoff(base, max(base, retry_cap_seconds or 60.0))
+
+        def register(fn: HandlerFn) -> HandlerFn:
+            self._handlers[kind] = Handler(
+                kind=kind,
+                fn=fn,
+                is_async=inspect.iscoroutinefunction(fn),
+                payload_model=payload or _payload_model(fn),
+                max_attempts=max_attempts,
+                timeout=timeout,
+                backoff=backoff,
+            )
+            return fn
+
+        return register
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._handlers
+
+    def __getitem__(self, kind: str) -> Handler:
+        return self._handlers[kind]
+
+    def __iter__(self) -> Iterator[Handler]:
+        return iter(self._handlers.values())
+
+    def __len__(self) -> int:
+        return len(self._handlers)
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted(self._handlers)

@@ -1,0 +1,103 @@
+"""Settings read from the environment, once, with defaults that suit a laptop and production."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value jobq cannot use."""
+
+
+def _float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Database: DATABASE_URL when set, otherwise an embedded server under data_dir.
+    database_url: str | None = None
+    data_dir: Path = Path(".jobq")
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    # Retries: decorrelated jitter between base and cap.
+    retry_base_seconds: float = 1.0
+    retry_cap_seconds: float = 60.0
+    default_max_attempts: int = 3
+    # Leases: a running job belongs to its worker until lease_seconds pass without a heartbeat.
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 10.0
+    rescue_interval_seconds: float = 5.0
+    poll_interval_seconds: float = 1.0
+    # A cancel request gets this long to be observed before the handler is cancelled hard.
+    cancel_grace_seconds: float = 5.0
+    # HTTP
+    max_payload_bytes: int = 1024 * 1024
+    api_tokens: tuple[str, ...] = field(default_factory=tuple)
+    protect_metrics: bool = False
+    log_format: str = "auto"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        lease = _float("JOBQ_LEASE_SECONDS", 30.0, minimum=0.1)
+        tokens = tuple(
+            t.strip() for t in os.environ.get("JOBQ_API_TOKENS", "").split(",") if t.strip()
+        )
+        log_format = os.environ.get("JOBQ_LOG_FORMAT", "auto").strip().lower() or "auto"
+        if log_format not in {"auto", "json", "text"}:
+            raise SettingsError(f"JOBQ_LOG_FORMAT must be auto, json or text, got {log_format!r}")
+        base = _float("JOBQ_RETRY_BASE_SECONDS", 1.0)
+        cap = _float("JOBQ_RETRY_CAP_SECONDS", 60.0)
+        if cap < base:
+            raise SettingsError("JOBQ_RETRY_CAP_SECONDS must be >= JOBQ_RETRY_BASE_SECONDS")
+        return cls(
+            database_url=os.environ.get("DATABASE_URL") or None,
+            data_dir=Path(os.environ.get("JOBQ_DATA_DIR", ".jobq")),
+            pool_min_size=_int("JOBQ_POOL_MIN_SIZE", 2),
+            pool_max_size=_int("JOBQ_POOL_MAX_SIZE", 10, minimum=1),
+            retry_base_seconds=base,
+            retry_cap_seconds=cap,
+            default_max_attempts=_int("JOBQ_DEFAULT_MAX_ATTEMPTS", 3, minimum=1),
+            lease_seconds=lease,
+            heartbeat_seconds=_float("JOBQ_HEARTBEAT_SECONDS", lease / 3, minimum=0.05),
+            rescue_interval_seconds=_float("JOBQ_RESCUE_INTERVAL_SECONDS", 5.0, minimum=0.05),
+            poll_interval_seconds=_float("JOBQ_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
+            cancel_grace_seconds=_float("JOBQ_CANCEL_GRACE_SECONDS", 5.0),
+            max_payload_bytes=_int("JOBQ_MAX_PAYLOAD_BYTES", 1024 * 1024, minimum=1),
+            api_tokens=tokens,
+            protect_metrics=_bool("JOBQ_PROTECT_METRICS", False),
+            log_format=log_format,
+            log_level=os.environ.get("JOBQ_LOG_LEVEL", "INFO").upper(),
+        )
