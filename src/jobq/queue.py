@@ -682,28 +682,29 @@ class Queue:
 
     async def complete_many(
         self,
-        done: Iterable[tuple[Lease, Any]],
+        done: Iterable[tuple[Lease, str]],
         *,
         conn: asyncpg.Connection | None = None,
     ) -> set[uuid.UUID]:
-        """Mark runs succeeded with their results; returns the ids whose lease still held.
+        """Mark runs succeeded, in one statement; returns the ids whose lease still held.
 
-        Results must be JSON-serialisable (see `encode_json`).
+        Results come as JSON text from `encode_json`, so that a result Postgres cannot store
+        fails its own job, not the whole batch.
         """
         ids: list[uuid.UUID] = []
         tokens: list[uuid.UUID] = []
         results: list[str] = []
-        for lease, result in done:
+        for lease, result_json in done:
             ids.append(lease.job_id)
             tokens.append(lease.token)
-            results.append(encode_json("result", result))
+            results.append(result_json)
         if not ids:
             return set()
         rows = await (conn or self.pool).fetch(_COMPLETE_MANY, ids, tokens, results)
         return {r["id"] for r in rows}
 
     async def complete(self, lease: Lease, result: Any = None) -> bool:
-        return lease.job_id in await self.complete_many([(lease, result)])
+        return lease.job_id in await self.complete_many([(lease, encode_json("result", result))])
 
     async def fail(
         self,

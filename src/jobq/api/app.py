@@ -155,21 +155,29 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_transition(request: Request, exc: InvalidTransition) -> Response:
         return _problem(request, 409, "invalid_state", str(exc), job_status=exc.status)
 
+    async def on_unavailable(request: Request, exc: Exception) -> Response:
+        log.warning("database unavailable: %s", exc, extra={"request_id": _request_id(request)})
+        return problem_response(
+            503,
+            "database_unavailable",
+            "the database is unavailable; retry later",
+            instance=request.url.path,
+            request_id=_request_id(request),
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+
+    # Registered per class (not as a catch-all) so the response is final and nothing is
+    # re-raised into the server's error log.
+    for exc_class in db.UNAVAILABLE_ERRORS:
+        app.add_exception_handler(exc_class, on_unavailable)
+
+    @app.exception_handler(asyncpg.exceptions.DataError)
+    async def on_data_error(request: Request, exc: Exception) -> Response:
+        # Values Postgres refuses (e.g. text it cannot store) came from the client.
+        return _problem(request, 422, "validation_error", "the database refused a value")
+
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> Response:
-        if db.is_unavailable(exc):
-            log.warning("database unavailable: %s", exc, extra={"request_id": _request_id(request)})
-            return problem_response(
-                503,
-                "database_unavailable",
-                "the database is unavailable; retry later",
-                instance=request.url.path,
-                request_id=_request_id(request),
-                headers={"Retry-After": RETRY_AFTER_SECONDS},
-            )
-        if isinstance(exc, asyncpg.exceptions.DataError):
-            # Values Postgres refuses (e.g. text it cannot store): the client's input.
-            return _problem(request, 422, "validation_error", "the database refused a value")
         log.exception("unhandled error", extra={"request_id": _request_id(request)})
         return _problem(request, 500, "internal_error", "an internal error occurred")
 

@@ -1,0 +1,116 @@
+"""Worker processes as they run in production: several at once, stopped by signals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import uuid
+
+import asyncpg
+
+from jobq.queue import NewJob, Queue
+from tests.helpers import wait_for, worker_process
+from tests.registries import EXECUTIONS_DDL
+
+FAST_ENV = {
+    "JOBQ_POLL_INTERVAL_SECONDS": "0.2",
+    "JOBQ_RESCUE_INTERVAL_SECONDS": "0.5",
+}
+
+
+async def _succeeded(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> list[int]:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    return [p.wait(timeout=60) for p in procs]
+
+
+async def test_three_worker_processes_run_each_of_1000_jobs_exactly_once(
+    queue: Queue, dsn: str
+) -> None:
+    await queue.pool.execute(EXECUTIONS_DDL)
+    await queue.pool.execute("TRUNCATE executions")
+    await queue.enqueue_many([NewJob(kind="record", payload={"i": i}) for i in range(1000)])
+    procs = [
+        worker_process(dsn, "tests.registries:recording", "--concurrency", "8", env=FAST_ENV)
+        for _ in range(3)
+    ]
+    try:
+        await wait_for(lambda: _all_succeeded(queue.pool, 1000), timeout=120, interval=0.2)
+    finally:
+        codes = _stop(procs)
+    assert codes == [0, 0, 0]
+    runs = await queue.pool.fetch(
+        "SELECT job_id, count(*) AS n FROM executions GROUP BY job_id HAVING count(*) > 1"
+    )
+    assert runs == []
+    assert await queue.pool.fetchval("SELECT count(DISTINCT job_id) FROM executions") == 1000
+    assert await queue.pool.fetchval("SELECT count(DISTINCT pid) FROM executions") == 3
+
+
+async def _all_succeeded(pool: asyncpg.Pool, n: int) -> bool:
+    return await _succeeded(pool) == n
+
+
+async def test_sigterm_lets_a_running_job_finish_and_exits_zero(queue: Queue, dsn: str) -> None:
+    job = (await queue.enqueue(NewJob(kind="sleep", payload={"seconds": 1}))).job
+    proc = worker_process(dsn, "tests.registries:recording", "--shutdown-grace", "30", env=FAST_ENV)
+    try:
+        await wait_for(lambda: _status(queue, job.id, "running"), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    row = await queue.get(job.id)
+    assert row.status == "succeeded"
+
+
+async def test_sigterm_past_the_grace_period_requeues_without_counting(
+    queue: Queue, dsn: str
+) -> None:
+    job = (await queue.enqueue(NewJob(kind="sleep", payload={"seconds": 60}))).job
+    proc = worker_process(
+        dsn, "tests.registries:recording", "--shutdown-grace", "0.3", env=FAST_ENV
+    )
+    try:
+        await wait_for(lambda: _status(queue, job.id, "running"), timeout=30)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    row = await queue.get(job.id)
+    assert (row.status, row.attempts) == ("queued", 0)
+
+
+async def test_a_killed_worker_s_job_is_rescued_by_another(queue: Queue, dsn: str) -> None:
+    env = {**FAST_ENV, "JOBQ_LEASE_SECONDS": "1", "JOBQ_HEARTBEAT_SECONDS": "0.3"}
+    job = (await queue.enqueue(NewJob(kind="sleep", payload={"seconds": 2}))).job
+    doomed = worker_process(dsn, "tests.registries:recording", env=env)
+    try:
+        await wait_for(lambda: _status(queue, job.id, "running"), timeout=30)
+        doomed.kill()
+        doomed.wait(timeout=10)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    rescuer = worker_process(dsn, "tests.registries:recording", env=env)
+    try:
+        await wait_for(lambda: _status(queue, job.id, "succeeded"), timeout=60)
+    finally:
+        _stop([rescuer])
+    row = await queue.get(job.id)
+    assert row.attempts == 2
+    assert "worker lost" in row.errors[0]["error"]
+
+
+async def _status(queue: Queue, job_id: uuid.UUID, status: str) -> bool:
+    return (await queue.get(job_id)).status == status

@@ -1,0 +1,306 @@
+"""The worker runtime, run in-process against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from jobq import examples
+from jobq.queue import Job, NewJob, Queue
+from jobq.registry import JobContext, Registry
+from jobq.settings import Settings
+from jobq.worker import Worker
+from tests.helpers import wait_for
+
+
+class Point(BaseModel):
+    x: int
+
+
+FAST = Settings(
+    poll_interval_seconds=0.1,
+    rescue_interval_seconds=0.1,
+    heartbeat_seconds=0.2,
+    lease_seconds=2.0,
+    retry_base_seconds=0.1,
+    retry_cap_seconds=0.4,
+    cancel_grace_seconds=0.3,
+)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    dsn: str, registry: Registry, settings: Settings = FAST, **kwargs: Any
+) -> AsyncIterator[Worker]:
+    worker = Worker(dsn, registry, settings=settings, **kwargs)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.wait_started(), 10)
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def finished(queue: Queue, job_id: uuid.UUID, timeout: float = 15.0) -> Job:
+    async def check() -> Job | None:
+        job = await queue.get(job_id)
+        return job if job.is_terminal else None
+
+    return await wait_for(check, timeout)
+
+
+async def enqueue(queue: Queue, kind: str, payload: dict[str, Any] | None = None, **kw: Any) -> Job:
+    return (await queue.enqueue(NewJob(kind=kind, payload=payload or {}, **kw))).job
+
+
+async def test_runs_a_job_and_stores_its_result(queue: Queue, dsn: str) -> None:
+    job = await enqueue(queue, "echo", {"hello": "world"})
+    async with running(dsn, examples.registry):
+        done = await finished(queue, job.id)
+    assert done.status == "succeeded"
+    assert done.result == {"hello": "world"}
+    assert done.attempts == 1
+
+
+async def test_sync_handlers_run_in_a_thread(queue: Queue, dsn: str) -> None:
+    registry = Registry()
+    loop_thread: list[bool] = []
+
+    @registry.handler("sync")
+    def handler(ctx: JobContext, payload: dict[str, Any]) -> int:
+        try:
+            asyncio.get_running_loop()
+            loop_thread.append(True)
+        except RuntimeError:
+            loop_thread.append(False)
+        return 7
+
+    job = await enqueue(queue, "sync")
+    async with running(dsn, registry):
+        done = await finished(queue, job.id)
+    assert (done.status, done.result) == ("succeeded", 7)
+    assert loop_thread == [False]
+
+
+async def test_flaky_job_retries_with_delays_inside_the_backoff_bounds(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    starts: list[float] = []
+
+    @registry.handler("flaky", retry_base_seconds=0.2, retry_cap_seconds=0.5)
+    async def flaky(ctx: JobContext, payload: dict[str, Any]) -> str:
+        starts.append(time.monotonic())
+        if ctx.attempt < 3:
+            raise RuntimeError(f"attempt {ctx.attempt}")
+        return "ok"
+
+    job = await enqueue(queue, "flaky", max_attempts=3)
+    async with running(dsn, registry):
+        done = await finished(queue, job.id)
+    assert done.status == "succeeded" and done.attempts == 3
+    assert [e["attempt"] for e in done.errors] == [1, 2]
+    assert "attempt 1" in done.errors[0]["error"]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    # A retry never starts before its delay (>= base); the cap bounds it from above, plus
+    # at most one poll interval and scheduling noise.
+    assert all(0.2 <= g <= 0.5 + FAST.poll_interval_seconds + 1.0 for g in gaps), gaps
+
+
+async def test_job_fails_permanently_after_max_attempts(queue: Queue, dsn: str) -> None:
+    job = await enqueue(queue, "fail", {"message": "nope"}, max_attempts=2)
+    async with running(dsn, examples.registry):
+        done = await finished(queue, job.id)
+    assert done.status == "failed_permanent"
+    assert done.attempts == 2
+    assert len(done.errors) == 2
+    assert (done.last_error or "").startswith("RuntimeError: nope")
+
+
+async def test_running_job_observes_cancel_and_ends_cancelled(queue: Queue, dsn: str) -> None:
+    job = await enqueue(queue, "sleep", {"seconds": 30})
+    async with running(dsn, examples.registry):
+        await wait_for(lambda: _status_is(queue, job.id, "running"))
+        asked = time.monotonic()
+        await queue.request_cancel(job.id)
+        done = await finished(queue, job.id)
+        observed = time.monotonic() - asked
+    assert done.status == "cancelled"
+    assert observed < 10  # well before the 30 s sleep would have ended
+
+
+async def test_handler_that_ignores_cancel_is_cancelled_hard(queue: Queue, dsn: str) -> None:
+    registry = Registry()
+    interrupted = asyncio.Event()
+
+    @registry.handler("stubborn")
+    async def stubborn(ctx: JobContext, payload: dict[str, Any]) -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            interrupted.set()
+            raise
+
+    job = await enqueue(queue, "stubborn")
+    async with running(dsn, registry):
+        await wait_for(lambda: _status_is(queue, job.id, "running"))
+        await queue.request_cancel(job.id)
+        done = await finished(queue, job.id)
+    assert done.status == "cancelled"
+    assert interrupted.is_set()
+
+
+async def test_timeout_counts_as_a_failed_attempt(queue: Queue, dsn: str) -> None:
+    registry = Registry()
+
+    @registry.handler("slow", timeout=0.1)
+    async def slow(ctx: JobContext, payload: dict[str, Any]) -> None:
+        await asyncio.sleep(10)
+
+    job = await enqueue(queue, "slow", max_attempts=2)
+    async with running(dsn, registry):
+        done = await finished(queue, job.id)
+    assert done.status == "failed_permanent"
+    assert done.attempts == 2
+    assert all("timed out" in e["error"] for e in done.errors)
+
+
+async def test_payload_that_fails_validation_fails_permanently_without_running(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    calls: list[Any] = []
+
+    @registry.handler("typed")
+    async def typed(ctx: JobContext, payload: Point) -> int:
+        calls.append(payload)
+        return payload.x
+
+    good = await enqueue(queue, "typed", {"x": 3})
+    bad = await enqueue(queue, "typed", {"x": "not a number"}, max_attempts=5)
+    async with running(dsn, registry):
+        done_good = await finished(queue, good.id)
+        done_bad = await finished(queue, bad.id)
+    assert (done_good.status, done_good.result) == ("succeeded", 3)
+    assert calls == [Point(x=3)]
+    assert done_bad.status == "failed_permanent" and done_bad.attempts == 1
+    assert "PayloadInvalid" in (done_bad.last_error or "")
+
+
+async def test_result_that_is_not_json_fails_the_attempt(queue: Queue, dsn: str) -> None:
+    registry = Registry()
+
+    @registry.handler("odd")
+    async def odd(ctx: JobContext, payload: dict[str, Any]) -> object:
+        return object()
+
+    job = await enqueue(queue, "odd", max_attempts=1)
+    async with running(dsn, registry):
+        done = await finished(queue, job.id)
+    assert done.status == "failed_permanent"
+    assert "result" in (done.last_error or "")
+
+
+async def test_jobs_of_other_kinds_stay_queued(queue: Queue, dsn: str) -> None:
+    other = await enqueue(queue, "unknown.kind")
+    mine = await enqueue(queue, "echo")
+    async with running(dsn, examples.registry):
+        await finished(queue, mine.id)
+    assert (await queue.get(other.id)).status == "queued"
+
+
+async def test_delayed_job_starts_once_due(queue: Queue, dsn: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    due = datetime.now(UTC) + timedelta(seconds=0.5)
+    job = await enqueue(queue, "echo", run_at=due)
+    async with running(dsn, examples.registry):
+        done = await finished(queue, job.id)
+    assert done.started_at is not None and done.started_at >= due
+
+
+async def test_worker_rescues_a_job_whose_worker_died(queue: Queue, dsn: str) -> None:
+    job = await enqueue(queue, "echo")
+    # A worker claims it and dies: the lease runs out with nobody heartbeating.
+    await queue.claim("dead-worker", ["echo"], ["default"], 1, lease_seconds=0.2)
+    async with running(dsn, examples.registry):
+        done = await finished(queue, job.id)
+    assert done.status == "succeeded"
+    assert done.attempts == 2
+    assert "worker lost" in done.errors[0]["error"]
+
+
+async def test_heartbeats_keep_long_jobs_leased(queue: Queue, dsn: str) -> None:
+    settings = Settings(
+        poll_interval_seconds=0.1,
+        rescue_interval_seconds=0.1,
+        heartbeat_seconds=0.1,
+        lease_seconds=0.5,
+    )
+    job = await enqueue(queue, "sleep", {"seconds": 1.5})
+    async with running(dsn, examples.registry, settings=settings):
+        done = await finished(queue, job.id)
+    assert done.status == "succeeded"
+    assert done.attempts == 1 and done.errors == []
+
+
+async def test_shutdown_lets_running_jobs_finish_within_grace(queue: Queue, dsn: str) -> None:
+    job = await enqueue(queue, "sleep", {"seconds": 0.3})
+    worker = Worker(dsn, examples.registry, settings=FAST, shutdown_grace=10)
+    task = asyncio.create_task(worker.run())
+    await wait_for(lambda: _status_is(queue, job.id, "running"))
+    worker.request_stop()
+    await asyncio.wait_for(task, 30)
+    assert (await queue.get(job.id)).status == "succeeded"
+
+
+async def test_shutdown_returns_unfinished_jobs_without_counting_the_attempt(
+    queue: Queue, dsn: str
+) -> None:
+    job = await enqueue(queue, "sleep", {"seconds": 30})
+    worker = Worker(dsn, examples.registry, settings=FAST, shutdown_grace=0.2)
+    task = asyncio.create_task(worker.run())
+    await wait_for(lambda: _status_is(queue, job.id, "running"))
+    worker.request_stop()
+    await asyncio.wait_for(task, 30)
+    row = await queue.get(job.id)
+    assert (row.status, row.attempts) == ("queued", 0)
+
+
+async def test_concurrency_limits_jobs_in_flight(queue: Queue, dsn: str) -> None:
+    registry = Registry()
+    current = 0
+    peak = 0
+
+    @registry.handler("busy")
+    async def busy(ctx: JobContext, payload: dict[str, Any]) -> None:
+        nonlocal current, peak
+        current += 1
+        peak = max(peak, current)
+        await asyncio.sleep(0.02)
+        current -= 1
+
+    await queue.enqueue_many([NewJob(kind="busy") for _ in range(60)])
+    async with running(dsn, registry, concurrency=4):
+        await wait_for(
+            lambda: queue.pool.fetchval("SELECT count(*) = 60 FROM jobs WHERE status='succeeded'")
+        )
+    assert peak == 4
+
+
+@pytest.mark.parametrize("concurrency", [0, -1])
+def test_concurrency_must_be_positive(concurrency: int) -> None:
+    with pytest.raises(ValueError):
+        Worker("postgresql://unused", examples.registry, concurrency=concurrency)
+
+
+async def _status_is(queue: Queue, job_id: uuid.UUID, status: str) -> bool:
+    return (await queue.get(job_id)).status == status
