@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -109,7 +110,7 @@ async def test_flaky_job_retries_with_delays_inside_the_backoff_bounds(
     assert done.status == "succeeded" and done.attempts == 3
     assert [e["attempt"] for e in done.errors] == [1, 2]
     assert "attempt 1" in done.errors[0]["error"]
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     # A retry never starts before its delay (>= base); the cap bounds it from above, plus
     # at most one poll interval and scheduling noise.
     assert all(0.2 <= g <= 0.5 + FAST.poll_interval_seconds + 1.0 for g in gaps), gaps

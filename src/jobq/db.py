@@ -18,7 +18,7 @@ from jobq.settings import Settings
 log = logging.getLogger("jobq.db")
 
 # Errors that mean "the database is unreachable or restarting", as opposed to a bad statement.
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.ConnectionFailureError,
