@@ -35,12 +35,15 @@ async def test_three_worker_processes_run_each_of_1000_jobs_exactly_once(
 ) -> None:
     await queue.pool.execute(EXECUTIONS_DDL)
     await queue.pool.execute("TRUNCATE executions")
-    await queue.enqueue_many([NewJob(kind="record", payload={"i": i}) for i in range(1000)])
     procs = [
         worker_process(dsn, "tests.registries:recording", "--concurrency", "8", env=FAST_ENV)
         for _ in range(3)
     ]
     try:
+        await wait_for(lambda: _workers_connected(queue.pool, 3), timeout=60, interval=0.1)
+        await queue.enqueue_many(
+            [NewJob(kind="record", payload={"i": i, "sleep_ms": 2}) for i in range(1000)]
+        )
         await wait_for(lambda: _all_succeeded(queue.pool, 1000), timeout=120, interval=0.2)
     finally:
         codes = _stop(procs)
@@ -51,6 +54,14 @@ async def test_three_worker_processes_run_each_of_1000_jobs_exactly_once(
     assert runs == []
     assert await queue.pool.fetchval("SELECT count(DISTINCT job_id) FROM executions") == 1000
     assert await queue.pool.fetchval("SELECT count(DISTINCT pid) FROM executions") == 3
+
+
+async def _workers_connected(pool: asyncpg.Pool, n: int) -> bool:
+    connected = await pool.fetchval(
+        "SELECT count(DISTINCT application_name) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE 'jobq worker %'"
+    )
+    return bool(connected == n)
 
 
 async def _all_succeeded(pool: asyncpg.Pool, n: int) -> bool:

@@ -276,6 +276,17 @@ async def test_shutdown_returns_unfinished_jobs_without_counting_the_attempt(
     assert (row.status, row.attempts) == ("queued", 0)
 
 
+async def test_a_second_stop_request_ends_the_grace_period(queue: Queue, dsn: str) -> None:
+    job = await enqueue(queue, "sleep", {"seconds": 60})
+    worker = Worker(dsn, examples.registry, settings=FAST, shutdown_grace=300)
+    task = asyncio.create_task(worker.run())
+    await wait_for(lambda: _status_is(queue, job.id, "running"))
+    worker.request_stop()
+    worker.request_stop()
+    await asyncio.wait_for(task, 30)
+    assert (await queue.get(job.id)).status == "queued"
+
+
 async def test_concurrency_limits_jobs_in_flight(queue: Queue, dsn: str) -> None:
     registry = Registry()
     current = 0

@@ -207,25 +207,11 @@ def worker(
                 settings=settings,
                 shutdown_grace=shutdown_grace,
             )
-            _on_signals(_stop_twice(w.request_stop, w))
+            # First signal: graceful stop. Second: no more grace.
+            _on_signals(w.request_stop)
             await w.run()
 
         _run(go())
-
-
-def _stop_twice(stop: Callable[[], None], w: Any) -> Callable[[], None]:
-    """First signal: graceful stop. Second: no more grace."""
-    calls = 0
-
-    def handler() -> None:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            w.shutdown_grace = 0
-            log.warning("second signal: interrupting running jobs now")
-        stop()
-
-    return handler
 
 
 @app.command()
@@ -250,11 +236,10 @@ def dev(
             await _prepare(dsn, migrate=True)
             server = _uvicorn_server(create_app(settings, dsn=dsn, registry=registry), host, port)
             w = Worker(dsn, registry, concurrency=concurrency, settings=settings)
-            stop_worker = _stop_twice(w.request_stop, w)
 
             def stop() -> None:
                 server.should_exit = True
-                stop_worker()
+                w.request_stop()
 
             _on_signals(stop)
             worker_task = asyncio.create_task(w.run())
@@ -270,7 +255,8 @@ def dev(
             try:
                 await server.serve()
             finally:
-                stop()
+                if not w.stopping:
+                    w.request_stop()
                 await worker_task
 
         _run(go())

@@ -126,16 +126,26 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._pending_added = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._force_stop = asyncio.Event()
         self._started = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     @property
     def in_flight(self) -> int:
         return len(self._runs)
 
     def request_stop(self) -> None:
-        """Stop claiming; in-flight jobs get `shutdown_grace` seconds to finish."""
+        """Stop claiming; in-flight jobs get `shutdown_grace` seconds to finish.
+
+        A second request ends the grace period at once.
+        """
+        if self._stopping.is_set():
+            self._force_stop.set()
         self._stopping.set()
         self._wake.set()
 
@@ -179,7 +189,10 @@ class Worker:
         while True:
             try:
                 return await db.create_pool(
-                    self.dsn, min_size=1, max_size=max(4, min(10, 2 + self.concurrency // 50))
+                    self.dsn,
+                    min_size=1,
+                    max_size=max(4, min(10, 2 + self.concurrency // 50)),
+                    server_settings=self._server_settings(),
                 )
             except Exception as exc:
                 if not db.is_unavailable(exc):
@@ -189,14 +202,29 @@ class Worker:
                 log.warning("database unavailable at start-up (%s); retrying", exc)
                 await retry.sleep()
 
+    def _server_settings(self) -> dict[str, str]:
+        # Names this worker's sessions in pg_stat_activity.
+        return {"application_name": f"jobq worker {self.worker_id}"[:63]}
+
     async def _drain(self) -> None:
         """Shutdown: wait for in-flight jobs, then cancel and give back what is left."""
         if self._runs:
             log.info(
                 "waiting up to %.1fs for %d running job(s)", self.shutdown_grace, len(self._runs)
             )
-            tasks = [r.task for r in self._runs.values() if r.task is not None]
-            await asyncio.wait(tasks, timeout=self.shutdown_grace)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.shutdown_grace
+            forced = asyncio.ensure_future(self._force_stop.wait())
+            try:
+                while self._runs and not forced.done() and loop.time() < deadline:
+                    tasks = [r.task for r in self._runs.values() if r.task is not None]
+                    await asyncio.wait(
+                        [*tasks, forced],
+                        timeout=deadline - loop.time(),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+            finally:
+                forced.cancel()
         leftover = list(self._runs.values())
         for run in leftover:
             run.stop_reason = run.stop_reason or _Stop.SHUTDOWN
@@ -511,7 +539,7 @@ class Worker:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await db.connect(self.dsn)
+                conn = await db.connect(self.dsn, server_settings=self._server_settings())
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(NEW_JOB_CHANNEL, self._on_new_job)
