@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 import uuid
 
 import asyncpg
+import httpx
 
 from jobq.queue import NewJob, Queue
 from tests.helpers import wait_for, worker_process
@@ -125,3 +127,30 @@ async def test_a_killed_worker_s_job_is_rescued_by_another(queue: Queue, dsn: st
 
 async def _status(queue: Queue, job_id: uuid.UUID, status: str) -> bool:
     return (await queue.get(job_id)).status == status
+
+
+async def test_a_worker_serves_its_own_metrics(queue: Queue, dsn: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = (await queue.enqueue(NewJob(kind="record", payload={}))).job
+    await queue.pool.execute(EXECUTIONS_DDL)
+    proc = worker_process(
+        dsn, "tests.registries:recording", "--metrics-port", str(port), env=FAST_ENV
+    )
+    try:
+        await wait_for(lambda: _status(queue, job.id, "succeeded"), timeout=30)
+
+        async def scraped() -> str | None:
+            try:
+                async with httpx.AsyncClient() as client:
+                    text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            except httpx.TransportError:
+                return None
+            return text if 'outcome="succeeded"' in text else None
+
+        text = await wait_for(scraped, timeout=10)
+    finally:
+        _stop([proc])
+    assert "jobq_worker_jobs_in_flight" in text
+    assert 'jobq_jobs_finished_total{kind="record",outcome="succeeded"} 1.0' in text

@@ -29,6 +29,7 @@ from jobq.registry import Registry
 from jobq.settings import Settings
 
 log = logging.getLogger("jobq.api")
+access_log = logging.getLogger("jobq.access")
 
 RETRY_AFTER_SECONDS = "2"
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -74,7 +75,7 @@ class RequestContextMiddleware:
             method = scope["method"]
             metrics.HTTP_REQUESTS.labels(method, template, str(status)).inc()
             metrics.HTTP_DURATION.labels(method, template).observe(elapsed)
-            log.debug(
+            access_log.info(
                 "%s %s %s",
                 method,
                 template,
