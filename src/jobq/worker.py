@@ -159,6 +159,7 @@ class Worker:
             asyncio.create_task(self._listen_loop(), name="jobq-listen"),
             asyncio.create_task(self._heartbeat_loop(), name="jobq-heartbeat"),
             asyncio.create_task(self._rescue_loop(), name="jobq-rescue"),
+            asyncio.create_task(self._presence_loop(), name="jobq-presence"),
         ]
         writer = asyncio.create_task(self._completion_loop(), name="jobq-completions")
         log.info(
@@ -181,6 +182,8 @@ class Worker:
             await self._flush_pending(deadline=time.monotonic() + 10.0)
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.queue.worker_gone(self.worker_id), timeout=2)
             await pool.close()
             log.info("worker stopped", extra={"worker_id": self.worker_id})
 
@@ -495,7 +498,12 @@ class Worker:
         run.ctx._request_cancel()
         log.info(
             "cancel requested",
-            extra={"job_id": str(run.job.id), "kind": run.job.kind, "worker_id": self.worker_id},
+            extra={
+                "job_id": str(run.job.id),
+                "kind": run.job.kind,
+                "attempt": run.job.attempts,
+                "worker_id": self.worker_id,
+            },
         )
 
         def hard_cancel() -> None:
@@ -533,6 +541,23 @@ class Worker:
                 if not db.is_unavailable(exc):
                     log.exception("rescue failed")
             await asyncio.sleep(self.settings.rescue_interval_seconds * random.uniform(0.8, 1.2))
+
+    async def _presence_loop(self) -> None:
+        """Announce this worker and its kinds (the dashboard shows jobs no worker takes)."""
+        assert self.queue is not None
+        interval = self.settings.heartbeat_seconds
+        while True:
+            try:
+                await self.queue.worker_seen(
+                    self.worker_id,
+                    self.kinds,
+                    self.queues,
+                    self.concurrency,
+                    ttl_seconds=max(3 * interval, 1.0),
+                )
+            except Exception as exc:
+                log.debug("could not record worker presence: %s", exc)
+            await asyncio.sleep(interval)
 
     async def _listen_loop(self) -> None:
         retry = _Retrying()

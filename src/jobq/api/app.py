@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobq import __name__ as _pkg
 from jobq import db, metrics
-from jobq.api import routes
+from jobq.api import routes, stats_routes
 from jobq.api.auth import require_token
 from jobq.api.problems import Problem, ProblemError, openapi_problem, problem_response
 from jobq.api.schemas import Health, create_body_schema
@@ -260,6 +260,7 @@ def create_app(
     app.add_middleware(RequestContextMiddleware)
     _install_error_handlers(app)
     app.include_router(routes.router)
+    app.include_router(stats_routes.router)
     _install_health(app, settings)
     _install_openapi(app, registry)
     return app

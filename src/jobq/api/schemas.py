@@ -140,3 +140,77 @@ def create_body_schema(registry: Registry | None) -> tuple[dict[str, Any], dict[
     schema = pydantic.TypeAdapter(body).json_schema(ref_template=ref)
     defs = schema.pop("$defs", {})
     return schema, defs
+
+
+# -- GET /stats ----------------------------------------------------------------------------
+
+
+class StatusCounts(BaseModel):
+    queued: int
+    running: int
+    retrying: int
+    succeeded: int
+    failed_permanent: int
+    cancelled: int
+
+
+class QueueStats(BaseModel):
+    queue: str
+    counts: StatusCounts = Field(description="Jobs in this queue by status.")
+    total: int
+    oldest_due_at: datetime | None = Field(
+        description="When the longest-waiting due job (queued or retrying) became due."
+    )
+    oldest_due_age_seconds: float | None = Field(
+        description="How long that job has been waiting; null when nothing due is waiting."
+    )
+
+
+class MinuteStats(BaseModel):
+    minute: datetime = Field(description="Start of the minute (UTC).")
+    succeeded: int
+    failed_permanent: int
+    cancelled: int
+
+
+class FailingKind(BaseModel):
+    kind: str
+    failed_permanent: int = Field(description="Jobs of this kind that failed for good lately.")
+    retrying: int = Field(description="Jobs of this kind waiting to retry after a failure.")
+    last_error: str | None
+    last_job_id: uuid.UUID
+    last_failed_at: datetime
+
+
+class UnhandledKind(BaseModel):
+    queue: str
+    kind: str
+    count: int = Field(description="Waiting jobs of this kind and queue no live worker takes.")
+    oldest_created_at: datetime
+
+
+class WorkerStats(BaseModel):
+    worker_id: str
+    kinds: list[str]
+    queues: list[str]
+    concurrency: int
+    started_at: datetime
+    last_seen_at: datetime
+
+
+class StatsOut(BaseModel):
+    """The queue at a glance."""
+
+    generated_at: datetime
+    window_minutes: int = Field(description="The span of `finished_per_minute`.")
+    queues: list[QueueStats]
+    finished_per_minute: list[MinuteStats] = Field(
+        description="Jobs that ended in each minute of the window, oldest first, current last."
+    )
+    failing_kinds: list[FailingKind] = Field(
+        description="Kinds with the most failures in the window (failed for good or retrying)."
+    )
+    unhandled: list[UnhandledKind] = Field(
+        description="Waiting jobs whose kind and queue no live worker handles."
+    )
+    workers: list[WorkerStats] = Field(description="Live workers and what they handle.")

@@ -1,0 +1,31 @@
+"""`GET /stats`: the overview behind the dashboard and `jobq status`."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from jobq import stats
+from jobq.api.auth import require_token
+from jobq.api.problems import openapi_problem
+from jobq.api.schemas import StatsOut
+
+router = APIRouter(dependencies=[Depends(require_token)], tags=["stats"])
+
+
+@router.get(
+    "/stats",
+    summary="Counts, lag, throughput and failures at a glance",
+    response_model=StatsOut,
+    responses={
+        401: openapi_problem("Missing or invalid bearer token (when auth is on)."),
+        503: openapi_problem("The database is unavailable; retry after `Retry-After` seconds."),
+    },
+)
+async def get_stats(request: Request) -> Response:
+    """Counts by queue and status, the oldest due job's age per queue, jobs finished per
+    minute over the last 15 minutes, the kinds failing most, waiting jobs no live worker
+    handles, and the live workers."""
+    body = await stats.collect(request.app.state.queue)
+    return Response(orjson.dumps(body), media_type="application/json")
