@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobq import __name__ as _pkg
-from jobq import db, metrics
+from jobq import db, metrics, ui
 from jobq.api import routes, stats_routes
 from jobq.api.auth import require_token
 from jobq.api.problems import Problem, ProblemError, openapi_problem, problem_response
@@ -261,6 +261,7 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(stats_routes.router)
+    ui.install(app)
     _install_health(app, settings)
     _install_openapi(app, registry)
     return app
