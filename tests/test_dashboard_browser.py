@@ -1,0 +1,292 @@
+"""The dashboard in a real browser (Debian's Chromium driven by Playwright), against a real
+API server and worker process over the test database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from jobq.queue import Queue
+from tests.helpers import ROOT, wait_for, worker_process
+
+CHROMIUM = os.environ.get("JOBQ_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+
+try:
+    from playwright.async_api import Browser, Page, async_playwright, expect
+except ImportError:  # pragma: no cover - a dev install has it
+    pytest.skip("playwright is not installed (pip install -e '.[dev]')", allow_module_level=True)
+
+if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+    pytest.skip(
+        f"no Chromium at {CHROMIUM}: install Debian's (apt-get install chromium) or set "
+        "JOBQ_CHROMIUM to run the browser tests",
+        allow_module_level=True,
+    )
+
+# Fast retries and presence updates, so a flaky job's retries take a fraction of a second.
+FAST = {
+    "JOBQ_RETRY_BASE_SECONDS": "0.05",
+    "JOBQ_RETRY_CAP_SECONDS": "0.2",
+    "JOBQ_HEARTBEAT_SECONDS": "0.5",
+    "JOBQ_POLL_INTERVAL_SECONDS": "0.2",
+    "JOBQ_CANCEL_GRACE_SECONDS": "1",
+}
+TIMEOUT_MS = 15_000
+EXAMPLES = "jobq.examples:registry"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_api(dsn: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobq", "api", "--port", str(port), "--app", EXAMPLES],
+        env={
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "JOBQ_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT),
+            **(env or {}),
+        },
+        cwd=ROOT,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
+    async def ready() -> bool:
+        assert proc.poll() is None, "the API server exited"
+        try:
+            async with httpx.AsyncClient() as c:
+                return (await c.get(f"{base}/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await wait_for(ready, timeout=30, interval=0.1)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+async def base_url(dsn: str) -> AsyncIterator[str]:
+    """An API server and a worker running the example handlers on the `default` queue."""
+    api, base = start_api(dsn)
+    worker = worker_process(dsn, EXAMPLES, env=FAST)
+    try:
+        await wait_ready(base, api)
+        yield base
+    finally:
+        stop(worker)
+        stop(api)
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    p = await context.new_page()
+    p.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    p.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield p
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        await p.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+        await context.close()
+    assert not errors, f"script errors on the page: {errors}"
+
+
+@pytest.fixture
+async def api(base_url: str, queue: Queue) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the running API, over an empty jobs table."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as c:
+        yield c
+
+
+async def enqueue(api: httpx.AsyncClient, **job: Any) -> dict[str, Any]:
+    response = await api.post("/jobs", json=job)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def job_status(api: httpx.AsyncClient, job_id: str) -> str:
+    status: str = (await api.get(f"/jobs/{job_id}")).json()["status"]
+    return status
+
+
+async def test_overview_counts_change_after_jobs_are_enqueued(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    # No worker takes the `parked` queue: the jobs stay queued and are counted there.
+    await page.goto(f"{base_url}/ui")
+    await expect(page.locator("#live")).to_have_class("live ok")
+    for _ in range(3):
+        await enqueue(api, kind="echo", queue="parked")
+    queued = page.locator('td[data-queue="parked"][data-status="queued"]')
+    await expect(queued).to_have_text("3")
+
+    for _ in range(2):
+        await enqueue(api, kind="echo", queue="parked")
+
+    await expect(queued).to_have_text("5")
+    await expect(page.locator('[data-unhandled="parked/echo"]')).to_contain_text("5 waiting")
+
+
+async def test_overview_counts_finished_jobs(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    await page.goto(f"{base_url}/ui")
+    job = await enqueue(api, kind="echo", payload={"hello": "world"})
+
+    await expect(page.locator('td[data-queue="default"][data-status="succeeded"]')).to_have_text(
+        "1"
+    )
+    assert await job_status(api, job["id"]) == "succeeded"
+
+
+async def test_job_detail_shows_the_errors_of_a_flaky_job_that_retried(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    job = await enqueue(api, kind="flaky", payload={"fail_times": 2}, max_attempts=3)
+
+    await page.goto(f"{base_url}/ui/jobs/{job['id']}")
+
+    await expect(page.locator("#status")).to_have_attribute("data-status", "succeeded")
+    errors = page.locator("#errors > li")
+    await expect(errors).to_have_count(2)
+    await expect(errors.nth(0)).to_contain_text("attempt 1 of 2 planned failures")
+    await expect(errors.nth(1)).to_contain_text("attempt 2 of 2 planned failures")
+    await expect(page.locator("#attempts")).to_have_text("3 / 3")
+    await expect(page.locator("#result")).to_contain_text('"succeeded_on_attempt": 3')
+
+
+async def test_cancel_button_cancels_a_running_sleep_job(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    job = await enqueue(api, kind="sleep", payload={"seconds": 60})
+    await wait_for(lambda: _is(api, job["id"], "running"))
+    await page.goto(f"{base_url}/ui/jobs/{job['id']}")
+    await expect(page.locator("#status")).to_have_attribute("data-status", "running")
+
+    await page.locator("#cancel").click()
+
+    await expect(page.locator("#status")).to_have_attribute("data-status", "cancelled")
+    await expect(page.locator("#cancel")).to_be_disabled()
+    await expect(page.locator("#retry")).to_be_enabled()
+    assert await job_status(api, job["id"]) == "cancelled"
+
+
+async def test_retry_button_requeues_a_failed_job_and_it_runs_again(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    job = await enqueue(api, kind="fail", payload={"message": "disk full"}, max_attempts=1)
+    await wait_for(lambda: _is(api, job["id"], "failed_permanent"))
+    await page.goto(f"{base_url}/ui/jobs/{job['id']}")
+    await expect(page.locator("#errors > li")).to_have_count(1)
+
+    await page.locator("#retry").click()
+
+    # It ran again: a second error, recorded by a second run, and it failed again.
+    await expect(page.locator("#errors > li")).to_have_count(2)
+    await expect(page.locator("#status")).to_have_attribute("data-status", "failed_permanent")
+    await expect(page.locator("#action-result")).to_have_text("Queued again.")
+    body = (await api.get(f"/jobs/{job['id']}")).json()
+    assert (body["attempts"], len(body["errors"])) == (1, 2)
+
+
+async def test_jobs_table_filters_by_status_and_links_to_the_job(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    failed = await enqueue(api, kind="fail", max_attempts=1)
+    await enqueue(api, kind="echo")
+    await wait_for(lambda: _is(api, failed["id"], "failed_permanent"))
+
+    await page.goto(f"{base_url}/ui/jobs")
+    await page.locator("#f-status").select_option("failed_permanent")
+    await page.locator("#filters button[type=submit]").click()
+
+    rows = page.locator("#jobs-body tr[data-job-id]")
+    await expect(rows).to_have_count(1)
+    await rows.first.locator("a").click()
+    await expect(page).to_have_url(f"{base_url}/ui/jobs/{failed['id']}")
+    await expect(page.locator("#kind")).to_have_text("fail")
+
+
+async def test_overview_fits_a_phone_screen(
+    browser: Browser, api: httpx.AsyncClient, base_url: str
+) -> None:
+    await enqueue(api, kind="echo", queue="parked")
+    context = await browser.new_context(viewport={"width": 390, "height": 844})
+    try:
+        p = await context.new_page()
+        await p.goto(f"{base_url}/ui")
+        await expect(p.locator('td[data-queue="parked"][data-status="queued"]')).to_have_text("1")
+        page_width = await p.evaluate("document.documentElement.scrollWidth")
+        ARTIFACTS.mkdir(exist_ok=True)
+        await p.screenshot(path=str(ARTIFACTS / "overview-phone.png"), full_page=True)
+    finally:
+        await context.close()
+    assert page_width <= 390  # wide tables scroll inside their card, not the page
+
+
+async def test_dashboard_asks_for_a_token_when_auth_is_on(
+    browser: Browser, dsn: str, queue: Queue
+) -> None:
+    api, base = start_api(dsn, {"JOBQ_API_TOKENS": "t0ken"})
+    context = await browser.new_context()
+    try:
+        await wait_ready(base, api)
+        p = await context.new_page()
+        p.set_default_timeout(TIMEOUT_MS)
+        await p.goto(f"{base}/ui")
+        await expect(p.locator("#login")).to_be_visible()
+
+        await p.locator("#token").fill("t0ken")
+        await p.locator("#login button[type=submit]").click()
+
+        await expect(p.locator("#login")).to_be_hidden()
+        await expect(p.locator("#live")).to_have_class("live ok")
+        assert await p.evaluate("sessionStorage.getItem('jobq-token')") == "t0ken"
+    finally:
+        await context.close()
+        stop(api)
+
+
+async def _is(api: httpx.AsyncClient, job_id: str, status: str) -> bool:
+    return await job_status(api, job_id) == status
