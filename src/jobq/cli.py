@@ -1,4 +1,4 @@
-"""The `jobq` command: migrate, api, worker, dev, enqueue."""
+"""The `jobq` command: migrate, api, worker, dev, enqueue, enqueue-file, status."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import typer
 
 from jobq import db, logs, schema
 from jobq.api.schemas import job_to_dict
-from jobq.queue import InvalidJob, NewJob, Queue
+from jobq.queue import InvalidJob, NewJob, Queue, validate
 from jobq.registry import Registry
 from jobq.settings import Settings, SettingsError
 
@@ -112,9 +112,13 @@ def migrate() -> None:
     async def go(dsn: str) -> list[int]:
         conn = await db.connect(dsn)
         try:
-            return await schema.migrate(
-                conn, progress=lambda m: typer.echo(f"applying {m.version:04d}_{m.name} …")
-            )
+            total = len({m.version for m in schema.available()} - await schema.applied(conn))
+            step = iter(range(1, total + 1))
+
+            def progress(m: schema.Migration) -> None:
+                typer.echo(f"[{next(step, total)}/{total}] applying {m.version:04d}_{m.name} …")
+
+            return await schema.migrate(conn, progress=progress)
         finally:
             await conn.close()
 
@@ -306,6 +310,111 @@ def enqueue(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
     typer.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2).decode())
+
+
+_ENQUEUE_FILE_HELP = 'JSON lines, one job a line: {"kind": ..., "payload": ...}; - reads stdin.'
+
+
+@app.command("enqueue-file")
+def enqueue_file(
+    path: Annotated[typer.FileText, typer.Argument(help=_ENQUEUE_FILE_HELP)],
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Jobs per insert.")] = 500,
+) -> None:
+    """Enqueue many jobs from a file, showing progress. Nothing is stored if a line is invalid."""
+    settings = _settings()
+    jobs: list[NewJob] = []
+    for number, line in enumerate(path, start=1):
+        if not line.strip():
+            continue
+        try:
+            jobs.append(_job_from_line(line))
+        except (ValueError, TypeError) as exc:
+            typer.echo(f"error: line {number}: {exc}", err=True)
+            raise typer.Exit(2) from None
+    with _database(settings) as dsn:
+
+        async def go() -> int:
+            await _prepare(dsn, migrate=settings.database_url is None)
+            pool = await db.create_pool(dsn, min_size=1, max_size=1)
+            q = Queue(pool, default_max_attempts=settings.default_max_attempts)
+            done = 0
+            try:
+                with typer.progressbar(
+                    length=len(jobs), label="enqueueing", file=sys.stderr
+                ) as bar:
+                    for start in range(0, len(jobs), batch_size):
+                        chunk = jobs[start : start + batch_size]
+                        done += len(await q.enqueue_many(chunk))
+                        bar.update(len(chunk))
+            finally:
+                await pool.close()
+            return done
+
+        try:
+            count = _run(go())
+        except InvalidJob as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(f"enqueued {count} job(s)")
+
+
+_JOB_FIELDS = {"kind", "payload", "queue", "priority", "max_attempts", "run_at", "idempotency_key"}
+
+
+def _job_from_line(line: str) -> NewJob:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("each line must be a JSON object")
+    unknown = set(obj) - _JOB_FIELDS
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "kind" not in obj:
+        raise ValueError("kind is required")
+    run_at = obj.get("run_at")
+    job = NewJob(
+        kind=obj["kind"],
+        payload=obj.get("payload", {}),
+        queue=obj.get("queue", "default"),
+        priority=obj.get("priority", 0),
+        max_attempts=obj.get("max_attempts"),
+        run_at=datetime.fromisoformat(run_at) if isinstance(run_at, str) else run_at,
+        idempotency_key=obj.get("idempotency_key"),
+    )
+    validate(job)  # raises InvalidJob (a ValueError) before anything is stored
+    return job
+
+
+@app.command()
+def status(
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+) -> None:
+    """Jobs by queue and status, the oldest due job, throughput, failing kinds, workers."""
+    from jobq import stats
+
+    settings = _settings()
+    with _database(settings) as dsn:
+
+        async def go() -> None:
+            await _prepare(dsn, migrate=False)
+            pool = await db.create_pool(dsn, min_size=1, max_size=6)
+            try:
+                q = Queue(pool)
+                while True:
+                    report = stats.render_text(await stats.collect(q))
+                    if not watch:
+                        typer.echo(report)
+                        return
+                    typer.echo("\x1b[H\x1b[2J" + report, nl=True)
+                    await asyncio.sleep(interval)
+            finally:
+                await pool.close()
+
+        with contextlib.suppress(KeyboardInterrupt):
+            _run(go())
 
 
 def main() -> None:

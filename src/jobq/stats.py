@@ -85,3 +85,67 @@ async def collect(queue: Queue, *, minutes: int = WINDOW_MINUTES) -> dict[str, A
             for w in workers
         ],
     }
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def render_text(body: dict[str, Any]) -> str:
+    """`collect()`'s overview as a plain-text report for a terminal."""
+    header = ["queue", *STATUSES, "total", "oldest due"]
+    rows = [
+        [
+            q["queue"],
+            *(str(q["counts"][s]) for s in STATUSES),
+            str(q["total"]),
+            _age(q["oldest_due_age_seconds"]),
+        ]
+        for q in body["queues"]
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows] if rows else ["(no jobs)"]
+    minutes = body["finished_per_minute"]
+    finished = sum(m["succeeded"] + m["failed_permanent"] + m["cancelled"] for m in minutes)
+    failed = sum(m["failed_permanent"] for m in minutes)
+    ended = sum(m["succeeded"] + m["failed_permanent"] for m in minutes)
+    last_full = minutes[-2] if len(minutes) > 1 else None
+    per_second = (
+        (last_full["succeeded"] + last_full["failed_permanent"] + last_full["cancelled"]) / 60
+        if last_full
+        else 0.0
+    )
+    rate = 100 * failed / ended if ended else 0.0
+    out += [
+        "",
+        f"throughput: {per_second:.2f} jobs/s in the last full minute; {finished} finished in "
+        f"the last {body['window_minutes']} min, {rate:.1f}% failed",
+    ]
+    for f in body["failing_kinds"]:
+        error = (f["last_error"] or "").splitlines()[0] if f["last_error"] else "-"
+        out.append(
+            f"failing: {f['kind']} ({f['failed_permanent']} failed, {f['retrying']} retrying): "
+            f"{error[:120]}"
+        )
+    for u in body["unhandled"]:
+        out.append(f"no worker handles: {u['kind']} in queue {u['queue']} ({u['count']} waiting)")
+    workers = body["workers"]
+    out.append(
+        f"workers: {len(workers)} live"
+        + (f" ({', '.join(w['worker_id'] for w in workers)})" if workers else "")
+    )
+    return "\n".join(out)
