@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ import pytest
 
 from jobq.queue import Queue
 from tests.helpers import ROOT, wait_for, worker_process
+from tests.servers import start_api, stop, wait_ready
 
 CHROMIUM = os.environ.get("JOBQ_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -45,54 +43,10 @@ TIMEOUT_MS = 15_000
 EXAMPLES = "jobq.examples:registry"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_api(dsn: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobq", "api", "--port", str(port), "--app", EXAMPLES],
-        env={
-            **os.environ,
-            "DATABASE_URL": dsn,
-            "JOBQ_LOG_LEVEL": "WARNING",
-            "PYTHONPATH": str(ROOT),
-            **(env or {}),
-        },
-        cwd=ROOT,
-    )
-    return proc, f"http://127.0.0.1:{port}"
-
-
-async def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
-    async def ready() -> bool:
-        assert proc.poll() is None, "the API server exited"
-        try:
-            async with httpx.AsyncClient() as c:
-                return (await c.get(f"{base}/readyz")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    await wait_for(ready, timeout=30, interval=0.1)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 async def base_url(dsn: str) -> AsyncIterator[str]:
     """An API server and a worker running the example handlers on the `default` queue."""
-    api, base = start_api(dsn)
+    api, base = start_api(dsn, "--app", EXAMPLES)
     worker = worker_process(dsn, EXAMPLES, env=FAST)
     try:
         await wait_ready(base, api)
@@ -268,7 +222,7 @@ async def test_overview_fits_a_phone_screen(
 async def test_dashboard_asks_for_a_token_when_auth_is_on(
     browser: Browser, dsn: str, queue: Queue
 ) -> None:
-    api, base = start_api(dsn, {"JOBQ_API_TOKENS": "t0ken"})
+    api, base = start_api(dsn, "--app", EXAMPLES, env={"JOBQ_API_TOKENS": "t0ken"})
     context = await browser.new_context()
     try:
         await wait_ready(base, api)
