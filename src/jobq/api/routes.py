@@ -26,6 +26,10 @@ from jobq.queue import (
 from jobq.registry import PayloadInvalid, Registry
 
 JSON = "application/json"
+# Printable ASCII without surrounding spaces (HTTP strips them), or a quoted string.
+# Kinds and queues never hold control characters (Postgres text cannot hold NUL at all).
+NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"
+IDEMPOTENCY_HEADER_PATTERN = r'^(?:"[ -~]{1,255}"|[!-~](?:[ -~]{0,253}[!-~])?)$'
 
 router = APIRouter(dependencies=[Depends(require_token)], tags=["jobs"])
 
@@ -109,7 +113,7 @@ def _new_job(body: Any, header_key: str | None, registry: Registry | None) -> Ne
     key = req.idempotency_key
     if header_key is not None:
         key = header_key.strip()
-        if len(key) >= 2 and key[0] == key[-1] == '"':
+        if len(key) >= 3 and key[0] == key[-1] == '"':
             key = key[1:-1]  # the draft's examples quote the value
     if key is not None:
         check_idempotency_key(key)
@@ -148,7 +152,9 @@ async def enqueue(
         str | None,
         Header(
             alias="Idempotency-Key",
-            description="Makes retries of this request safe: 1-255 printable ASCII characters.",
+            description="Makes retries of this request safe: 1-255 printable ASCII characters,"
+            " optionally in double quotes.",
+            pattern=IDEMPOTENCY_HEADER_PATTERN,
         ),
     ] = None,
 ) -> Response:
@@ -175,12 +181,19 @@ async def list_jobs(
             json_schema_extra={"enum": list(STATUSES)},
         ),
     ] = None,
-    kind: Annotated[str | None, Query(max_length=MAX_NAME_LENGTH)] = None,
-    queue: Annotated[str | None, Query(max_length=MAX_NAME_LENGTH)] = None,
+    kind: Annotated[str | None, Query(max_length=MAX_NAME_LENGTH, pattern=NO_CONTROL_CHARS)] = None,
+    queue: Annotated[
+        str | None, Query(max_length=MAX_NAME_LENGTH, pattern=NO_CONTROL_CHARS)
+    ] = None,
     limit: Annotated[int, Query(description="Page size; clamped to 1..200.")] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     cursor: Annotated[
-        str | None, Query(max_length=512, description="`next_cursor` of the previous page.")
+        str | None,
+        Query(
+            max_length=512,
+            pattern=r"^[A-Za-z0-9_-]+$",
+            description="`next_cursor` of the previous page (opaque).",
+        ),
     ] = None,
 ) -> Response:
     if status is not None and status not in STATUSES:

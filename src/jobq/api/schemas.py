@@ -50,7 +50,8 @@ class JobCreate(BaseModel):
         default=None,
         min_length=1,
         max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
-        description="Same as the Idempotency-Key header; the header wins.",
+        pattern=r"^[ -~]+$",
+        description="Same as the Idempotency-Key header (printable ASCII); the header wins.",
     )
 
 
