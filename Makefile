@@ -45,5 +45,10 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium is not installed and cannot be: the browser tests will be skipped"
 
+## Kill workers and restart the database while N jobs run (default 2000); nothing may be lost.
+N ?= 2000
+chaos: $(VENV)/.installed
+	$(BIN)/jobq chaos --jobs $(N)
+
 clean:
 	rm -rf $(VENV) .jobq .pytest_cache .mypy_cache .ruff_cache

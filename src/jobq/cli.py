@@ -417,6 +417,41 @@ def status(
             _run(go())
 
 
+@app.command()
+def chaos(
+    jobs: Annotated[int, typer.Option("--jobs", "-n", min=1, help="Jobs to run.")] = 2000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes at any time.")] = 4,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight per worker.")] = 2,
+    kill_interval: Annotated[
+        float, typer.Option(min=0.05, help="Mean seconds between SIGKILLs.")
+    ] = 1.0,
+    restart_database: Annotated[bool, typer.Option(help="Restart PostgreSQL once mid-run.")] = True,
+    timeout: Annotated[float, typer.Option(min=1, help="Give up after this many seconds.")] = 600,
+    seed: Annotated[int | None, typer.Option(help="Random seed, to replay a run.")] = None,
+) -> None:
+    """Kill workers and restart a database of its own while jobs run; check nothing is lost.
+
+    Exits 1 when a job was lost, stuck, failed, or ran twice without a killed worker or an
+    expired lease to explain it.
+    """
+    from jobq import chaos as chaos_run
+
+    logs.configure("text", "WARNING")
+    report = chaos_run.main_sync(
+        jobs,
+        workers=workers,
+        concurrency=concurrency,
+        kill_interval=kill_interval,
+        restart_database=restart_database,
+        timeout=timeout,
+        seed=seed,
+        progress=typer.echo,
+    )
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 
