@@ -45,6 +45,8 @@ PRIORITY_MIN, PRIORITY_MAX = -32768, 32767
 MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 1000
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 200
 MAX_ERROR_LENGTH = 8000
+RUN_AT_MIN = datetime.min.replace(tzinfo=UTC)
+RUN_AT_MAX = datetime.max.replace(tzinfo=UTC)
 # Postgres bigint: an OFFSET beyond it is an error in the database, not an empty page.
 MAX_OFFSET = 2**63 - 1
 
@@ -278,8 +280,16 @@ def validate(job: NewJob, default_max_attempts: int = 3) -> NewJob:
             "max_attempts", f"must be between {MAX_ATTEMPTS_MIN} and {MAX_ATTEMPTS_MAX}"
         )
     run_at = job.run_at
-    if run_at is not None and run_at.tzinfo is None:
-        run_at = run_at.replace(tzinfo=UTC)  # naive times are UTC
+    if run_at is not None:
+        if run_at.tzinfo is None:
+            run_at = run_at.replace(tzinfo=UTC)  # naive times are UTC
+        # The driver reads the first and last representable instants as -/+infinity.
+        try:
+            in_range = RUN_AT_MIN < run_at.astimezone(UTC) < RUN_AT_MAX
+        except OverflowError:
+            in_range = False
+        if not in_range:
+            raise InvalidJob("run_at", "must be after 0001-01-01 and before 9999-12-31 (UTC)")
     if job.idempotency_key is not None:
         check_idempotency_key(job.idempotency_key)
     return dataclasses.replace(job, max_attempts=max_attempts, run_at=run_at)

@@ -21,7 +21,17 @@ from jobq.queue import (
 )
 from jobq.registry import Registry
 
-Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+# Printable characters only; the pattern states the part JSON Schema can: no C0/C1 controls.
+Name = Annotated[
+    str, Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")
+]
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 3.0 is the integer 3 (JSON Schema agrees); 3.5 is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 class JobCreate(BaseModel):
@@ -44,7 +54,8 @@ class JobCreate(BaseModel):
         description="Attempts before the job fails permanently (default 3, or the handler's).",
     )
     run_at: Annotated[datetime, pydantic.Strict(False)] | None = Field(
-        default=None, description="When the job becomes due (RFC 3339); default now."
+        default=None,
+        description="When the job becomes due (RFC 3339, years 1-9999 in UTC); default now.",
     )
     idempotency_key: str | None = Field(
         default=None,
@@ -52,6 +63,11 @@ class JobCreate(BaseModel):
         max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
         pattern=r"^[ -~]+$",
         description="Same as the Idempotency-Key header (printable ASCII); the header wins.",
+    )
+
+    # Strict otherwise: "3" and true are not integers.
+    _integral_numbers = pydantic.field_validator("priority", "max_attempts", mode="before")(
+        _integral
     )
 
 
@@ -127,12 +143,19 @@ def create_body_schema(registry: Registry | None) -> tuple[dict[str, Any], dict[
         payload_type: Any = handler.payload_model or dict[str, Any]
         kind_type: Any = Literal[handler.kind]
         name = "JobCreate_" + "".join(c if c.isalnum() else "_" for c in handler.kind)
+        model = handler.payload_model
+        # `{}` is the default payload only where the kind's payload has no required field.
+        payload_field = (
+            Field(description="Required: this kind's payload has required fields.")
+            if model is not None and any(f.is_required() for f in model.model_fields.values())
+            else Field(default_factory=dict)
+        )
         variants.append(
             pydantic.create_model(
                 name,
                 __base__=JobCreate,
                 kind=(kind_type, Field(description="Which handler runs the job.")),
-                payload=(payload_type, Field(default_factory=dict)),
+                payload=(payload_type, payload_field),
             )
         )
     body: Any = variants[0]
