@@ -21,6 +21,7 @@ JOB_ROUTES = [
     ("GET", f"/jobs/{JOB}"),
     ("POST", f"/jobs/{JOB}/cancel"),
     ("POST", f"/jobs/{JOB}/retry"),
+    ("GET", "/stats"),
 ]
 
 
