@@ -32,7 +32,6 @@ import orjson
 from jobq.backoff import Backoff
 
 STATUSES = ("queued", "running", "retrying", "succeeded", "failed_permanent", "cancelled")
-LIVE_STATUSES = ("queued", "running", "retrying")
 TERMINAL_STATUSES = ("succeeded", "failed_permanent", "cancelled")
 
 NEW_JOB_CHANNEL = "jobq_jobs"
@@ -968,7 +967,3 @@ class Queue:
 def lease_of(job: Job) -> Lease:
     assert job.lease_token is not None, "job is not leased"
     return Lease(job.id, job.lease_token)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
