@@ -1,0 +1,1 @@
+"""jobq's benchmark suite: `make bench` (see BENCHMARKS.md)."""
