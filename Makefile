@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck unit browser bench chaos clean
+.PHONY: run test lint typecheck unit browser bench bench-peers chaos clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "jobq needs Python >= 3.11"'
@@ -49,6 +49,18 @@ browser:
 N ?= 2000
 chaos: $(VENV)/.installed
 	$(BIN)/jobq chaos --jobs $(N)
+
+## Benchmarks (not part of `make test`): the suite against the embedded PostgreSQL (or
+## DATABASE_URL), then the chart. BENCH_ARGS=--quick for a smoke run. See BENCHMARKS.md.
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.suite $(BENCH_ARGS)
+	$(BIN)/python -m bench.chart
+
+## jobq, PgQueuer and procrastinate side by side through ../shared/peers (RUNS=3).
+bench-peers: $(VENV)/.installed-dev
+	bench/peers.sh
+	$(BIN)/python -m bench.chart
 
 clean:
 	rm -rf $(VENV) .jobq .pytest_cache .mypy_cache .ruff_cache
