@@ -117,7 +117,7 @@ class Job:
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Job:
-        return cls(**{f: r[f] for f in _JOB_FIELDS})
+        return cls(*map(r.__getitem__, _JOB_FIELDS))  # by name; no per-row dict
 
     @property
     def is_terminal(self) -> bool:

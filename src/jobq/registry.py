@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import threading
 import typing
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -50,27 +49,34 @@ class JobContext:
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.worker_id = worker_id
-        self._cancelled = asyncio.Event()
-        # Readable from a thread-pool thread running a sync handler.
-        self._cancelled_flag = threading.Event()
+        # A plain flag, set once on the event loop: reading it from a thread-pool thread (a
+        # sync handler) is safe. The event is made only for a handler that waits on it: one
+        # context per job, so what it costs is paid on every job.
+        self._cancel_flag = False
+        self._cancelled: asyncio.Event | None = None
 
     @property
     def cancelled(self) -> bool:
         """True once a cancel request for this job has reached the worker."""
-        return self._cancelled_flag.is_set()
+        return self._cancel_flag
 
     async def wait_cancelled(self) -> None:
         """Return when a cancel request arrives."""
+        if self._cancelled is None:
+            self._cancelled = asyncio.Event()
+            if self._cancel_flag:
+                self._cancelled.set()
         await self._cancelled.wait()
 
     def raise_if_cancelled(self) -> None:
         """Stop here if cancellation was requested: the job then ends `cancelled`."""
-        if self._cancelled_flag.is_set():
+        if self._cancel_flag:
             raise JobCancelled(f"job {self.id} cancelled on request")
 
     def _request_cancel(self) -> None:
-        self._cancelled_flag.set()
-        self._cancelled.set()
+        self._cancel_flag = True
+        if self._cancelled is not None:
+            self._cancelled.set()
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._force_stop = asyncio.Event()
         self._started = asyncio.Event()
+        # Prometheus children per kind: `labels()` costs more than the no-op job it counts.
+        self._kind_metrics: dict[str, tuple[Any, Any, Any]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -267,6 +269,8 @@ class Worker:
                 await retry.sleep()
                 continue
             retry.reset()
+            if jobs:
+                metrics.WORKER_IN_FLIGHT.inc(len(jobs))
             for job in jobs:
                 self._start(job)
             if len(jobs) < want:
@@ -283,6 +287,17 @@ class Worker:
             for w in waiters:
                 w.cancel()
 
+    def _metrics_for(self, kind: str) -> tuple[Any, Any, Any]:
+        """(queue wait histogram, duration histogram, succeeded counter) for a kind."""
+        m = self._kind_metrics.get(kind)
+        if m is None:
+            m = self._kind_metrics[kind] = (
+                metrics.JOB_QUEUE_WAIT.labels(kind),
+                metrics.JOB_DURATION.labels(kind),
+                metrics.JOBS_FINISHED.labels(kind, "succeeded"),
+            )
+        return m
+
     def _start(self, job: Job) -> None:
         ctx = JobContext(
             id=job.id,
@@ -294,10 +309,9 @@ class Worker:
         )
         run = _Run(job, ctx)
         self._runs[job.id] = run
-        metrics.WORKER_IN_FLIGHT.inc()
         if job.started_at is not None:
             wait = (job.started_at - job.run_at).total_seconds()
-            metrics.JOB_QUEUE_WAIT.labels(job.kind).observe(max(0.0, wait))
+            self._metrics_for(job.kind)[0].observe(max(0.0, wait))
         if job.cancel_requested:
             self._request_cancel(run)
         run.task = asyncio.create_task(self._execute(run), name=f"jobq-job-{job.id}")
@@ -324,7 +338,7 @@ class Worker:
                 run.hard_cancel.cancel()
             self._runs.pop(job.id, None)
             metrics.WORKER_IN_FLIGHT.dec()
-            metrics.JOB_DURATION.labels(job.kind).observe(time.monotonic() - run.started)
+            self._metrics_for(job.kind)[1].observe(time.monotonic() - run.started)
             self._slot_freed.set()
 
     async def _run_handler(self, run: _Run, handler: Handler, extra: dict[str, Any]) -> None:
@@ -437,10 +451,13 @@ class Worker:
         assert self.queue is not None
         batch = list(self._pending.items())[:MAX_COMPLETION_BATCH]
         held = await self.queue.complete_many((lease, result) for _, (lease, result, _, _) in batch)
+        succeeded: dict[str, int] = {}
         for job_id, (_, _, kind, _) in batch:
             self._pending.pop(job_id, None)
             if job_id in held:
-                metrics.JOBS_FINISHED.labels(kind, "succeeded").inc()
+                succeeded[kind] = succeeded.get(kind, 0) + 1
+        for kind, n in succeeded.items():
+            self._metrics_for(kind)[2].inc(n)
         self._slot_freed.set()
         # Drop completions whose lease has surely expired: the job was rescued elsewhere.
         stale = time.monotonic() - self.settings.lease_seconds
