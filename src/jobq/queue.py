@@ -291,7 +291,12 @@ def validate(job: NewJob, default_max_attempts: int = 3) -> NewJob:
             raise InvalidJob("run_at", "must be after 0001-01-01 and before 9999-12-31 (UTC)")
     if job.idempotency_key is not None:
         check_idempotency_key(job.idempotency_key)
-    return dataclasses.replace(job, max_attempts=max_attempts, run_at=run_at)
+    if max_attempts == job.max_attempts and run_at is job.run_at:
+        return job
+    # The constructor, not dataclasses.replace: this runs once per job of a bulk enqueue.
+    return NewJob(
+        job.kind, job.payload, job.queue, job.priority, max_attempts, run_at, job.idempotency_key
+    )
 
 
 def fingerprint(job: NewJob, payload_json: str) -> str:
