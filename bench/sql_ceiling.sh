@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# SQL-only drain ceiling: N jobs queued with jobq's own enqueue_many, then drained by pgbench
+# running bench/sql/drain_loop.sql with CLIENTS connections (no Python in the loop).
+#   bench/sql_ceiling.sh URL_OF_AN_EMPTY_DATABASE [N=20000] [CLIENTS=2]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+URL=${1:?database URL}; N=${2:-20000}; CLIENTS=${3:-2}
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+PGBENCH=${PGBENCH:-$(command -v pgbench || ls /usr/lib/postgresql/*/bin/pgbench | tail -1)}
+"$PY" - "$URL" "$N" <<'PYEOF'
+import asyncio, sys
+from jobq import NewJob, Queue, db, schema
+async def main(url: str, n: int) -> None:
+    conn = await db.connect(url)
+    await schema.migrate(conn)
+    await conn.execute("TRUNCATE jobs")
+    await conn.close()
+    pool = await db.create_pool(url, min_size=1, max_size=2)
+    q = Queue(pool)
+    for s in range(0, n, 5000):
+        await q.enqueue_many([NewJob("noop", {"i": i}) for i in range(s, min(n, s + 5000))])
+    await pool.execute("VACUUM ANALYZE jobs")
+    await pool.close()
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+PYEOF
+per_client=$(( (N / 250 + CLIENTS - 1) / CLIENTS + 1 ))
+start=$(date +%s.%N)
+"$PGBENCH" -n -f "$ROOT/bench/sql/drain_loop.sql" -c "$CLIENTS" -j "$CLIENTS" -t "$per_client" "$URL" >/dev/null
+end=$(date +%s.%N)
+done_n=$(psql "$URL" -Atc "SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+python3 -c "import json,sys; n=$done_n; s=$end-$start; print(json.dumps({'bench':'sql_ceiling','clients':$CLIENTS,'n':n,'seconds':round(s,3),'jobs_per_s':round(n/s,1),'ok':n==$N}))"
