@@ -88,7 +88,7 @@ def main() -> None:
     names: list[str] = []
     values: list[float] = []
     if "empty" in scale and "large" in scale:
-        names += ["drain\nempty table", "drain\n1M+100k rows"]
+        names += ["drain:\nempty", "drain:\n1.1M rows"]
         values += [scale["empty"]["jobs_per_s"], scale["large"]["jobs_per_s"]]
     ax.bar(names, values, color="#2b7bba")
     for i, v in enumerate(values):

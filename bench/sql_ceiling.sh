@@ -25,7 +25,7 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 PYEOF
 per_client=$(( (N / 250 + CLIENTS - 1) / CLIENTS + 1 ))
 start=$(date +%s.%N)
-"$PGBENCH" -n -f "$ROOT/bench/sql/drain_loop.sql" -c "$CLIENTS" -j "$CLIENTS" -t "$per_client" "$URL" >/dev/null
+"$PGBENCH" -n -f "$ROOT/bench/sql/drain_loop.sql" -c "$CLIENTS" -j "$CLIENTS" -t "$per_client" "$URL" >/dev/null 2>"${TMPDIR:-/tmp}/jobq-pgbench.log" || { cat "${TMPDIR:-/tmp}/jobq-pgbench.log" >&2; exit 1; }
 end=$(date +%s.%N)
 done_n=$(psql "$URL" -Atc "SELECT count(*) FROM jobs WHERE status = 'succeeded'")
 python3 -c "import json,sys; n=$done_n; s=$end-$start; print(json.dumps({'bench':'sql_ceiling','clients':$CLIENTS,'n':n,'seconds':round(s,3),'jobs_per_s':round(n/s,1),'ok':n==$N}))"

@@ -22,5 +22,5 @@ FROM claimed \gset
 UPDATE jobs AS j
 SET status = 'succeeded', result = 'null', finished_at = now(), updated_at = now(),
     lease_token = NULL, lease_expires_at = NULL
-FROM unnest(:'ids'::uuid[], :'toks'::uuid[]) AS r(id, token)
+FROM unnest(':ids'::uuid[], ':toks'::uuid[]) AS r(id, token)
 WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running';
