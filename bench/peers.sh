@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # jobq side by side with PgQueuer and procrastinate through the peers harness
 # (../shared/peers by default; PEERS_DIR overrides). Same PostgreSQL 15 (pg.sh), same
-# workload, alternating systems, medians of RUNS rounds. Raw lines go to
+# workload, alternating systems, medians of RUNS rounds (PEERS_N jobs, default 20000). Raw lines go to
 # bench/results/peers.jsonl, the median table to bench/results/peers-table.txt.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,7 +15,7 @@ for s in $SYSTEMS; do
 done
 JOBQ_SPEC="$ROOT" "$PEERS/setup.sh" jobq
 out=$(PEERS_BENCH_jobq="$ROOT/bench/peers_jobq.py" "$PEERS/run_all.sh" --runs "$RUNS" \
-    --systems "$SYSTEMS" ${N:+--n "$N"} | tee /dev/stderr)
+    --systems "$SYSTEMS" ${PEERS_N:+--n "$PEERS_N"} | tee /dev/stderr)
 raw=$(printf '%s\n' "$out" | sed -n 's/^raw: //p' | tail -1)
 mkdir -p "$ROOT/bench/results"
 cp "$raw" "$ROOT/bench/results/peers.jsonl"
