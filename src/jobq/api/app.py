@@ -41,6 +41,7 @@ class RequestContextMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._metric_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,8 +75,16 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            metrics.HTTP_REQUESTS.labels(method, template, str(status)).inc()
-            metrics.HTTP_DURATION.labels(method, template).observe(elapsed)
+            key = (method, template, status)
+            children = self._metric_children.get(key)
+            if children is None:
+                # labels() is a lock and a dict lookup per call: look each series up once.
+                children = self._metric_children[key] = (
+                    metrics.HTTP_REQUESTS.labels(method, template, str(status)),
+                    metrics.HTTP_DURATION.labels(method, template),
+                )
+            children[0].inc()
+            children[1].observe(elapsed)
             access_log.info(
                 "%s %s %s",
                 method,

@@ -28,8 +28,10 @@ def is_allowed(token: str | None, tokens: tuple[str, ...]) -> bool:
     return found
 
 
-def require_token(conn: HTTPConnection) -> None:
-    """FastAPI dependency: passes when auth is off or the bearer token is known."""
+async def require_token(conn: HTTPConnection) -> None:
+    """FastAPI dependency: passes when auth is off or the bearer token is known.
+
+    Async on purpose: FastAPI runs a sync dependency in a thread pool, once per request."""
     tokens: tuple[str, ...] = conn.app.state.settings.api_tokens
     if not tokens:
         return
