@@ -84,3 +84,10 @@ def openapi_problem(description: str) -> dict[str, Any]:
         "description": description,
         "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
+
+
+# Every data route can answer these two.
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: openapi_problem("Missing or invalid bearer token (when auth is on)."),
+    503: openapi_problem("The database is unavailable; retry after `Retry-After` seconds."),
+}

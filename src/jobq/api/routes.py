@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from jobq import metrics
 from jobq.api.auth import require_token
-from jobq.api.problems import ProblemError, openapi_problem
+from jobq.api.problems import COMMON_RESPONSES, ProblemError, openapi_problem
 from jobq.api.schemas import CancelOut, JobCreate, JobOut, JobPage, job_to_dict
 from jobq.queue import (
     MAX_NAME_LENGTH,
@@ -33,10 +33,6 @@ IDEMPOTENCY_HEADER_PATTERN = r'^(?:"[ -~]{1,255}"|[!-~](?:[ -~]{0,253}[!-~])?)$'
 
 router = APIRouter(dependencies=[Depends(require_token)], tags=["jobs"])
 
-_COMMON: dict[int | str, dict[str, Any]] = {
-    401: openapi_problem("Missing or invalid bearer token (when auth is on)."),
-    503: openapi_problem("The database is unavailable; retry after `Retry-After` seconds."),
-}
 _BAD_ID: dict[int | str, dict[str, Any]] = {422: openapi_problem("The job id is not a UUID.")}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: openapi_problem("No job with this id.")}
 
@@ -142,7 +138,7 @@ def _new_job(body: Any, header_key: str | None, registry: Registry | None) -> Ne
             "Invalid job, unknown kind, payload that does not fit the kind, or an "
             "Idempotency-Key reused with a different request."
         ),
-        **_COMMON,
+        **COMMON_RESPONSES,
     },
     openapi_extra={"x-jobq-request-body": True},
 )
@@ -170,7 +166,7 @@ async def enqueue(
     "/jobs",
     summary="List jobs, newest first",
     response_model=JobPage,
-    responses={422: openapi_problem("Invalid filter or paging parameter."), **_COMMON},
+    responses={422: openapi_problem("Invalid filter or paging parameter."), **COMMON_RESPONSES},
 )
 async def list_jobs(
     request: Request,
@@ -224,7 +220,7 @@ JobId = Annotated[uuid.UUID, Path(description="The job's id (a UUID).")]
     "/jobs/{job_id}",
     summary="Get a job",
     response_model=JobOut,
-    responses={**_NOT_FOUND, **_BAD_ID, **_COMMON},
+    responses={**_NOT_FOUND, **_BAD_ID, **COMMON_RESPONSES},
 )
 async def get_job(request: Request, job_id: JobId) -> Response:
     return _json(job_to_dict(await _queue(request).get(job_id)))
@@ -240,7 +236,7 @@ async def get_job(request: Request, job_id: JobId) -> Response:
         409: openapi_problem("The job already ended; the detail names its state."),
         **_NOT_FOUND,
         **_BAD_ID,
-        **_COMMON,
+        **COMMON_RESPONSES,
     },
 )
 async def cancel_job(request: Request, job_id: JobId) -> Response:
@@ -265,7 +261,7 @@ async def cancel_job(request: Request, job_id: JobId) -> Response:
         409: openapi_problem("Only failed_permanent or cancelled jobs can be retried."),
         **_NOT_FOUND,
         **_BAD_ID,
-        **_COMMON,
+        **COMMON_RESPONSES,
     },
 )
 async def retry_job(request: Request, job_id: JobId) -> Response:

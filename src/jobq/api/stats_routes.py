@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from jobq import stats
 from jobq.api.auth import require_token
-from jobq.api.problems import openapi_problem
+from jobq.api.problems import COMMON_RESPONSES
 from jobq.api.schemas import StatsOut
 
 router = APIRouter(dependencies=[Depends(require_token)], tags=["stats"])
@@ -18,10 +18,7 @@ router = APIRouter(dependencies=[Depends(require_token)], tags=["stats"])
     "/stats",
     summary="Counts, lag, throughput and failures at a glance",
     response_model=StatsOut,
-    responses={
-        401: openapi_problem("Missing or invalid bearer token (when auth is on)."),
-        503: openapi_problem("The database is unavailable; retry after `Retry-After` seconds."),
-    },
+    responses=COMMON_RESPONSES,
 )
 async def get_stats(request: Request) -> Response:
     """Counts by queue and status, the oldest due job's age per queue, jobs finished per
