@@ -287,6 +287,27 @@ async def test_a_second_stop_request_ends_the_grace_period(queue: Queue, dsn: st
     assert (await queue.get(job.id)).status == "queued"
 
 
+async def test_bursts_of_concurrent_enqueues_wake_the_worker_for_every_job(
+    queue: Queue, dsn: str
+) -> None:
+    # Polling is off in effect: only NOTIFYs wake the worker. With a wide debounce window only
+    # the first insert of a burst notifies inline; the trailing NOTIFY must cover the rest.
+    settings = Settings(poll_interval_seconds=300, rescue_interval_seconds=300)
+    producer = Queue(queue.pool, notify_window=0.3)
+    async with running(dsn, examples.registry, settings=settings, concurrency=50):
+        for burst in range(3):
+            await asyncio.gather(
+                *(producer.enqueue(NewJob(kind="echo", payload={"b": burst})) for _ in range(40))
+            )
+            await wait_for(
+                lambda: queue.pool.fetchval(
+                    "SELECT count(*) = 0 FROM jobs WHERE status <> 'succeeded'"
+                ),
+                timeout=15,
+            )
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 120
+
+
 async def test_concurrency_limits_jobs_in_flight(queue: Queue, dsn: str) -> None:
     registry = Registry()
     current = 0

@@ -15,11 +15,15 @@ rescued, cancelled or finished elsewhere, a late answer from the old run changes
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import enum
 import hashlib
+import math
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -341,15 +345,18 @@ def _truncate(text: str) -> str:
 
 # -- SQL -----------------------------------------------------------------------------------
 
+_INSERT_QUIET = f"""
+INSERT INTO jobs (kind, queue, payload, priority, max_attempts, run_at,
+                  idempotency_key, request_fingerprint)
+VALUES ($1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), $7, $8)
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING {_JOB_COLUMNS}
+"""
+
+# The same insert, waking workers when it commits.
 _INSERT = f"""
-WITH ins AS (
-    INSERT INTO jobs (kind, queue, payload, priority, max_attempts, run_at,
-                      idempotency_key, request_fingerprint)
-    VALUES ($1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), $7, $8)
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING *
-)
-SELECT {_JOB_COLUMNS}, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified FROM ins
+WITH ins AS ({_INSERT_QUIET})
+SELECT ins.*, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified FROM ins
 """
 
 _SELECT_BY_KEY = f"""
@@ -595,6 +602,52 @@ SET kinds = excluded.kinds, queues = excluded.queues, concurrency = excluded.con
 """
 
 
+class _WakeUps:
+    """Debounces the NOTIFY that wakes workers after single inserts, per queue.
+
+    PostgreSQL serialises the commits of transactions that sent a NOTIFY, fsync included, so
+    a NOTIFY on every insert caps concurrent producers at one commit at a time. The first
+    insert in a window notifies as part of its own statement (no added latency); inserts
+    later in the window commit quietly, and one trailing NOTIFY at the end of the window,
+    sent after they committed, wakes workers for all of them. Workers also poll, so a
+    NOTIFY lost with a dying process delays jobs, never loses them.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, window: float) -> None:
+        self.pool = pool
+        self.window = window
+        self._last: dict[str, float] = {}
+        self._pending: set[str] = set()
+        self._flusher: asyncio.Task[None] | None = None
+
+    def claim_inline(self, queue: str) -> bool:
+        """True when this insert should carry the NOTIFY itself."""
+        now = time.monotonic()
+        if now - self._last.get(queue, -math.inf) >= self.window:
+            self._last[queue] = now
+            return True
+        return False
+
+    def committed_quietly(self, queue: str) -> None:
+        self._pending.add(queue)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self.window)
+            queues, self._pending = self._pending, set()
+            now = time.monotonic()
+            for queue in queues:
+                self._last[queue] = now
+            with contextlib.suppress(Exception):  # workers poll: a lost wake-up only delays
+                await self.pool.execute(
+                    "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q",
+                    NEW_JOB_CHANNEL,
+                    sorted(queues),
+                )
+
+
 class Queue:
     """Queue operations over an asyncpg pool. Safe to share between tasks."""
 
@@ -604,10 +657,12 @@ class Queue:
         *,
         default_max_attempts: int = 3,
         default_backoff: Backoff | None = None,
+        notify_window: float = 0.005,
     ) -> None:
         self.pool = pool
         self.default_max_attempts = default_max_attempts
         self.default_backoff = default_backoff or Backoff()
+        self._wake_ups = _WakeUps(pool, notify_window)
 
     # -- producers ---------------------------------------------------------------------
 
@@ -632,8 +687,11 @@ class Queue:
         )
         async with self.pool.acquire() as conn:
             for _ in range(3):
-                row = await conn.fetchrow(_INSERT, *args)
+                inline = self._wake_ups.claim_inline(job.queue)
+                row = await conn.fetchrow(_INSERT if inline else _INSERT_QUIET, *args)
                 if row is not None:
+                    if not inline:
+                        self._wake_ups.committed_quietly(job.queue)
                     return EnqueueResult(Job.from_record(row), created=True)
                 # The key exists. A fresh statement sees the committed row.
                 existing = await conn.fetchrow(_SELECT_BY_KEY, job.idempotency_key)
