@@ -635,7 +635,10 @@ class _WakeUps:
 
     async def _flush(self) -> None:
         while self._pending:
-            await asyncio.sleep(self.window)
+            # At the end of the window opened by the last inline NOTIFY: a quiet insert waits
+            # at most one window for its wake-up, and usually much less.
+            opened = min(self._last.get(q, -math.inf) for q in self._pending)
+            await asyncio.sleep(max(0.0, opened + self.window - time.monotonic()))
             queues, self._pending = self._pending, set()
             now = time.monotonic()
             for queue in queues:
@@ -657,7 +660,7 @@ class Queue:
         *,
         default_max_attempts: int = 3,
         default_backoff: Backoff | None = None,
-        notify_window: float = 0.005,
+        notify_window: float = 0.002,
     ) -> None:
         self.pool = pool
         self.default_max_attempts = default_max_attempts
