@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -89,6 +90,33 @@ async def test_sync_handlers_run_in_a_thread(queue: Queue, dsn: str) -> None:
         done = await finished(queue, job.id)
     assert (done.status, done.result) == ("succeeded", 7)
     assert loop_thread == [False]
+
+
+async def test_sync_handlers_run_up_to_concurrency_at_once(queue: Queue, dsn: str) -> None:
+    registry = Registry()
+    lock = threading.Lock()
+    running_now = 0
+    peak = 0
+    all_in = threading.Event()
+
+    @registry.handler("blocking")
+    def blocking(ctx: JobContext, payload: dict[str, Any]) -> None:
+        nonlocal running_now, peak
+        with lock:
+            running_now += 1
+            peak = max(peak, running_now)
+            if running_now == 12:
+                all_in.set()
+        all_in.wait(timeout=10)  # hold every thread until all twelve are in
+        with lock:
+            running_now -= 1
+
+    await queue.enqueue_many([NewJob(kind="blocking") for _ in range(12)])
+    async with running(dsn, registry, concurrency=12):
+        await wait_for(
+            lambda: queue.pool.fetchval("SELECT count(*) = 12 FROM jobs WHERE status='succeeded'")
+        )
+    assert peak == 12
 
 
 async def test_flaky_job_retries_with_delays_inside_the_backoff_bounds(

@@ -7,6 +7,7 @@ import inspect
 import typing
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,11 +108,13 @@ class Handler:
             return {"type": "object", "additionalProperties": True}
         return self.payload_model.model_json_schema()
 
-    def call(self, ctx: JobContext, payload: Any) -> Awaitable[Any]:
+    def call(
+        self, ctx: JobContext, payload: Any, executor: Executor | None = None
+    ) -> Awaitable[Any]:
         if self.is_async:
             return typing.cast(Awaitable[Any], self.fn(ctx, payload))
         # Sync handlers must not block the event loop.
-        return asyncio.get_running_loop().run_in_executor(None, self.fn, ctx, payload)
+        return asyncio.get_running_loop().run_in_executor(executor, self.fn, ctx, payload)
 
 
 def _payload_model(fn: HandlerFn) -> type[pydantic.BaseModel] | None:

@@ -30,6 +30,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +120,13 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.batch_size = min(batch_size or concurrency, MAX_CLAIM_BATCH)
         self.kinds = registry.kinds
+        # Sync handlers run in threads of their own: asyncio's default executor has only
+        # min(32, cores + 4) threads, which would cap `concurrency` for them.
+        self._executor = (
+            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="jobq-handler")
+            if any(not h.is_async for h in registry)
+            else None
+        )
         self.queue: Queue | None = None
         self._runs: dict[uuid.UUID, _Run] = {}
         self._pending: dict[uuid.UUID, tuple[Lease, str, str, float]] = {}
@@ -187,6 +195,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.queue.worker_gone(self.worker_id), timeout=2)
             await pool.close()
+            if self._executor is not None:
+                # Threads of hard-cancelled sync handlers cannot be stopped; do not wait for them.
+                self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("worker stopped", extra={"worker_id": self.worker_id})
 
     async def _connect_pool(self) -> asyncpg.Pool:
@@ -352,9 +363,9 @@ class Worker:
         try:
             if handler.timeout is not None:
                 async with asyncio.timeout(handler.timeout):
-                    result = await handler.call(ctx, payload)
+                    result = await handler.call(ctx, payload, self._executor)
             else:
-                result = await handler.call(ctx, payload)
+                result = await handler.call(ctx, payload, self._executor)
         except asyncio.CancelledError:
             reason = run.stop_reason
             if reason is None:
