@@ -59,6 +59,7 @@ bench: $(VENV)/.installed-dev
 
 ## jobq, PgQueuer and procrastinate side by side through ../shared/peers (RUNS=3).
 bench-peers: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	bench/peers.sh
 	$(BIN)/python -m bench.chart
 
