@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -70,3 +71,16 @@ def test_list_documents_its_filters(spec: dict[str, Any]) -> None:
 def test_post_jobs_documents_the_idempotency_key_header(spec: dict[str, Any]) -> None:
     params = spec["paths"]["/jobs"]["post"]["parameters"]
     assert any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in params)
+
+
+async def test_docs_pages_load_their_assets_from_the_api_not_a_cdn() -> None:
+    app = create_app(Settings(), dsn="postgresql://unused", registry=examples.registry)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for page in ("/docs", "/redoc"):
+            html = (await client.get(page)).text
+            assert "http://" not in html and "https://" not in html, page
+            for asset in re.findall(r'(?:src|href)="(/[^"]+)"', html):
+                assert (await client.get(asset)).status_code == 200, asset
+        swagger = (await client.get("/docs")).text
+        assert "/openapi.json" in swagger

@@ -14,6 +14,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
@@ -273,7 +274,8 @@ def create_app(
             if own_pool:
                 await the_pool.close()
 
-    app = FastAPI(
+    # The docs pages serve Swagger UI and ReDoc from the package, not a CDN: they work offline.
+    app = FastAPIOffline(
         title="jobq",
         version=_version(),
         description="A job queue on PostgreSQL. Every error is an RFC 9457 problem document.",
