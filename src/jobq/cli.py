@@ -8,7 +8,7 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
@@ -96,6 +96,15 @@ async def _prepare(dsn: str, *, migrate: bool) -> None:
             raise typer.Exit(1)
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def _queue(dsn: str, settings: Settings, *, max_size: int = 1) -> AsyncIterator[Queue]:
+    pool = await db.create_pool(dsn, min_size=1, max_size=max_size)
+    try:
+        yield Queue(pool, default_max_attempts=settings.default_max_attempts)
+    finally:
+        await pool.close()
 
 
 def _on_signals(handler: Callable[[], None]) -> None:
@@ -295,14 +304,9 @@ def enqueue(
 
         async def go() -> dict[str, Any]:
             await _prepare(dsn, migrate=settings.database_url is None)
-            pool = await db.create_pool(dsn, min_size=1, max_size=1)
-            try:
-                result = await Queue(
-                    pool, default_max_attempts=settings.default_max_attempts
-                ).enqueue(new)
-                return job_to_dict(result.job)
-            finally:
-                await pool.close()
+            async with _queue(dsn, settings) as q:
+                result = await q.enqueue(new)
+            return job_to_dict(result.job)
 
         try:
             job = _run(go())
@@ -335,10 +339,8 @@ def enqueue_file(
 
         async def go() -> int:
             await _prepare(dsn, migrate=settings.database_url is None)
-            pool = await db.create_pool(dsn, min_size=1, max_size=1)
-            q = Queue(pool, default_max_attempts=settings.default_max_attempts)
             done = 0
-            try:
+            async with _queue(dsn, settings) as q:
                 with typer.progressbar(
                     length=len(jobs), label="enqueueing", file=sys.stderr
                 ) as bar:
@@ -346,8 +348,6 @@ def enqueue_file(
                         chunk = jobs[start : start + batch_size]
                         done += len(await q.enqueue_many(chunk))
                         bar.update(len(chunk))
-            finally:
-                await pool.close()
             return done
 
         try:
@@ -400,9 +400,8 @@ def status(
 
         async def go() -> None:
             await _prepare(dsn, migrate=False)
-            pool = await db.create_pool(dsn, min_size=1, max_size=6)
-            try:
-                q = Queue(pool)
+            # One connection for each of the overview's concurrent queries.
+            async with _queue(dsn, settings, max_size=6) as q:
                 while True:
                     report = stats.render_text(await stats.collect(q))
                     if not watch:
@@ -410,8 +409,6 @@ def status(
                         return
                     typer.echo("\x1b[H\x1b[2J" + report, nl=True)
                     await asyncio.sleep(interval)
-            finally:
-                await pool.close()
 
         with contextlib.suppress(KeyboardInterrupt):
             _run(go())

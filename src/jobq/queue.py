@@ -303,12 +303,12 @@ def validate(job: NewJob, default_max_attempts: int = 3) -> NewJob:
     )
 
 
-def fingerprint(job: NewJob, payload_json: str) -> str:
+def fingerprint(job: NewJob) -> str:
     """What makes two requests "the same" for idempotency: everything that defines the job."""
     canonical = orjson.dumps(
         {
             "kind": job.kind,
-            "payload": orjson.loads(payload_json),
+            "payload": job.payload,
             "queue": job.queue,
             "priority": job.priority,
             "max_attempts": job.max_attempts,
@@ -677,7 +677,7 @@ class Queue:
         """
         job = validate(new, self.default_max_attempts)
         payload = encode_json("payload", job.payload)
-        fp = fingerprint(job, payload) if job.idempotency_key is not None else None
+        fp = fingerprint(job) if job.idempotency_key is not None else None
         args = (
             job.kind,
             job.queue,
@@ -715,10 +715,7 @@ class Queue:
             return []
         checked = [validate(j, self.default_max_attempts) for j in jobs]
         payloads = [encode_json("payload", j.payload) for j in checked]
-        fps = [
-            fingerprint(j, p) if j.idempotency_key is not None else None
-            for j, p in zip(checked, payloads, strict=True)
-        ]
+        fps = [fingerprint(j) if j.idempotency_key is not None else None for j in checked]
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 _INSERT_MANY,

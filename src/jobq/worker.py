@@ -129,7 +129,8 @@ class Worker:
         )
         self.queue: Queue | None = None
         self._runs: dict[uuid.UUID, _Run] = {}
-        self._pending: dict[uuid.UUID, tuple[Lease, str, str, float]] = {}
+        # Succeeded runs not yet written: lease, result JSON, kind.
+        self._pending: dict[uuid.UUID, tuple[Lease, str, str]] = {}
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._pending_added = asyncio.Event()
@@ -169,7 +170,6 @@ class Worker:
             asyncio.create_task(self._listen_loop(), name="jobq-listen"),
             asyncio.create_task(self._heartbeat_loop(), name="jobq-heartbeat"),
             asyncio.create_task(self._rescue_loop(), name="jobq-rescue"),
-            asyncio.create_task(self._presence_loop(), name="jobq-presence"),
         ]
         writer = asyncio.create_task(self._completion_loop(), name="jobq-completions")
         log.info(
@@ -393,7 +393,7 @@ class Worker:
         except InvalidJob as exc:
             await self._fail(run, handler, f"result not stored: {exc}")
             return
-        self._pending[job.id] = (lease_of(job), result_json, job.kind, time.monotonic())
+        self._pending[job.id] = (lease_of(job), result_json, job.kind)
         self._pending_added.set()
 
     async def _stopped(self, run: _Run, reason: _Stop, extra: dict[str, Any]) -> None:
@@ -461,19 +461,15 @@ class Worker:
     async def _write_completions(self) -> None:
         assert self.queue is not None
         batch = list(self._pending.items())[:MAX_COMPLETION_BATCH]
-        held = await self.queue.complete_many((lease, result) for _, (lease, result, _, _) in batch)
+        held = await self.queue.complete_many((lease, result) for _, (lease, result, _) in batch)
         succeeded: dict[str, int] = {}
-        for job_id, (_, _, kind, _) in batch:
+        for job_id, (_, _, kind) in batch:
             self._pending.pop(job_id, None)
             if job_id in held:
                 succeeded[kind] = succeeded.get(kind, 0) + 1
         for kind, n in succeeded.items():
             self._metrics_for(kind)[2].inc(n)
         self._slot_freed.set()
-        # Drop completions whose lease has surely expired: the job was rescued elsewhere.
-        stale = time.monotonic() - self.settings.lease_seconds
-        for job_id in [k for k, v in self._pending.items() if v[3] < stale]:
-            self._pending.pop(job_id, None)
 
     async def _flush_pending(self, deadline: float) -> None:
         while self._pending and time.monotonic() < deadline:
@@ -491,13 +487,29 @@ class Worker:
 
     def _leases(self) -> list[Lease]:
         held = [lease_of(r.job) for r in self._runs.values()]
-        held += [lease for lease, _, _, _ in self._pending.values()]
+        held += [lease for lease, _, _ in self._pending.values()]
         return held
 
     async def _heartbeat_loop(self) -> None:
+        """Every heartbeat interval: this worker's presence (the kinds and queues it takes, for
+        the dashboard), then the leases of every job it holds."""
         while True:
+            await self._announce()
             await asyncio.sleep(self.settings.heartbeat_seconds)
             await self.heartbeat_once()
+
+    async def _announce(self) -> None:
+        assert self.queue is not None
+        try:
+            await self.queue.worker_seen(
+                self.worker_id,
+                self.kinds,
+                self.queues,
+                self.concurrency,
+                ttl_seconds=max(3 * self.settings.heartbeat_seconds, 1.0),
+            )
+        except Exception as exc:
+            log.debug("could not record worker presence: %s", exc)
 
     async def heartbeat_once(self) -> None:
         assert self.queue is not None
@@ -569,23 +581,6 @@ class Worker:
                 if not db.is_unavailable(exc):
                     log.exception("rescue failed")
             await asyncio.sleep(self.settings.rescue_interval_seconds * random.uniform(0.8, 1.2))
-
-    async def _presence_loop(self) -> None:
-        """Announce this worker and its kinds (the dashboard shows jobs no worker takes)."""
-        assert self.queue is not None
-        interval = self.settings.heartbeat_seconds
-        while True:
-            try:
-                await self.queue.worker_seen(
-                    self.worker_id,
-                    self.kinds,
-                    self.queues,
-                    self.concurrency,
-                    ttl_seconds=max(3 * interval, 1.0),
-                )
-            except Exception as exc:
-                log.debug("could not record worker presence: %s", exc)
-            await asyncio.sleep(interval)
 
     async def _listen_loop(self) -> None:
         retry = _Retrying()

@@ -126,14 +126,8 @@ def _allowed_methods(request: Request) -> list[str]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def on_problem(request: Request, exc: ProblemError) -> Response:
-        return problem_response(
-            exc.status,
-            exc.error,
-            exc.detail,
-            instance=request.url.path,
-            request_id=_request_id(request),
-            headers=exc.headers,
-            **exc.extra,
+        return _problem(
+            request, exc.status, exc.error, exc.detail, headers=exc.headers, **exc.extra
         )
 
     @app.exception_handler(RequestValidationError)
@@ -152,14 +146,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             # Starlette names only the methods of the first route matching the path.
             headers["Allow"] = ", ".join(_allowed_methods(request))
-        return problem_response(
-            exc.status_code,
-            slug,
-            str(exc.detail),
-            instance=request.url.path,
-            request_id=_request_id(request),
-            headers=headers or None,
-        )
+        return _problem(request, exc.status_code, slug, str(exc.detail), headers=headers or None)
 
     @app.exception_handler(JobNotFound)
     async def on_not_found(request: Request, exc: JobNotFound) -> Response:
@@ -186,12 +173,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def on_unavailable(request: Request, exc: Exception) -> Response:
         log.warning("database unavailable: %s", exc, extra={"request_id": _request_id(request)})
-        return problem_response(
+        return _problem(
+            request,
             503,
             "database_unavailable",
             "the database is unavailable; retry later",
-            instance=request.url.path,
-            request_id=_request_id(request),
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
 

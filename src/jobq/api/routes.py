@@ -22,6 +22,7 @@ from jobq.queue import (
     NewJob,
     Queue,
     check_idempotency_key,
+    clamp_limit,
 )
 from jobq.registry import PayloadInvalid, Registry
 
@@ -202,11 +203,10 @@ async def list_jobs(
     page = await _queue(request).list_jobs(
         status=status, kind=kind, queue=queue, limit=limit, offset=offset, cursor=cursor
     )
-    n = max(1, min(200, limit))
     return _json(
         {
             "jobs": [job_to_dict(j) for j in page.jobs],
-            "limit": n,
+            "limit": clamp_limit(limit),
             "offset": offset,
             "next_cursor": page.next_cursor,
         }
