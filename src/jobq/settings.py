@@ -44,12 +44,31 @@ def _bool(name: str, default: bool) -> bool:
     return raw.strip().lower() in {"1", "true", "yes", "on"}
 
 
+# How jobq reaches PostgreSQL: directly, or through a pooler such as PgBouncer in session or
+# transaction pooling mode (see docs/deploy.md).
+POOLER_MODES = ("none", "session", "transaction")
+
+
+def pooler_from_env() -> str:
+    raw = os.environ.get("JOBQ_POOLER", "").strip().lower() or "none"
+    if raw not in POOLER_MODES:
+        raise SettingsError(f"JOBQ_POOLER must be one of {', '.join(POOLER_MODES)}, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     # Database: DATABASE_URL when set, otherwise an embedded server under data_dir.
     database_url: str | None = None
     data_dir: Path = Path(".jobq")
     pool_min_size: int = 2
+    # A pooler between jobq and PostgreSQL (JOBQ_POOLER): none, session or transaction.
+    pooler: str = "none"
+    # A direct or session-pooled URL for the worker's LISTEN, when DATABASE_URL is a
+    # transaction pooler (which cannot hold a LISTEN).
+    listen_database_url: str | None = None
+    # A replica for the reads that tolerate lag: job lists, stats, the jobq_jobs gauge.
+    read_database_url: str | None = None
     pool_max_size: int = 10
     # Retries: decorrelated jitter between base and cap.
     retry_base_seconds: float = 1.0
@@ -86,6 +105,9 @@ class Settings:
             database_url=os.environ.get("DATABASE_URL") or None,
             data_dir=Path(os.environ.get("JOBQ_DATA_DIR", ".jobq")),
             pool_min_size=_int("JOBQ_POOL_MIN_SIZE", 2),
+            pooler=pooler_from_env(),
+            listen_database_url=os.environ.get("JOBQ_LISTEN_DATABASE_URL") or None,
+            read_database_url=os.environ.get("JOBQ_READ_DATABASE_URL") or None,
             pool_max_size=_int("JOBQ_POOL_MAX_SIZE", 10, minimum=1),
             retry_base_seconds=base,
             retry_cap_seconds=cap,

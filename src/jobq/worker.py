@@ -208,6 +208,7 @@ class Worker:
                     self.dsn,
                     min_size=1,
                     max_size=max(4, min(10, 2 + self.concurrency // 50)),
+                    pooler=self.settings.pooler,
                     server_settings=self._server_settings(),
                 )
             except Exception as exc:

@@ -250,7 +250,7 @@ def create_app(
         own_pool = pool is None
         # min_size=0: the API starts (and reports not ready) while the database is down.
         the_pool = pool or await db.create_pool(
-            dsn or "", min_size=0, max_size=settings.pool_max_size
+            dsn or "", min_size=0, max_size=settings.pool_max_size, pooler=settings.pooler
         )
         app.state.pool = the_pool
         app.state.queue = Queue(the_pool, default_max_attempts=settings.default_max_attempts)
