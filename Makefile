@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck unit browser bench bench-peers chaos clean
+.PHONY: run test lint typecheck unit browser bench bench-peers bench-storage chaos clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "jobq needs Python >= 3.11"'
@@ -56,6 +56,13 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.suite $(BENCH_ARGS)
 	$(BIN)/python -m bench.chart
+
+## Storage: WAL per job, history scale, soak (opt-in: STORAGE_ARGS="--only soak"), layouts.
+## bench/storage_ab.sh BEFORE AFTER runs it on two revisions in one run. See BENCHMARKS.md.
+STORAGE_ARGS ?=
+bench-storage: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.storage $(STORAGE_ARGS)
 
 ## jobq, PgQueuer and procrastinate side by side through ../shared/peers (RUNS=3).
 bench-peers: $(VENV)/.installed-dev

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench import store
 from jobq import NewJob, Queue, db, schema
 from jobq.embedded import EmbeddedPostgres
 from jobq.queue import _CLAIM, lease_of
@@ -95,13 +96,13 @@ def with_database(dsn: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def server() -> Iterator[str]:
+def server(settings: dict[str, str] | None = None, port: int = 54329) -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
     with tempfile.TemporaryDirectory(prefix="jobq-bench-") as tmp:
-        pg = EmbeddedPostgres(Path(tmp), settings=BENCH_PG_SETTINGS, port=54329)
+        pg = EmbeddedPostgres(Path(tmp), settings=settings or BENCH_PG_SETTINGS, port=port)
         dsn = pg.start()
         try:
             yield dsn
@@ -182,13 +183,23 @@ async def machine_info(dsn: str) -> dict[str, Any]:
 # -- worker processes -------------------------------------------------------------------------
 
 
-def start_worker(dsn: str, concurrency: int, *, grace: float = 30.0) -> subprocess.Popen[bytes]:
-    env = {
+def child_env(dsn: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a `jobq` child process: this tree's jobq and handlers, quiet logs."""
+    return {
         **os.environ,
         "DATABASE_URL": dsn,
         "JOBQ_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(ROOT),
+        # This checkout's code, also when another checkout is installed in the virtualenv
+        # (bench/storage_ab.sh runs two revisions with one virtualenv).
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+        **(extra or {}),
     }
+
+
+def start_worker(
+    dsn: str, concurrency: int, *, grace: float = 30.0, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    env = child_env(dsn, env)
     return subprocess.Popen(
         [
             sys.executable,
@@ -216,6 +227,30 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+@contextlib.asynccontextmanager
+async def api_process(dsn: str, port: int) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A real `jobq api` on 127.0.0.1:port, accepting connections when this yields."""
+    api = subprocess.Popen(
+        [sys.executable, "-m", "jobq", "api", "--port", str(port)], env=child_env(dsn), cwd=ROOT
+    )
+    try:
+        for _ in range(400):
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        yield api
+    finally:
+        api.send_signal(signal.SIGTERM)
+        try:
+            api.wait(30)
+        except subprocess.TimeoutExpired:
+            api.kill()
+            api.wait()
 
 
 async def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.02) -> bool:
@@ -251,36 +286,23 @@ async def drain_once(dsn: str, n: int, procs: int, concurrency: int) -> dict[str
     try:
         queue = Queue(pool)
         ids = await enqueue_noops(queue, n)
-        await pool.execute("ANALYZE jobs")
+        await store.analyze(pool)
         t_spawn = time.monotonic()
         workers = [start_worker(dsn, concurrency) for _ in range(procs)]
         try:
 
             async def done() -> bool:
-                c = await pool.fetchval(
-                    "SELECT count(*) FROM jobs WHERE id = ANY($1::uuid[]) AND status = 'succeeded'",
-                    ids,
-                )
-                return bool(c >= n)
+                return await store.succeeded_count(pool, ids) >= n
 
             finished = await wait_until(done, timeout=600, interval=0.01)
             wall = time.monotonic() - t_spawn
         finally:
             stop_workers(workers)
-        row = await pool.fetchrow(
-            """
-            SELECT count(*) FILTER (WHERE status = 'succeeded' AND attempts = 1) AS once,
-                   count(*) FILTER (WHERE status <> 'succeeded' OR attempts <> 1) AS other,
-                   extract(epoch FROM max(finished_at) - min(started_at)) AS span
-            FROM jobs WHERE id = ANY($1::uuid[])
-            """,
-            ids,
-        )
-        await pool.execute("DELETE FROM jobs WHERE kind = 'noop' AND status = 'succeeded'")
-        await pool.execute("VACUUM ANALYZE jobs")
+        row = await store.drain_outcome(pool, ids)
+        await store.forget_succeeded(pool, "noop")
     finally:
         await pool.close()
-    span = float(row["span"] or 0.0)
+    span = row["span"]
     ok = finished and row["once"] == n and row["other"] == 0
     return {
         "n": n,
@@ -388,18 +410,7 @@ def _enq(mode: str, n: int, dt: float, lat: list[float], *, tasks: int) -> dict[
 async def bench_http(dsn: str, a: argparse.Namespace) -> None:
     """POST /jobs from a separate load-generator process: 64 keep-alive connections."""
     port = 18731
-    env = {**os.environ, "DATABASE_URL": dsn, "JOBQ_LOG_LEVEL": "WARNING"}
-    api = subprocess.Popen(
-        [sys.executable, "-m", "jobq", "api", "--port", str(port)], env=env, cwd=ROOT
-    )
-    try:
-        for _ in range(200):
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+    async with api_process(dsn, port):
         out = subprocess.run(
             [
                 sys.executable,
@@ -418,9 +429,6 @@ async def bench_http(dsn: str, a: argparse.Namespace) -> None:
             check=True,
         )
         rec = json.loads(out.stdout.strip().splitlines()[-1])
-    finally:
-        api.send_signal(signal.SIGTERM)
-        api.wait(30)
     conn = await asyncpg.connect(dsn)
     try:
         stored = await conn.fetchval("SELECT count(*) FROM jobs WHERE kind = 'http'")

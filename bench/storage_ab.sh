@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The storage benchmarks on two revisions, in one run, alternating: each revision's own code
+# (bench/store.py knows its schema) from a temporary worktree, with this checkout's
+# virtualenv. Then the before/after table (python -m bench.storage_report).
+#   bench/storage_ab.sh BEFORE_REV AFTER_REV [RUNS=1] -- [python -m bench.storage args]
+# e.g. bench/storage_ab.sh storage-before main 1 -- --only wal,history --finished 1000000
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BEFORE=${1:?before revision}; AFTER=${2:?after revision}; RUNS=${3:-1}
+shift $(( $# >= 3 ? 3 : $# )); [ "${1:-}" = "--" ] && shift
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+OUT=${OUT:-$ROOT/bench/results/storage-ab}
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/jobq-storage-ab.XXXXXX")
+trap 'git -C "$ROOT" worktree remove --force "$TMP/before" 2>/dev/null || true;
+      git -C "$ROOT" worktree remove --force "$TMP/after" 2>/dev/null || true; rm -rf "$TMP"' EXIT
+git -C "$ROOT" worktree add --detach -q "$TMP/before" "$BEFORE"
+git -C "$ROOT" worktree add --detach -q "$TMP/after" "$AFTER"
+mkdir -p "$OUT"
+run() {  # label run-number [bench.storage args]
+    local label=$1 n=$2 tree="$TMP/$1"; shift 2
+    echo "== $label ($(git -C "$tree" rev-parse --short HEAD)), run $n" >&2
+    (cd "$tree" && PYTHONPATH="$tree/src:$tree" "$PY" -m bench.storage "$@" \
+        --out "$OUT/$label-$n.jsonl" --soak-out "$OUT/$label-$n-soak.jsonl" \
+        --soak-plot "$OUT/$label-$n-soak.png")
+}
+for i in $(seq 1 "$RUNS"); do
+    if (( i % 2 )); then run before "$i" "$@"; run after "$i" "$@"
+    else run after "$i" "$@"; run before "$i" "$@"; fi
+done
+"$PY" -m bench.storage_report --before "$OUT"/before-*.jsonl --after "$OUT"/after-*.jsonl \
+    | tee "$OUT/table.md"
