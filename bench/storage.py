@@ -108,6 +108,8 @@ async def wal_between(conn: asyncpg.Connection, a: dict[str, Any], b: dict[str, 
 async def wal_by_relation(conn: asyncpg.Connection, start: str, end: str) -> dict[str, int] | None:
     """Block data + full-page-image bytes per relation between two LSNs (pg_walinspect,
     PostgreSQL 16+), or None where it is not available."""
+    if start == end:
+        return {}
     try:
         await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
         rows = await conn.fetch(
@@ -126,6 +128,27 @@ async def wal_by_relation(conn: asyncpg.Connection, start: str, end: str) -> dic
         log(f"wal: no per-relation breakdown ({exc.__class__.__name__}: {exc})")
         return None
     return {row["rel"]: int(row["bytes"]) for row in rows}
+
+
+async def wal_by_record_type(
+    conn: asyncpg.Connection, start: str, end: str
+) -> dict[str, int] | None:
+    """Bytes (headers included) per WAL record type between two LSNs (pg_walinspect)."""
+    if start == end:
+        return {}
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        rows = await conn.fetch(
+            'SELECT "resource_manager/record_type" AS kind, combined_size::bigint AS bytes'
+            " FROM pg_get_wal_stats($1::pg_lsn, $2::pg_lsn, true)"
+            " WHERE count > 0 ORDER BY combined_size DESC",
+            start,
+            end,
+        )
+    except asyncpg.PostgresError as exc:
+        log(f"wal: no per-record breakdown ({exc.__class__.__name__}: {exc})")
+        return None
+    return {row["kind"]: int(row["bytes"]) for row in rows}
 
 
 async def http_get_timings(port: int, path: str, n: int, warm: int) -> dict[str, Any]:
@@ -227,6 +250,10 @@ async def wal_once(dsn: str, a: argparse.Namespace) -> dict[str, Any]:
         outcome = await store.drain_outcome(conn, ids)
         await store.vacuum(conn)
         p3 = await wal_position(conn)
+        by_type = {
+            "enqueue": await wal_by_record_type(conn, p0["lsn"], p1["lsn"]),
+            "drain": await wal_by_record_type(conn, p1b["lsn"], p2["lsn"]),
+        }
         by_rel = {
             "enqueue": await wal_by_relation(conn, p0["lsn"], p1["lsn"]),
             "drain": await wal_by_relation(conn, p1b["lsn"], p2["lsn"]),
@@ -256,6 +283,10 @@ async def wal_once(dsn: str, a: argparse.Namespace) -> dict[str, Any]:
     rec["by_relation_bytes_per_job"] = {
         phase: {k: r(v / n) for k, v in rels.items() if v / n >= 1.0} if rels else None
         for phase, rels in by_rel.items()
+    }
+    rec["by_record_type_bytes_per_job"] = {
+        phase: {k: r(v / n) for k, v in types.items() if v / n >= 1.0} if types else None
+        for phase, types in by_type.items()
     }
     rec["succeeded_exactly_once"] = outcome["once"]
     rec["ok"] = finished and outcome["once"] == n and outcome["other"] == 0

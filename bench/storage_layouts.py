@@ -18,6 +18,15 @@ Layouts:
   (DELETE ... RETURNING into INSERT).
 - lh_design: live as lh_full; history with id, created, kind+created, queue+created and a
   partial status+created index for the statuses that are not `succeeded`.
+- lh_by_id: live without a list index; history ordered by id (UUIDv7, creation order to the
+  millisecond) instead of created_at: id, kind+id, queue+id, partial status+id (not
+  `succeeded`): every filter of today's list, one index fewer on each table.
+- lh_hot: lh_by_id with a live table whose indexes mention no column the claim or a
+  heartbeat changes (pkey and a non-partial claim index only): claim and heartbeat are HOT
+  updates. The price: the claim index holds running rows too, and rescue has no index.
+- lh_by_id_ff50, lh_by_id_ff30: lh_by_id with the live table at fillfactor 50 / 30, so
+  that more claim updates find room on the same page (PostgreSQL then logs only the
+  changed middle of the row, not the whole new version).
 - lh_min: a live table with only what claim, rescue and lookup need; history with id and
   created only: the floor for the two-table shape.
 """
@@ -31,7 +40,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.storage import wal_between, wal_by_relation, wal_position
+from bench.storage import wal_between, wal_by_record_type, wal_by_relation, wal_position
 from bench.suite import emit, fresh_db, log, r
 from jobq import queue as q
 
@@ -70,10 +79,20 @@ _HISTORY_COLS = (
 )
 
 
-def _live_ddl(list_index: bool) -> str:
-    return f"""
+def _live_ddl(list_index: bool, *, hot_claim: bool = False, fillfactor: int = 80) -> str:
+    if hot_claim:
+        # No index mentions a column the claim or a heartbeat changes (status, lease_*), so
+        # both are HOT updates: no index entries at all. The claim index then also holds
+        # running rows (the claim skips them), and rescue has no index of its own.
+        return f"""
 CREATE TABLE live ({_COLUMNS}, PRIMARY KEY (id)) WITH (
     fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.02, autovacuum_vacuum_cost_limit = 2000);
+CREATE INDEX live_claim_idx ON live (queue, priority, run_at, id);
+"""
+    return f"""
+CREATE TABLE live ({_COLUMNS}, PRIMARY KEY (id)) WITH (
+    fillfactor = {fillfactor}, autovacuum_vacuum_scale_factor = 0.02,
     autovacuum_analyze_scale_factor = 0.02, autovacuum_vacuum_cost_limit = 2000);
 CREATE INDEX live_claim_idx ON live (queue, priority, run_at, id)
     WHERE status IN ('queued', 'retrying');
@@ -112,6 +131,14 @@ _HISTORY_DESIGN = [
     "(status, created_at DESC, id DESC) WHERE status <> 'succeeded'",
 ]
 _HISTORY_MIN = ["(id)", "(created_at DESC, id DESC)"]
+# Newest first by id (UUIDv7: creation order to the millisecond) instead of created_at: the id
+# index serves lookups and the unfiltered list at once.
+_HISTORY_BY_ID = [
+    "(id DESC)",
+    "(kind, id DESC)",
+    "(queue, id DESC)",
+    "(status, id DESC) WHERE status <> 'succeeded'",
+]
 
 _LH_INSERT = """
 INSERT INTO live (kind, queue, payload, priority, max_attempts, run_at, idempotency_key)
@@ -162,6 +189,19 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     },
     "lh_full": {"ddl": _live_ddl(True) + _history_ddl(_HISTORY_ALL), "insert": _LH_INSERT},
     "lh_design": {"ddl": _live_ddl(True) + _history_ddl(_HISTORY_DESIGN), "insert": _LH_INSERT},
+    "lh_by_id": {"ddl": _live_ddl(False) + _history_ddl(_HISTORY_BY_ID), "insert": _LH_INSERT},
+    "lh_hot": {
+        "ddl": _live_ddl(False, hot_claim=True) + _history_ddl(_HISTORY_BY_ID),
+        "insert": _LH_INSERT,
+    },
+    "lh_by_id_ff50": {
+        "ddl": _live_ddl(False, fillfactor=50) + _history_ddl(_HISTORY_BY_ID),
+        "insert": _LH_INSERT,
+    },
+    "lh_by_id_ff30": {
+        "ddl": _live_ddl(False, fillfactor=30) + _history_ddl(_HISTORY_BY_ID),
+        "insert": _LH_INSERT,
+    },
     "lh_min": {"ddl": _live_ddl(False) + _history_ddl(_HISTORY_MIN), "insert": _LH_INSERT},
 }
 
@@ -228,6 +268,7 @@ async def run_layout(dsn: str, name: str, n: int) -> dict[str, Any]:
             "vacuum": await wal_between(conn, p2, p3),
         }
         by_rel = await wal_by_relation(conn, p1b["lsn"], p2["lsn"])
+        by_type = await wal_by_record_type(conn, p1b["lsn"], p2["lsn"])
         sizes = await conn.fetch(
             """
             SELECT c.relname, pg_relation_size(c.oid) AS bytes
@@ -257,6 +298,9 @@ async def run_layout(dsn: str, name: str, n: int) -> dict[str, Any]:
         "drain_jobs_per_s": r(n / (t3 - t2)),
         "drain_by_relation_bytes_per_job": (
             {k: r(v / n) for k, v in by_rel.items() if v / n >= 1.0} if by_rel else None
+        ),
+        "drain_by_record_type_bytes_per_job": (
+            {k: r(v / n) for k, v in by_type.items() if v / n >= 1.0} if by_type else None
         ),
         "relation_kb_after_vacuum": {row["relname"]: row["bytes"] // 1024 for row in sizes},
         "ok": finished == n,
