@@ -27,6 +27,8 @@ Layouts:
 - lh_by_id_ff50, lh_by_id_ff30: lh_by_id with the live table at fillfactor 50 / 30, so
   that more claim updates find room on the same page (PostgreSQL then logs only the
   changed middle of the row, not the whole new version).
+- lh_asc: lh_by_id_ff50 with the history indexes ascending (newest first is a backward
+  scan): appends at the right edge split pages 90/10, DESC indexes split 50/50 at the left.
 - lh_min: a live table with only what claim, rescue and lookup need; history with id and
   created only: the floor for the two-table shape.
 """
@@ -131,6 +133,15 @@ _HISTORY_DESIGN = [
     "(status, created_at DESC, id DESC) WHERE status <> 'succeeded'",
 ]
 _HISTORY_MIN = ["(id)", "(created_at DESC, id DESC)"]
+# The same keys ascending: inserts land at the right edge, where PostgreSQL splits a full
+# page 90/10 instead of 50/50 (a DESC index takes every insert at its left edge). Backward
+# index scans serve "newest first" just as well.
+_HISTORY_BY_ID_ASC = [
+    "(id)",
+    "(kind, id)",
+    "(queue, id)",
+    "(status, id) WHERE status <> 'succeeded'",
+]
 # Newest first by id (UUIDv7: creation order to the millisecond) instead of created_at: the id
 # index serves lookups and the unfiltered list at once.
 _HISTORY_BY_ID = [
@@ -200,6 +211,10 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     },
     "lh_by_id_ff30": {
         "ddl": _live_ddl(False, fillfactor=30) + _history_ddl(_HISTORY_BY_ID),
+        "insert": _LH_INSERT,
+    },
+    "lh_asc": {
+        "ddl": _live_ddl(False, fillfactor=50) + _history_ddl(_HISTORY_BY_ID_ASC),
         "insert": _LH_INSERT,
     },
     "lh_min": {"ddl": _live_ddl(False) + _history_ddl(_HISTORY_MIN), "insert": _LH_INSERT},
