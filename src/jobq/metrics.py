@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import threading
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
+
+from jobq.queue import STATUSES
+
+if TYPE_CHECKING:
+    from jobq.registry import Registry
+
+# A `*_created` series per labelled child doubles the exposition and says only when this
+# process first saw the label: Prometheus' own rate() functions do not need it.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Label values that come from clients (kinds, queues, methods) are bounded: after this many
+# distinct values a label reads OTHER, so no client can grow /metrics or memory without bound.
+MAX_LABEL_VALUES = 100
+OTHER = "other"
+HTTP_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"})
 
 # Job durations span milliseconds to minutes.
 _DURATION_BUCKETS = (
@@ -45,10 +64,68 @@ HTTP_DURATION = Histogram(
 )
 
 
+class _BoundedLabels:
+    """The first MAX_LABEL_VALUES distinct values seen keep their name; the rest are OTHER."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) >= MAX_LABEL_VALUES:
+                return OTHER
+            self._seen.add(value)
+            return value
+
+
+_enqueued_kinds = _BoundedLabels()
+
+
+def kind_label(kind: str, registry: Registry | None) -> str:
+    """The `kind` label of a job enqueued over HTTP: a kind the registry knows, else OTHER.
+
+    Without a registry any text is a kind, so only the first MAX_LABEL_VALUES get a series."""
+    if registry is not None:
+        return kind if kind in registry else OTHER
+    return _enqueued_kinds(kind)
+
+
+def method_label(method: str) -> str:
+    """Clients may send any token as a method; only the standard ones get a series."""
+    return method if method in HTTP_METHODS else OTHER
+
+
+# Queues exported before: they read 0 once their jobs are gone instead of vanishing.
+_exported_queues: dict[str, None] = {}
+
+
 def set_job_counts(counts: list[tuple[str, str, int]]) -> None:
-    """Replace the jobq_jobs gauge with a fresh reading from the database."""
-    JOBS.clear()
+    """Replace the jobq_jobs gauge with a fresh reading from the database.
+
+    Every status of every queue is exported, 0 included. Queues are client-chosen text: the
+    MAX_LABEL_VALUES queues with the most jobs keep their name, the rest are summed as OTHER."""
+    totals: dict[str, int] = {}
+    for queue, _, n in counts:
+        totals[queue] = totals.get(queue, 0) + n
+    for queue in _exported_queues:
+        totals.setdefault(queue, 0)
+    ranked = sorted(totals, key=lambda q: (-totals[q], q))
+    # With too many queues, OTHER takes the last of the MAX_LABEL_VALUES places.
+    named = set(ranked if len(ranked) <= MAX_LABEL_VALUES else ranked[: MAX_LABEL_VALUES - 1])
+    values: dict[tuple[str, str], int] = {}
+    for queue in named | ({OTHER} if len(ranked) > len(named) else set()):
+        for status in STATUSES:
+            values[(queue, status)] = 0
     for queue, status, n in counts:
+        key = (queue if queue in named else OTHER, status)
+        values[key] = values.get(key, 0) + n
+    _exported_queues.clear()
+    _exported_queues.update(dict.fromkeys(sorted(named)))
+    JOBS.clear()
+    for (queue, status), n in values.items():
         JOBS.labels(queue=queue, status=status).set(n)
 
 

@@ -322,7 +322,7 @@ class Worker:
         run = _Run(job, ctx)
         self._runs[job.id] = run
         if job.started_at is not None:
-            wait = (job.started_at - job.run_at).total_seconds()
+            wait = (job.started_at - max(job.created_at, job.run_at)).total_seconds()
             self._metrics_for(job.kind)[0].observe(max(0.0, wait))
         if job.cancel_requested:
             self._request_cancel(run)

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 from fastapi import FastAPI, Request
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +36,7 @@ log = logging.getLogger("jobq.api")
 access_log = logging.getLogger("jobq.access")
 
 RETRY_AFTER_SECONDS = "2"
+CLIENT_CLOSED_REQUEST = 499
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
@@ -75,7 +78,7 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            method = scope["method"]
+            method = metrics.method_label(scope["method"])
             key = (method, template, status)
             children = self._metric_children.get(key)
             if children is None:
@@ -93,6 +96,32 @@ class RequestContextMiddleware:
                 status,
                 extra={"request_id": request_id, "duration_ms": round(elapsed * 1000, 2)},
             )
+
+
+class HeadAsGetMiddleware:
+    """HEAD is answered on every GET route (RFC 9110 9.3.2): run GET, send no body.
+
+    The server still sees HEAD, so it sends no body bytes for the GET's Content-Length."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET"}
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        try:
+            await self.app(as_get, receive, send_headers_only)
+        finally:
+            if "route" in as_get:  # the access log and metrics name the route template
+                scope["route"] = as_get["route"]
 
 
 def _request_id(request: Request) -> str | None:
@@ -120,7 +149,30 @@ def _allowed_methods(request: Request) -> list[str]:
         scope = {**request.scope, "method": method}
         if any(route.matches(scope)[0] is Match.FULL for route in request.app.routes):
             allowed.append(method)
-    return allowed
+    if "GET" in allowed and "HEAD" not in allowed:
+        allowed.append("HEAD")  # HeadAsGetMiddleware
+    return sorted(allowed)
+
+
+def _slash_redirect(request: Request) -> Response | None:
+    """307 to the same path with the trailing slash added or removed, when a route serves it.
+
+    The Location is a path on this server, never built from the Host header, and never
+    `//host` or `/\\host` (which browsers read as another site)."""
+    path = request.url.path
+    if path == "/":
+        return None
+    other = path[:-1] if path.endswith("/") else path + "/"
+    if other[1:2] in {"/", "\\"} or not other.startswith("/"):
+        return None
+    scope = {**request.scope, "path": other}
+    if not any(route.matches(scope)[0] is not Match.NONE for route in request.app.routes):
+        return None
+    location = quote(other, safe="/:@!$&'()*+,;=-._~")
+    query = request.scope.get("query_string", b"")
+    if query:
+        location += "?" + query.decode("latin-1")
+    return Response(status_code=307, headers={"Location": location})
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -141,12 +193,24 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404 and (redirect := _slash_redirect(request)) is not None:
+            return redirect
         slug = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             # Starlette names only the methods of the first route matching the path.
             headers["Allow"] = ", ".join(_allowed_methods(request))
         return _problem(request, exc.status_code, slug, str(exc.detail), headers=headers or None)
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_disconnect(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody is left to answer: not a server error. 499 (as nginx logs it) is what the
+        # access log and jobq_http_requests_total record.
+        access_log.info(
+            "client disconnected before the request was read",
+            extra={"request_id": _request_id(request)},
+        )
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(JobNotFound)
     async def on_not_found(request: Request, exc: JobNotFound) -> Response:
@@ -272,7 +336,10 @@ def create_app(
     if pool is not None:
         app.state.pool = pool
         app.state.queue = Queue(pool, default_max_attempts=settings.default_max_attempts)
-    app.add_middleware(RequestContextMiddleware)
+    # Starlette's slash redirect builds its Location from the Host header: see _slash_redirect.
+    app.router.redirect_slashes = False
+    app.add_middleware(HeadAsGetMiddleware)
+    app.add_middleware(RequestContextMiddleware)  # added last: outermost
     _install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(stats_routes.router)

@@ -27,10 +27,10 @@ from jobq.queue import (
 from jobq.registry import PayloadInvalid, Registry
 
 JSON = "application/json"
-# Printable ASCII without surrounding spaces (HTTP strips them), or a quoted string.
+# Printable ASCII, or a quoted string; optional whitespace around it is trimmed (RFC 9110 5.5).
 # Kinds and queues never hold control characters (Postgres text cannot hold NUL at all).
 NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"
-IDEMPOTENCY_HEADER_PATTERN = r'^(?:"[ -~]{1,255}"|[!-~](?:[ -~]{0,253}[!-~])?)$'
+IDEMPOTENCY_HEADER_PATTERN = r'^[ \t]*(?:"[ -~]{1,255}"|[!-~](?:[ -~]{0,253}[!-~])?)[ \t]*$'
 
 router = APIRouter(dependencies=[Depends(require_token)], tags=["jobs"])
 
@@ -109,7 +109,7 @@ def _new_job(body: Any, header_key: str | None, registry: Registry | None) -> Ne
             max_attempts = handler.max_attempts
     key = req.idempotency_key
     if header_key is not None:
-        key = header_key.strip()
+        key = header_key.strip(" \t")
         if len(key) >= 3 and key[0] == key[-1] == '"':
             key = key[1:-1]  # the draft's examples quote the value
     if key is not None:
@@ -159,7 +159,8 @@ async def enqueue(
     new = _new_job(body, idempotency_key, request.app.state.registry)
     result = await _queue(request).enqueue(new)
     if result.created:
-        metrics.JOBS_ENQUEUED.labels(result.job.kind).inc()
+        registry = request.app.state.registry
+        metrics.JOBS_ENQUEUED.labels(metrics.kind_label(result.job.kind, registry)).inc()
     return _json(job_to_dict(result.job), 201 if result.created else 200)
 
 
