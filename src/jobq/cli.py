@@ -139,16 +139,15 @@ def migrate() -> None:
 def _uvicorn_server(asgi: Any, host: str, port: int) -> Any:
     import uvicorn
 
+    from jobq.api import server as http_server
+
     class Server(uvicorn.Server):
         # Signals are ours: the worker in the same process needs a graceful stop too.
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    config = uvicorn.Config(
-        asgi, host=host, port=port, log_config=None, access_log=False, lifespan="on"
-    )
-    return Server(config)
+    return Server(http_server.uvicorn_config(asgi, host, port, asgi.state.settings))
 
 
 def _warn_open(settings: Settings, host: str) -> None:

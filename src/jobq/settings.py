@@ -83,6 +83,13 @@ class Settings:
     cancel_grace_seconds: float = 5.0
     # HTTP
     max_payload_bytes: int = 1024 * 1024
+    # The HTTP server's own limits (see jobq.api.server): slow or oversized requests and idle
+    # connections cannot hold the server's memory or sockets.
+    http_max_header_bytes: int = 16 * 1024
+    http_header_timeout_seconds: float = 10.0
+    http_body_timeout_seconds: float = 30.0
+    http_keepalive_seconds: float = 5.0
+    http_max_connections: int = 1000
     api_tokens: tuple[str, ...] = field(default_factory=tuple)
     protect_metrics: bool = False
     log_format: str = "auto"
@@ -118,6 +125,13 @@ class Settings:
             poll_interval_seconds=_float("JOBQ_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
             cancel_grace_seconds=_float("JOBQ_CANCEL_GRACE_SECONDS", 5.0),
             max_payload_bytes=_int("JOBQ_MAX_PAYLOAD_BYTES", 1024 * 1024, minimum=1),
+            http_max_header_bytes=_int("JOBQ_HTTP_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
+            http_header_timeout_seconds=_float(
+                "JOBQ_HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.05
+            ),
+            http_body_timeout_seconds=_float("JOBQ_HTTP_BODY_TIMEOUT_SECONDS", 30.0, minimum=0.05),
+            http_keepalive_seconds=_float("JOBQ_HTTP_KEEPALIVE_SECONDS", 5.0, minimum=0.05),
+            http_max_connections=_int("JOBQ_HTTP_MAX_CONNECTIONS", 1000, minimum=1),
             api_tokens=tokens,
             protect_metrics=_bool("JOBQ_PROTECT_METRICS", False),
             log_format=log_format,

@@ -51,16 +51,16 @@ class ProblemError(Exception):
         self.extra = extra
 
 
-def problem_response(
+def problem_body(
     status: int,
     error: str,
     detail: str,
     *,
     instance: str | None = None,
     request_id: str | None = None,
-    headers: dict[str, str] | None = None,
     **extra: Any,
-) -> Response:
+) -> bytes:
+    """The JSON of a problem document (also written by the HTTP server itself)."""
     body: dict[str, Any] = {
         "type": f"urn:jobq:problem:{error.replace('_', '-')}",
         "title": HTTPStatus(status).phrase,
@@ -73,9 +73,21 @@ def problem_response(
     if request_id is not None:
         body["request_id"] = request_id
     body.update({k: v for k, v in extra.items() if v is not None})
-    return Response(
-        orjson.dumps(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
-    )
+    return orjson.dumps(body)
+
+
+def problem_response(
+    status: int,
+    error: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response:
+    body = problem_body(status, error, detail, instance=instance, request_id=request_id, **extra)
+    return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
 def openapi_problem(description: str) -> dict[str, Any]:

@@ -1,0 +1,235 @@
+"""The HTTP server's own limits, over real sockets against a real `jobq api` process: header
+size, header and body time, idle keep-alive, open connections, and malformed framing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.helpers import wait_for
+from tests.servers import start_api, stop, wait_ready
+
+MAX_HEADER_BYTES = 4096
+HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.0
+KEEPALIVE = 1.0
+MAX_CONNECTIONS = 20
+# Every wait below is on a condition; this only bounds how long a broken server can hang a test.
+DEADLINE = 10.0
+
+
+@pytest.fixture(scope="module")
+def api(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    log = tmp_path_factory.mktemp("api") / "stderr.log"
+    with log.open("wb") as err:
+        proc, base = start_api(
+            dsn,
+            env={
+                "JOBQ_HTTP_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
+                "JOBQ_HTTP_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
+                "JOBQ_HTTP_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT),
+                "JOBQ_HTTP_KEEPALIVE_SECONDS": str(KEEPALIVE),
+                "JOBQ_HTTP_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+            },
+            stdin=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            asyncio.run(wait_ready(base, proc))
+            yield base, log
+        finally:
+            stop(proc)
+
+
+@pytest.fixture
+def base(api: tuple[str, Path]) -> str:
+    return api[0]
+
+
+@contextlib.asynccontextmanager
+async def connect(base: str) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def read_to_eof(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection (fails at the deadline)."""
+    return await asyncio.wait_for(reader.read(), DEADLINE)
+
+
+def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def assert_problem(raw: bytes, status: int, error: str) -> dict[str, str]:
+    got, headers, body = parse(raw)
+    assert got == status, raw[:500]
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    assert headers["x-request-id"]
+    problem = orjson.loads(body)
+    assert problem["status"] == status
+    assert problem["error"] == error
+    assert problem["request_id"] == headers["x-request-id"]
+    return headers
+
+
+async def test_a_header_section_over_the_limit_is_431_and_the_connection_closes(
+    base: str,
+) -> None:
+    async with connect(base) as (reader, writer):
+        big = b"x" * MAX_HEADER_BYTES
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + big + b"\r\n\r\n")
+        assert_problem(await read_to_eof(reader), 431, "request_header_fields_too_large")
+
+
+async def test_one_endless_header_is_cut_off_before_the_server_buffers_it(base: str) -> None:
+    async with connect(base) as (reader, writer):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Endless: ")
+        sent = 0
+        answer = asyncio.ensure_future(read_to_eof(reader))
+        # 16 MB in 16 KiB writes, stopping as soon as the server answers.
+        while not answer.done() and sent < 16 * 1024 * 1024:
+            try:
+                writer.write(b"y" * 16384)
+                await writer.drain()
+            except ConnectionError:
+                break
+            sent += 16384
+            await asyncio.sleep(0)
+        raw = await answer
+    assert_problem(raw, 431, "request_header_fields_too_large")
+    assert sent < 4 * 1024 * 1024
+
+
+async def test_headers_within_the_limit_are_served(base: str) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(
+            f"{base}/healthz", headers={"x-padding": "p" * (MAX_HEADER_BYTES - 500)}
+        )
+    assert response.status_code == 200
+
+
+async def test_headers_sent_too_slowly_get_408_and_the_connection_closes(base: str) -> None:
+    async with connect(base) as (reader, writer):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHo")
+        assert_problem(await read_to_eof(reader), 408, "request_timeout")
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
+    base: str,
+) -> None:
+    async with connect(base) as (reader, _):
+        assert await read_to_eof(reader) == b""
+
+
+async def test_a_body_sent_too_slowly_gets_408_and_nothing_is_stored(
+    base: str, api: tuple[str, Path]
+) -> None:
+    async with connect(base) as (reader, writer):
+        writer.write(
+            b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\nX-Request-Id: slow-body-1\r\n\r\n"
+            b'{"kind": "echo", "pay'
+        )
+        headers = assert_problem(await read_to_eof(reader), 408, "request_timeout")
+    assert headers["x-request-id"] == "slow-body-1"
+    async with httpx.AsyncClient() as client:
+        jobs = (await client.get(f"{base}/jobs", params={"kind": "echo"})).json()["jobs"]
+    assert jobs == []
+    assert "Traceback" not in api[1].read_text()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(base: str) -> None:
+    async with connect(base) as (reader, writer):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        raw = await read_to_eof(reader)  # the response, then the close
+    status, _, body = parse(raw)
+    assert status == 200
+    assert orjson.loads(body) == {"status": "ok"}
+
+
+async def test_pipelined_requests_on_one_connection_are_all_answered(base: str) -> None:
+    async with connect(base) as (reader, writer):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" * 3)
+        raw = await read_to_eof(reader)
+    assert raw.count(b"HTTP/1.1 200 OK") == 3
+
+
+async def test_connections_beyond_the_limit_get_503_with_retry_after(base: str) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        # The server's own readiness polls may hold a connection or two: fill up to the limit.
+        held = [await stack.enter_async_context(connect(base)) for _ in range(MAX_CONNECTIONS)]
+        async with connect(base) as (reader, _):
+            raw = await read_to_eof(reader)
+        headers = assert_problem(raw, 503, "too_many_connections")
+        assert headers["retry-after"].isdigit()
+        assert len(held) == MAX_CONNECTIONS
+    async with httpx.AsyncClient() as client:
+
+        async def served() -> bool:
+            return (await client.get(f"{base}/healthz")).status_code == 200
+
+        await wait_for(served, timeout=DEADLINE)
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n",
+        b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        b"GET /jobs HTTP/1.1\r\nHost: t\r\nBad Header: x\r\n",
+        b"BREW\x01 /jobs HTTP/1.1\r\nHost: t\r\n",
+    ],
+    ids=["negative Content-Length", "Content-Length and chunked", "space in a name", "bad method"],
+)
+async def test_malformed_framing_is_a_400_problem_document_with_a_request_id(
+    base: str, request_head: bytes
+) -> None:
+    async with connect(base) as (reader, writer):
+        writer.write(request_head + b"\r\n")
+        assert_problem(await read_to_eof(reader), 400, "bad_request")
+
+
+async def test_a_client_that_disconnects_mid_body_leaves_no_error_and_no_5xx(
+    base: str, api: tuple[str, Path]
+) -> None:
+    for _ in range(3):
+        async with connect(base) as (_, writer):
+            writer.write(
+                b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"kind": "ec'
+            )
+            await writer.drain()
+    async with httpx.AsyncClient() as client:
+
+        async def counted() -> str:
+            text = (await client.get(f"{base}/metrics")).text
+            return text if 'status="499"' in text else ""
+
+        text = await wait_for(counted, timeout=DEADLINE)
+    assert 'route="/jobs",status="499"' in text
+    assert 'status="500"' not in text
+    log = api[1].read_text()
+    assert "Traceback" not in log
+    assert "ERROR" not in log
