@@ -446,3 +446,29 @@ async def test_retry_of_a_live_job_is_an_invalid_transition(queue: Queue) -> Non
     job = (await queue.enqueue(NewJob(kind="echo"))).job
     with pytest.raises(InvalidTransition):
         await queue.retry(job.id)
+
+
+# -- outcomes after a cancel request ---------------------------------------------------
+
+
+async def test_a_cancel_requested_after_the_handler_returned_leaves_the_job_succeeded(
+    queue: Queue,
+) -> None:
+    await queue.enqueue(NewJob(kind="echo"))
+    job = await claim_one(queue)
+    # The handler has returned; its completion is not written yet when the cancel arrives.
+    assert (await queue.request_cancel(job.id)).outcome is CancelOutcome.PENDING
+    assert await queue.complete(lease_of(job), {"done": True})
+    row = await queue.get(job.id)
+    assert (row.status, row.result, row.cancel_requested) == ("succeeded", {"done": True}, True)
+
+
+async def test_a_failed_attempt_after_a_cancel_request_ends_cancelled_not_retrying(
+    queue: Queue,
+) -> None:
+    await queue.enqueue(NewJob(kind="echo", max_attempts=3))
+    job = await claim_one(queue)
+    await queue.request_cancel(job.id)
+    assert await queue.fail(job, "boom") == "cancelled"
+    row = await queue.get(job.id)
+    assert (row.status, row.last_error, row.finished_at is not None) == ("cancelled", "boom", True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -365,3 +367,105 @@ def test_concurrency_must_be_positive(concurrency: int) -> None:
 
 async def _status_is(queue: Queue, job_id: uuid.UUID, status: str) -> bool:
     return (await queue.get(job_id)).status == status
+
+
+# -- outcomes after a cancel request ---------------------------------------------------
+
+
+async def test_a_failure_after_an_acknowledged_cancel_ends_the_job_cancelled(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.handler("fails_when_cancelled")
+    async def fails_when_cancelled(ctx: JobContext, payload: dict[str, Any]) -> None:
+        runs.append(ctx.attempt)
+        await ctx.wait_cancelled()
+        raise RuntimeError("cleanup went wrong")
+
+    job = await enqueue(queue, "fails_when_cancelled", max_attempts=3)
+    async with running(dsn, registry):
+        await wait_for(lambda: _status_is(queue, job.id, "running"))
+        await queue.request_cancel(job.id)
+        done = await finished(queue, job.id)
+    assert (done.status, done.attempts, runs) == ("cancelled", 1, [1])
+    assert (done.last_error or "").startswith("RuntimeError: cleanup went wrong")
+
+
+async def test_a_timeout_after_an_acknowledged_cancel_ends_the_job_cancelled(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+
+    @registry.handler("ignores_cancel", timeout=0.5)
+    async def ignores_cancel(ctx: JobContext, payload: dict[str, Any]) -> None:
+        await asyncio.sleep(30)
+
+    job = await enqueue(queue, "ignores_cancel", max_attempts=3)
+    patient = dataclasses.replace(FAST, cancel_grace_seconds=30)
+    async with running(dsn, registry, settings=patient):
+        await wait_for(lambda: _status_is(queue, job.id, "running"))
+        await queue.request_cancel(job.id)
+        done = await finished(queue, job.id)
+    assert (done.status, done.attempts) == ("cancelled", 1)
+
+
+async def test_a_handler_that_returns_after_a_cancel_request_ends_succeeded_with_its_result(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+
+    @registry.handler("finishes_anyway")
+    async def finishes_anyway(ctx: JobContext, payload: dict[str, Any]) -> str:
+        await ctx.wait_cancelled()
+        return "done before stopping"
+
+    job = await enqueue(queue, "finishes_anyway")
+    async with running(dsn, registry):
+        await wait_for(lambda: _status_is(queue, job.id, "running"))
+        await queue.request_cancel(job.id)
+        done = await finished(queue, job.id)
+    assert (done.status, done.result, done.cancel_requested) == (
+        "succeeded",
+        "done before stopping",
+        True,
+    )
+
+
+# -- what a failure records --------------------------------------------------------------
+
+
+async def test_a_handlers_own_timeout_error_is_a_failure_with_its_message(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+
+    @registry.handler("upstream", timeout=30)
+    async def upstream(ctx: JobContext, payload: dict[str, Any]) -> None:
+        raise TimeoutError("upstream took too long")
+
+    job = await enqueue(queue, "upstream", max_attempts=1)
+    async with running(dsn, registry):
+        done = await finished(queue, job.id)
+    assert done.status == "failed_permanent"
+    assert done.last_error == "TimeoutError: upstream took too long"
+
+
+async def test_stored_errors_carry_the_message_without_a_traceback(queue: Queue, dsn: str) -> None:
+    job = await enqueue(queue, "fail", {"message": "nope"}, max_attempts=1)
+    async with running(dsn, examples.registry):
+        done = await finished(queue, job.id)
+    assert done.last_error == "RuntimeError: nope"
+    assert [e["error"] for e in done.errors] == ["RuntimeError: nope"]
+
+
+async def test_a_failed_attempts_traceback_goes_to_the_worker_log(
+    queue: Queue, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = await enqueue(queue, "fail", {"message": "nope"}, max_attempts=1)
+    with caplog.at_level(logging.WARNING, logger="jobq.worker"):
+        async with running(dsn, examples.registry):
+            await finished(queue, job.id)
+    failed = [r for r in caplog.records if getattr(r, "job_id", None) == str(job.id)]
+    assert any(r.exc_info and "nope" in str(r.exc_info[1]) for r in failed)

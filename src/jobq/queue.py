@@ -418,15 +418,19 @@ WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
 RETURNING j.id
 """
 
-_FAIL = """
+# A failed attempt retries only when attempts are left and nobody asked to cancel: after a
+# cancel request (202) a failing or timed-out attempt ends the job cancelled. The condition is
+# repeated inline, not computed in a CTE: SET sees the row as locked, after any cancel request
+# that committed while this statement waited for the row.
+_RETRIES = "(NOT $5 AND NOT cancel_requested AND attempts < max_attempts)"
+_FAIL = f"""
 UPDATE jobs
-SET status = CASE WHEN NOT $5 AND attempts < max_attempts THEN 'retrying'
+SET status = CASE WHEN {_RETRIES} THEN 'retrying'
+                  WHEN cancel_requested THEN 'cancelled'
                   ELSE 'failed_permanent' END,
-    run_at = CASE WHEN NOT $5 AND attempts < max_attempts
-                  THEN now() + make_interval(secs => $4) ELSE run_at END,
-    retry_delay_seconds = CASE WHEN NOT $5 AND attempts < max_attempts
-                               THEN $4 ELSE retry_delay_seconds END,
-    finished_at = CASE WHEN NOT $5 AND attempts < max_attempts THEN NULL ELSE now() END,
+    run_at = CASE WHEN {_RETRIES} THEN now() + make_interval(secs => $4) ELSE run_at END,
+    retry_delay_seconds = CASE WHEN {_RETRIES} THEN $4 ELSE retry_delay_seconds END,
+    finished_at = CASE WHEN {_RETRIES} THEN NULL ELSE now() END,
     last_error = $3,
     errors = errors || jsonb_build_array(
         jsonb_build_object('attempt', attempts, 'error', $3::text, 'at', now())),

@@ -27,7 +27,6 @@ import os
 import random
 import socket
 import time
-import traceback
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -361,11 +360,9 @@ class Worker:
             log.warning("payload invalid; failing permanently", extra=extra)
             await self._fail(run, handler, f"PayloadInvalid: {exc}", permanent=True)
             return
+        deadline = asyncio.timeout(handler.timeout)  # None: no deadline
         try:
-            if handler.timeout is not None:
-                async with asyncio.timeout(handler.timeout):
-                    result = await handler.call(ctx, payload, self._executor)
-            else:
+            async with deadline:
                 result = await handler.call(ctx, payload, self._executor)
         except asyncio.CancelledError:
             reason = run.stop_reason
@@ -376,15 +373,18 @@ class Worker:
         except JobCancelled as exc:
             await self._cancelled(run, str(exc) or "cancelled on request", extra)
             return
-        except TimeoutError:
-            if run.stop_reason is not None:
-                await self._stopped(run, run.stop_reason, extra)
-                return
-            log.warning("job timed out after %ss", handler.timeout, extra=extra)
-            await self._fail(run, handler, f"TimeoutError: timed out after {handler.timeout}s")
-            return
         except Exception as exc:
-            log.warning("job failed: %s", type(exc).__name__, extra=extra)
+            # Only our own deadline is a timeout; a handler's own TimeoutError is a failure
+            # like any other and keeps its message.
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                if run.stop_reason is not None:
+                    await self._stopped(run, run.stop_reason, extra)
+                    return
+                log.warning("job timed out after %ss", handler.timeout, extra=extra)
+                await self._fail(run, handler, f"TimeoutError: timed out after {handler.timeout}s")
+                return
+            # The traceback stays in the worker's log: stored errors are shown to API clients.
+            log.warning("job failed: %s", type(exc).__name__, extra=extra, exc_info=exc)
             await self._fail(run, handler, _describe(exc))
             return
         if run.stop_reason is _Stop.LEASE_LOST:
@@ -421,8 +421,8 @@ class Worker:
         )
         if status == "retrying":
             metrics.JOBS_FINISHED.labels(run.job.kind, "retried").inc()
-        elif status == "failed_permanent":
-            metrics.JOBS_FINISHED.labels(run.job.kind, "failed_permanent").inc()
+        elif status in ("failed_permanent", "cancelled"):
+            metrics.JOBS_FINISHED.labels(run.job.kind, status).inc()
 
     def _default_backoff(self) -> Backoff:
         return Backoff(self.settings.retry_base_seconds, self.settings.retry_cap_seconds)
@@ -622,6 +622,7 @@ class Worker:
 
 
 def _describe(exc: BaseException) -> str:
-    """`Type: message` plus the innermost frames: enough to debug, bounded in size."""
-    frames = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-5)
-    return f"{type(exc).__name__}: {exc}\n" + "".join(frames[-6:])
+    """`Type: message`, what the job's errors keep. No traceback: API clients read errors, and
+    frames name server paths; the worker logs the traceback with the job's id instead."""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
