@@ -17,7 +17,7 @@ seconds = st.floats(min_value=0, max_value=3600, allow_nan=False, allow_infinity
 
 @st.composite
 def backoffs(draw: st.DrawFn) -> Backoff:
-    base = draw(seconds)
+    base = draw(st.floats(min_value=0.001, max_value=3600, allow_nan=False))
     cap = draw(st.floats(min_value=base, max_value=7200, allow_nan=False))
     return Backoff(base, cap)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import pytest
@@ -334,7 +334,7 @@ async def test_fail_on_last_attempt_is_permanent(queue: Queue) -> None:
         await queue.pool.execute("UPDATE jobs SET run_at = now()")
         job = await claim_one(queue)
         assert job.attempts == attempt
-        status = await queue.fail(job, f"boom {attempt}", backoff=Backoff(0, 0))
+        status = await queue.fail(job, f"boom {attempt}", backoff=Backoff(0.001, 0.001))
     assert status == "failed_permanent"
     row = await queue.get(job.id)
     assert [e["error"] for e in row.errors] == ["boom 1", "boom 2"]
@@ -352,6 +352,7 @@ async def test_writes_from_a_lost_lease_change_nothing(queue: Queue) -> None:
     stale = await claim_one(queue, worker="paused", lease=0.01)
     await asyncio.sleep(0.05)
     assert [r.job_id for r in await queue.rescue()] == [stale.id]
+    await queue.pool.execute("UPDATE jobs SET run_at = now()")  # its retry delay has passed
     fresh = await claim_one(queue, worker="healthy")
     assert not await queue.complete(lease_of(stale), {"late": True})
     assert await queue.fail(stale, "late failure") is None
@@ -472,3 +473,71 @@ async def test_a_failed_attempt_after_a_cancel_request_ends_cancelled_not_retryi
     assert await queue.fail(job, "boom") == "cancelled"
     row = await queue.get(job.id)
     assert (row.status, row.last_error, row.finished_at is not None) == ("cancelled", "boom", True)
+
+
+async def test_a_released_job_keeps_no_lease_owner(queue: Queue) -> None:
+    await queue.enqueue(NewJob(kind="echo"))
+    job = await claim_one(queue, worker="stopping")
+    await queue.release([lease_of(job)])
+    row = await queue.get(job.id)
+    assert (row.status, row.lease_owner, row.lease_token) == ("queued", None, None)
+
+
+# -- rescue schedules the retry with the job's backoff ----------------------------------
+
+
+async def _expire_leases(queue: Queue) -> None:
+    await queue.pool.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE status = 'running'"
+    )
+
+
+async def test_a_rescued_job_is_retried_after_its_kinds_backoff_not_at_once(queue: Queue) -> None:
+    await queue.enqueue(NewJob(kind="echo", max_attempts=3))
+    job = await claim_one(queue)
+    await _expire_leases(queue)
+    before = datetime.now(UTC)
+    rescued = await queue.rescue(backoffs={"echo": Backoff(10, 20)})
+    after = datetime.now(UTC)
+    assert [(r.job_id, r.status) for r in rescued] == [(job.id, "retrying")]
+    row = await queue.get(job.id)
+    assert row.retry_delay_seconds is not None and 10 <= row.retry_delay_seconds <= 20
+    assert before + timedelta(seconds=10) <= row.run_at <= after + timedelta(seconds=20)
+
+
+async def test_a_rescued_job_of_another_kind_is_retried_after_the_default_backoff(
+    pool: asyncpg.Pool,
+) -> None:
+    await pool.execute("TRUNCATE jobs")
+    queue = Queue(pool, default_backoff=Backoff(30, 30))
+    await queue.enqueue(NewJob(kind="other", max_attempts=3))
+    job = await claim_one(queue)
+    await _expire_leases(queue)
+    before = datetime.now(UTC)
+    await queue.rescue(backoffs={"echo": Backoff(1, 1)})
+    row = await queue.get(job.id)
+    assert row.retry_delay_seconds == 30
+    assert row.run_at >= before + timedelta(seconds=30)
+
+
+async def test_a_rescue_draws_the_next_delay_from_the_previous_one(queue: Queue) -> None:
+    await queue.enqueue(NewJob(kind="echo", max_attempts=3))
+    await queue.pool.execute("UPDATE jobs SET retry_delay_seconds = 100")
+    await claim_one(queue)
+    await _expire_leases(queue)
+    await queue.rescue(backoffs={"echo": Backoff(1, 1000)})
+    row = (await queue.list_jobs()).jobs[0]
+    assert row.retry_delay_seconds is not None and 1 <= row.retry_delay_seconds <= 300
+
+
+# -- idempotency fingerprint -------------------------------------------------------------
+
+
+async def test_the_same_instant_with_another_utc_offset_is_the_same_idempotent_request(
+    queue: Queue,
+) -> None:
+    at_utc = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+    at_paris = at_utc.astimezone(timezone(timedelta(hours=1)))
+    first = await queue.enqueue(NewJob(kind="echo", run_at=at_utc, idempotency_key="k"))
+    again = await queue.enqueue(NewJob(kind="echo", run_at=at_paris, idempotency_key="k"))
+    assert (again.created, again.job.id) == (False, first.job.id)

@@ -19,8 +19,11 @@ class Backoff:
     cap: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.base < 0 or self.cap < self.base:
-            raise ValueError("backoff needs 0 <= base <= cap")
+        # A base of 0 would make every delay 0: each draw is bounded by 3 x the previous one.
+        if not self.base > 0:
+            raise ValueError(f"backoff base must be > 0, got {self.base}")
+        if self.cap < self.base:
+            raise ValueError(f"backoff cap ({self.cap}) must be >= its base ({self.base})")
 
     def next_delay(self, previous: float | None, rng: random.Random | None = None) -> float:
         """The delay before the next retry, given the previous delay (None before the first)."""

@@ -46,9 +46,12 @@ SIDE_TABLE = "jobq_chaos_runs"
 # Enough attempts that rescues never exhaust a job: the run checks loss, not retry limits.
 MAX_ATTEMPTS = 1000
 
-# Short leases so that a killed worker's jobs come back within seconds.
+# Short leases and retry delays so that a killed worker's jobs come back within seconds
+# (a rescued job waits its backoff before it runs again).
 WORKER_ENV = {
     "JOBQ_LEASE_SECONDS": "2",
+    "JOBQ_RETRY_BASE_SECONDS": "0.2",
+    "JOBQ_RETRY_CAP_SECONDS": "2",
     "JOBQ_HEARTBEAT_SECONDS": "0.4",
     "JOBQ_RESCUE_INTERVAL_SECONDS": "0.5",
     "JOBQ_POLL_INTERVAL_SECONDS": "0.2",

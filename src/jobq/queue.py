@@ -25,7 +25,7 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -312,7 +312,8 @@ def fingerprint(job: NewJob) -> str:
             "queue": job.queue,
             "priority": job.priority,
             "max_attempts": job.max_attempts,
-            "run_at": job.run_at.isoformat() if job.run_at else None,
+            # One instant, one fingerprint, whatever UTC offset the client wrote it in.
+            "run_at": job.run_at.astimezone(UTC).isoformat() if job.run_at else None,
         },
         option=orjson.OPT_SORT_KEYS,
     )
@@ -465,6 +466,7 @@ SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
     started_at = CASE WHEN j.cancel_requested THEN j.started_at END,
     run_at = now(),
     updated_at = now(),
+    lease_owner = NULL,
     lease_token = NULL,
     lease_expires_at = NULL
 FROM unnest($1::uuid[], $2::uuid[]) AS r(id, token)
@@ -481,14 +483,24 @@ RETURNING j.id, j.cancel_requested
 """
 
 # Runs whose worker stopped heartbeating. Rows locked by a live transaction are skipped, so
-# every worker can run this at any time.
+# every worker can run this at any time. The retry waits the job's backoff, drawn as
+# `Backoff.next_delay` draws it: a job that takes its worker down (OOM, segfault) must not take
+# the next one down at once. Bounds per kind come in $2..$4; other kinds get $5, $6.
 _RESCUE = """
 WITH lost AS (
-    SELECT id FROM jobs
-    WHERE status = 'running' AND lease_expires_at < now()
-    ORDER BY lease_expires_at
+    SELECT j.id,
+           least(b.cap, b.base + random() * (greatest(b.base,
+                 coalesce(j.retry_delay_seconds, b.base) * 3) - b.base)) AS delay
+    FROM jobs AS j
+    LEFT JOIN unnest($2::text[], $3::float8[], $4::float8[]) AS k(kind, base, cap)
+           ON k.kind = j.kind
+    CROSS JOIN LATERAL (
+        SELECT coalesce(k.base, $5::float8) AS base, coalesce(k.cap, $6::float8) AS cap
+    ) AS b
+    WHERE j.status = 'running' AND j.lease_expires_at < now()
+    ORDER BY j.lease_expires_at
     LIMIT $1
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE jobs AS j
 SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
@@ -500,7 +512,10 @@ SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
         'attempt', j.attempts,
         'error', 'worker lost: lease held by ' || coalesce(j.lease_owner, '?') || ' expired',
         'at', now())),
-    run_at = now(),
+    run_at = CASE WHEN NOT j.cancel_requested AND j.attempts < j.max_attempts
+                  THEN now() + make_interval(secs => lost.delay) ELSE j.run_at END,
+    retry_delay_seconds = CASE WHEN NOT j.cancel_requested AND j.attempts < j.max_attempts
+                               THEN lost.delay ELSE j.retry_delay_seconds END,
     finished_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
                        THEN now() END,
     updated_at = now(),
@@ -1022,10 +1037,25 @@ class Queue:
             lost=frozenset(lease.job_id for lease in leases) - held,
         )
 
-    async def rescue(self, limit: int = 1000) -> list[Rescued]:
-        """Return running jobs whose lease expired to the queue (or end them). Idempotent."""
+    async def rescue(
+        self, limit: int = 1000, *, backoffs: Mapping[str, Backoff] | None = None
+    ) -> list[Rescued]:
+        """Return running jobs whose lease expired to the queue (or end them). Idempotent.
+
+        A job with attempts left is retried after its backoff: `backoffs` by kind (a worker
+        passes its handlers'), `default_backoff` for any other kind.
+        """
+        kinds = list(backoffs or {})
+        bounds = [(backoffs or {})[k] for k in kinds]
+        args = (
+            kinds,
+            [b.base for b in bounds],
+            [b.cap for b in bounds],
+            self.default_backoff.base,
+            self.default_backoff.cap,
+        )
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_RESCUE, limit)
+            rows = await conn.fetch(_RESCUE, limit, *args)
             for q in {r["queue"] for r in rows if r["status"] == "retrying"}:
                 await conn.execute("SELECT pg_notify($1, $2)", NEW_JOB_CHANNEL, q)
         return [Rescued(r["id"], r["kind"], r["status"]) for r in rows]

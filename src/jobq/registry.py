@@ -88,7 +88,20 @@ class Handler:
     payload_model: type[pydantic.BaseModel] | None
     max_attempts: int | None
     timeout: float | None
-    backoff: Backoff | None
+    # Per-handler retry bounds; None takes the worker's configured bound.
+    retry_base_seconds: float | None = None
+    retry_cap_seconds: float | None = None
+
+    def backoff_with(self, configured: Backoff) -> Backoff:
+        """This handler's backoff: its own bounds, the configured ones where it sets none."""
+        base = configured.base if self.retry_base_seconds is None else self.retry_base_seconds
+        cap = configured.cap if self.retry_cap_seconds is None else self.retry_cap_seconds
+        try:
+            return Backoff(base, cap)
+        except ValueError as exc:
+            raise ValueError(f"handler {self.kind!r}: {exc} (a bound it does not set is the "
+                             f"configured one: base {configured.base}s, cap {configured.cap}s)"
+                             ) from None  # fmt: skip
 
     def parse_payload(self, payload: dict[str, Any]) -> Any:
         """The value handed to the handler: a model instance, or the dict as it is."""
@@ -158,10 +171,16 @@ class Registry:
             raise ValueError(f"a handler for {kind!r} is already registered")
         if max_attempts is not None and not 1 <= max_attempts <= 1000:
             raise ValueError("max_attempts must be between 1 and 1000")
-        backoff = None
-        if retry_base_seconds is not None or retry_cap_seconds is not None:
-            base = 1.0 if retry_base_seconds is None else retry_base_seconds
-            backoff = Backoff(base, max(base, retry_cap_seconds or 60.0))
+        for name, bound in (("retry_base_seconds", retry_base_seconds),
+                            ("retry_cap_seconds", retry_cap_seconds)):  # fmt: skip
+            if bound is not None and not bound > 0:
+                raise ValueError(f"{name} must be > 0, got {bound}")
+        if (
+            retry_base_seconds is not None
+            and retry_cap_seconds is not None
+            and retry_cap_seconds < retry_base_seconds
+        ):
+            raise ValueError("retry_cap_seconds must be >= retry_base_seconds")
 
         def register(fn: HandlerFn) -> HandlerFn:
             self._handlers[kind] = Handler(
@@ -171,7 +190,8 @@ class Registry:
                 payload_model=payload or _payload_model(fn),
                 max_attempts=max_attempts,
                 timeout=timeout,
-                backoff=backoff,
+                retry_base_seconds=retry_base_seconds,
+                retry_cap_seconds=retry_cap_seconds,
             )
             return fn
 

@@ -95,6 +95,14 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "INFO"
 
+    def __post_init__(self) -> None:
+        # A heartbeat must land before the lease it extends runs out, or every lease expires.
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise SettingsError(
+                f"JOBQ_HEARTBEAT_SECONDS ({self.heartbeat_seconds:g}) must be less than "
+                f"JOBQ_LEASE_SECONDS ({self.lease_seconds:g}); a third of it is the default"
+            )
+
     @classmethod
     def from_env(cls) -> Settings:
         lease = _float("JOBQ_LEASE_SECONDS", 30.0, minimum=0.1)
@@ -105,6 +113,8 @@ class Settings:
         if log_format not in {"auto", "json", "text"}:
             raise SettingsError(f"JOBQ_LOG_FORMAT must be auto, json or text, got {log_format!r}")
         base = _float("JOBQ_RETRY_BASE_SECONDS", 1.0)
+        if base <= 0:
+            raise SettingsError(f"JOBQ_RETRY_BASE_SECONDS must be > 0, got {base}")
         cap = _float("JOBQ_RETRY_CAP_SECONDS", 60.0)
         if cap < base:
             raise SettingsError("JOBQ_RETRY_CAP_SECONDS must be >= JOBQ_RETRY_BASE_SECONDS")

@@ -119,6 +119,10 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.batch_size = min(batch_size or concurrency, MAX_CLAIM_BATCH)
         self.kinds = registry.kinds
+        # Resolved once, so that a handler's bounds that cannot work with these settings stop
+        # the worker at start-up, not at the first failure.
+        self._backoff = Backoff(self.settings.retry_base_seconds, self.settings.retry_cap_seconds)
+        self._backoffs = {h.kind: h.backoff_with(self._backoff) for h in registry}
         # Sync handlers run in threads of their own: asyncio's default executor has only
         # min(32, cores + 4) threads, which would cap `concurrency` for them.
         self._executor = (
@@ -164,7 +168,11 @@ class Worker:
 
     async def run(self) -> None:
         pool = await self._connect_pool()
-        self.queue = Queue(pool, default_max_attempts=self.settings.default_max_attempts)
+        self.queue = Queue(
+            pool,
+            default_max_attempts=self.settings.default_max_attempts,
+            default_backoff=self._backoff,
+        )
         helpers = [
             asyncio.create_task(self._listen_loop(), name="jobq-listen"),
             asyncio.create_task(self._heartbeat_loop(), name="jobq-heartbeat"),
@@ -415,7 +423,7 @@ class Worker:
     async def _fail(
         self, run: _Run, handler: Handler, error: str, *, permanent: bool = False
     ) -> None:
-        backoff = handler.backoff or self._default_backoff()
+        backoff = self._backoffs[run.job.kind]
         status = await self._with_retry(
             lambda q: q.fail(run.job, error, backoff=backoff, permanent=permanent)
         )
@@ -423,9 +431,6 @@ class Worker:
             metrics.JOBS_FINISHED.labels(run.job.kind, "retried").inc()
         elif status in ("failed_permanent", "cancelled"):
             metrics.JOBS_FINISHED.labels(run.job.kind, status).inc()
-
-    def _default_backoff(self) -> Backoff:
-        return Backoff(self.settings.retry_base_seconds, self.settings.retry_cap_seconds)
 
     async def _with_retry(self, op: Any) -> Any:
         """Run a bookkeeping write, retrying through database outages for one lease period.
@@ -571,7 +576,7 @@ class Worker:
         assert self.queue is not None
         while True:
             try:
-                for rescued in await self.queue.rescue():
+                for rescued in await self.queue.rescue(backoffs=self._backoffs):
                     metrics.JOBS_FINISHED.labels(rescued.kind, "rescued").inc()
                     log.warning(
                         "rescued a job from a lost worker",
