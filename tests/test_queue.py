@@ -7,10 +7,13 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
+import orjson
 import pytest
 
 from jobq.backoff import Backoff
 from jobq.queue import (
+    MAX_ERROR_HISTORY,
+    MAX_ERROR_LENGTH,
     CancelOutcome,
     IdempotencyConflict,
     InvalidJob,
@@ -541,3 +544,54 @@ async def test_the_same_instant_with_another_utc_offset_is_the_same_idempotent_r
     first = await queue.enqueue(NewJob(kind="echo", run_at=at_utc, idempotency_key="k"))
     again = await queue.enqueue(NewJob(kind="echo", run_at=at_paris, idempotency_key="k"))
     assert (again.created, again.job.id) == (False, first.job.id)
+
+
+# -- error history and what a claim hands over ----------------------------------------------
+
+
+async def test_the_error_history_keeps_only_the_latest_entries(queue: Queue) -> None:
+    await queue.enqueue(NewJob(kind="echo", max_attempts=1000))
+    for _ in range(MAX_ERROR_HISTORY + 5):
+        await queue.pool.execute("UPDATE jobs SET run_at = now()")
+        job = await claim_one(queue)
+        await queue.fail(job, f"boom {job.attempts}", backoff=Backoff(0.001, 0.001))
+    row = await queue.get(job.id)
+    assert [e["attempt"] for e in row.errors] == list(range(6, MAX_ERROR_HISTORY + 6))
+    assert row.last_error == f"boom {MAX_ERROR_HISTORY + 5}"
+
+
+async def test_each_error_entry_and_last_error_are_capped(queue: Queue) -> None:
+    await queue.enqueue(NewJob(kind="echo", max_attempts=1))
+    job = await claim_one(queue)
+    await queue.fail(job, "x" * (MAX_ERROR_LENGTH * 3))
+    row = await queue.get(job.id)
+    assert len(row.errors[0]["error"]) == len(row.last_error or "") == MAX_ERROR_LENGTH
+    assert (row.last_error or "").endswith("…")
+
+
+async def test_a_rescue_keeps_the_error_history_capped(queue: Queue) -> None:
+    await queue.enqueue(NewJob(kind="echo", max_attempts=1000))
+    history = [{"attempt": i, "error": "old", "at": "2030-01-01T00:00:00Z"} for i in range(20)]
+    await queue.pool.execute(
+        "UPDATE jobs SET errors = $1::text::jsonb", orjson.dumps(history).decode()
+    )
+    job = await claim_one(queue)
+    await queue.pool.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
+    await queue.rescue()
+    row = await queue.get(job.id)
+    assert len(row.errors) == MAX_ERROR_HISTORY
+    assert "worker lost" in row.errors[-1]["error"]
+
+
+async def test_a_claim_does_not_hand_the_worker_the_error_history_or_the_result(
+    queue: Queue,
+) -> None:
+    await queue.enqueue(NewJob(kind="echo"))
+    big = [{"attempt": i, "error": "e" * 1000, "at": "2030-01-01T00:00:00Z"} for i in range(20)]
+    await queue.pool.execute(
+        "UPDATE jobs SET errors = $1::text::jsonb, last_error = 'e', result = '{\"old\": 1}'",
+        orjson.dumps(big).decode(),
+    )
+    job = await claim_one(queue)
+    assert (job.errors, job.last_error, job.result) == ([], None, None)
+    assert len((await queue.get(job.id)).errors) == 20  # still stored

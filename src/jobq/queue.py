@@ -47,7 +47,10 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 PRIORITY_MIN, PRIORITY_MAX = -32768, 32767
 MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 1000
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 200
-MAX_ERROR_LENGTH = 8000
+# The error history a job keeps: the latest entries, each entry's text (and last_error) capped.
+# Operator retries keep the history, so without a cap it grows with every failure.
+MAX_ERROR_LENGTH = 2000
+MAX_ERROR_HISTORY = 20
 RUN_AT_MIN = datetime.min.replace(tzinfo=UTC)
 RUN_AT_MAX = datetime.max.replace(tzinfo=UTC)
 # Postgres bigint: an OFFSET beyond it is an error in the database, not an empty page.
@@ -172,6 +175,14 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class Completions:
+    """What a batch of completions did."""
+
+    held: set[uuid.UUID]  # written: their lease still held
+    refused: dict[uuid.UUID, str]  # the database refused the result: why
+
+
+@dataclass(frozen=True, slots=True)
 class HeartbeatResult:
     cancel_requested: frozenset[uuid.UUID]
     lost: frozenset[uuid.UUID]
@@ -255,14 +266,28 @@ def check_idempotency_key(key: str) -> str:
 
 
 def encode_json(field: str, value: Any) -> str:
-    """JSON text Postgres jsonb accepts, or InvalidJob: jsonb cannot hold NUL characters."""
+    """JSON text Postgres jsonb accepts, or InvalidJob: jsonb cannot hold NUL characters, and
+    JSON has no NaN or Infinity (the encoder would write them as null, silently)."""
     try:
         text = orjson.dumps(value).decode()
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidJob(field, f"is not JSON Postgres can store ({exc})") from None
     if "\\u0000" in text:
         raise InvalidJob(field, "must not contain \\u0000 (NUL) characters")
+    # Only output with a null can hide a non-finite number: most values skip the walk.
+    if "null" in text and _has_non_finite(value):
+        raise InvalidJob(field, "must not contain NaN or Infinity (JSON has no such numbers)")
     return text
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def validate(job: NewJob, default_max_attempts: int = 3) -> NewJob:
@@ -344,6 +369,15 @@ def _truncate(text: str) -> str:
     return text if len(text) <= MAX_ERROR_LENGTH else text[: MAX_ERROR_LENGTH - 1] + "…"
 
 
+def _append_error(errors: str, attempt: str, error: str) -> str:
+    """SQL: `errors` with one entry appended, keeping the latest MAX_ERROR_HISTORY entries."""
+    return (
+        f"jsonb_path_query_array({errors} || jsonb_build_array(jsonb_build_object("
+        f"'attempt', {attempt}, 'error', {error}, 'at', now())),"
+        f" '$[last - {MAX_ERROR_HISTORY - 1} to last]')"
+    )
+
+
 # -- SQL -----------------------------------------------------------------------------------
 
 _INSERT_QUIET = f"""
@@ -381,6 +415,14 @@ SELECT id, idempotency_key, (SELECT count(*) FROM notified) AS _n FROM ins
 
 _GET = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1"
 
+# What a claim hands the worker: every column but the large ones it never reads (the error
+# history, last_error, the result), which come back empty.
+_CLAIM_RETURNING = ", ".join(
+    {"errors": "'[]'::jsonb AS errors", "last_error": "NULL::text AS last_error",
+     "result": "NULL::jsonb AS result"}.get(f, "j." + f)
+    for f in _JOB_FIELDS
+)  # fmt: skip
+
 # One statement: pick due jobs in claim order, skipping rows other workers hold, and lease them.
 _CLAIM = f"""
 WITH picked AS (
@@ -403,7 +445,7 @@ SET status = 'running',
     lease_expires_at = now() + make_interval(secs => $5)
 FROM picked
 WHERE j.id = picked.id
-RETURNING {", ".join("j." + f for f in _JOB_FIELDS)}
+RETURNING {_CLAIM_RETURNING}
 """
 
 _COMPLETE_MANY = """
@@ -433,8 +475,7 @@ SET status = CASE WHEN {_RETRIES} THEN 'retrying'
     retry_delay_seconds = CASE WHEN {_RETRIES} THEN $4 ELSE retry_delay_seconds END,
     finished_at = CASE WHEN {_RETRIES} THEN NULL ELSE now() END,
     last_error = $3,
-    errors = errors || jsonb_build_array(
-        jsonb_build_object('attempt', attempts, 'error', $3::text, 'at', now())),
+    errors = {_append_error("errors", "attempts", "$3::text")},
     updated_at = now(),
     lease_token = NULL,
     lease_expires_at = NULL
@@ -442,12 +483,11 @@ WHERE id = $1 AND lease_token = $2 AND status = 'running'
 RETURNING status
 """
 
-_CANCELLED_BY_WORKER = """
+_CANCELLED_BY_WORKER = f"""
 UPDATE jobs
 SET status = 'cancelled',
     last_error = $3,
-    errors = errors || jsonb_build_array(
-        jsonb_build_object('attempt', attempts, 'error', $3::text, 'at', now())),
+    errors = {_append_error("errors", "attempts", "$3::text")},
     finished_at = now(),
     updated_at = now(),
     lease_token = NULL,
@@ -486,7 +526,7 @@ RETURNING j.id, j.cancel_requested
 # every worker can run this at any time. The retry waits the job's backoff, drawn as
 # `Backoff.next_delay` draws it: a job that takes its worker down (OOM, segfault) must not take
 # the next one down at once. Bounds per kind come in $2..$4; other kinds get $5, $6.
-_RESCUE = """
+_RESCUE = f"""
 WITH lost AS (
     SELECT j.id,
            least(b.cap, b.base + random() * (greatest(b.base,
@@ -508,10 +548,13 @@ SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
                   ELSE 'failed_permanent' END,
     last_error = 'worker lost: lease held by ' || coalesce(j.lease_owner, '?')
                  || ' expired at ' || j.lease_expires_at::text,
-    errors = j.errors || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempts,
-        'error', 'worker lost: lease held by ' || coalesce(j.lease_owner, '?') || ' expired',
-        'at', now())),
+    errors = {
+    _append_error(
+        "j.errors",
+        "j.attempts",
+        "'worker lost: lease held by ' || coalesce(j.lease_owner, '?') || ' expired'",
+    )
+},
     run_at = CASE WHEN NOT j.cancel_requested AND j.attempts < j.max_attempts
                   THEN now() + make_interval(secs => lost.delay) ELSE j.run_at END,
     retry_delay_seconds = CASE WHEN NOT j.cancel_requested AND j.attempts < j.max_attempts
@@ -956,26 +999,61 @@ class Queue:
         done: Iterable[tuple[Lease, str]],
         *,
         conn: asyncpg.Connection | None = None,
-    ) -> set[uuid.UUID]:
-        """Mark runs succeeded, in one statement; returns the ids whose lease still held.
+    ) -> Completions:
+        """Mark runs succeeded, in as few statements as the database allows.
 
-        Results come as JSON text from `encode_json`, so that a result Postgres cannot store
-        fails its own job, not the whole batch.
+        Results come as JSON text from `encode_json`. A result the database still refuses
+        (a character the database encoding cannot represent, a value past a jsonb limit)
+        must fail only its own job: a refused batch is split in halves until the rows it
+        refuses stand alone, and every other row is written. The caller fails the refused.
         """
-        ids: list[uuid.UUID] = []
-        tokens: list[uuid.UUID] = []
-        results: list[str] = []
-        for lease, result_json in done:
-            ids.append(lease.job_id)
-            tokens.append(lease.token)
-            results.append(result_json)
-        if not ids:
-            return set()
-        rows = await (conn or self.pool).fetch(_COMPLETE_MANY, ids, tokens, results)
-        return {r["id"] for r in rows}
+        batch = list(done)
+        completions = Completions(set(), {})
+        await self._complete(batch, completions, conn)
+        return completions
+
+    async def _complete(
+        self,
+        batch: list[tuple[Lease, str]],
+        into: Completions,
+        conn: asyncpg.Connection | None,
+    ) -> None:
+        if not batch:
+            return
+        try:
+            rows = await (conn or self.pool).fetch(
+                _COMPLETE_MANY,
+                [lease.job_id for lease, _ in batch],
+                [lease.token for lease, _ in batch],
+                [result for _, result in batch],
+            )
+        except asyncpg.PostgresError as exc:
+            if not _refuses_a_value(exc):
+                raise  # an outage or a timeout: the caller retries the batch
+            if len(batch) == 1:
+                into.refused[batch[0][0].job_id] = _reason(exc)
+                return
+            middle = len(batch) // 2
+            await self._complete(batch[:middle], into, conn)
+            await self._complete(batch[middle:], into, conn)
+            return
+        into.held.update(r["id"] for r in rows)
 
     async def complete(self, lease: Lease, result: Any = None) -> bool:
-        return lease.job_id in await self.complete_many([(lease, encode_json("result", result))])
+        """Mark one run succeeded; False when the lease was lost. InvalidJob when the result
+        cannot be stored."""
+        completions = await self.complete_many([(lease, encode_json("result", result))])
+        if lease.job_id in completions.refused:
+            raise InvalidJob("result", completions.refused[lease.job_id])
+        return lease.job_id in completions.held
+
+    async def fail_permanently(self, lease: Lease, error: str) -> str | None:
+        """End a run failed for good (or cancelled, when a cancel was requested), attempts
+        left or not; None when the lease was lost."""
+        row = await self.pool.fetchrow(
+            _FAIL, lease.job_id, lease.token, _truncate(error), 0.0, True
+        )
+        return None if row is None else str(row["status"])
 
     async def fail(
         self,
@@ -1059,6 +1137,18 @@ class Queue:
             for q in {r["queue"] for r in rows if r["status"] == "retrying"}:
                 await conn.execute("SELECT pg_notify($1, $2)", NEW_JOB_CHANNEL, q)
         return [Rescued(r["id"], r["kind"], r["status"]) for r in rows]
+
+
+def _refuses_a_value(exc: asyncpg.PostgresError) -> bool:
+    """The statement failed on a value it was given (SQLSTATE class 22, data exception, or 54,
+    program limit exceeded), not on the database's state: retrying it cannot help."""
+    return str(getattr(exc, "sqlstate", "") or "")[:2] in ("22", "54")
+
+
+def _reason(exc: asyncpg.PostgresError) -> str:
+    detail = getattr(exc, "detail", None)
+    message = str(getattr(exc, "message", None) or exc)
+    return f"{message} ({detail})" if detail else message
 
 
 def lease_of(job: Job) -> Lease:

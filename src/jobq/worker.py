@@ -400,7 +400,12 @@ class Worker:
         try:
             result_json = encode_json("result", result)
         except InvalidJob as exc:
-            await self._fail(run, handler, f"result not stored: {exc}")
+            # Deterministic: running the handler again would repeat its side effects for the
+            # same unstorable value.
+            log.warning("result not stored; failing permanently", extra=extra)
+            await self._fail(
+                run, handler, f"result not stored: the result {exc.message}", permanent=True
+            )
             return
         self._pending[job.id] = (lease_of(job), result_json, job.kind)
         self._pending_added.set()
@@ -467,15 +472,35 @@ class Worker:
     async def _write_completions(self) -> None:
         assert self.queue is not None
         batch = list(self._pending.items())[:MAX_COMPLETION_BATCH]
-        held = await self.queue.complete_many((lease, result) for _, (lease, result, _) in batch)
+        done = await self.queue.complete_many((lease, result) for _, (lease, result, _) in batch)
         succeeded: dict[str, int] = {}
         for job_id, (_, _, kind) in batch:
-            self._pending.pop(job_id, None)
-            if job_id in held:
+            if job_id not in done.refused:
+                self._pending.pop(job_id, None)
+            if job_id in done.held:
                 succeeded[kind] = succeeded.get(kind, 0) + 1
         for kind, n in succeeded.items():
             self._metrics_for(kind)[2].inc(n)
         self._slot_freed.set()
+        for job_id, (lease, _, kind) in batch:
+            if job_id in done.refused:
+                # The database refused this result: its job fails for good, once. It stays
+                # pending (and leased) until that is written.
+                await self._result_refused(lease, kind, done.refused[job_id])
+                self._pending.pop(job_id, None)
+        if done.refused:
+            self._slot_freed.set()
+
+    async def _result_refused(self, lease: Lease, kind: str, reason: str) -> None:
+        assert self.queue is not None
+        log.warning(
+            "result not stored: %s; failing permanently",
+            reason,
+            extra={"job_id": str(lease.job_id), "kind": kind, "worker_id": self.worker_id},
+        )
+        status = await self.queue.fail_permanently(lease, f"result not stored: {reason}")
+        if status is not None:
+            metrics.JOBS_FINISHED.labels(kind, status).inc()
 
     async def _flush_pending(self, deadline: float) -> None:
         while self._pending and time.monotonic() < deadline:
