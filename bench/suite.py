@@ -579,7 +579,7 @@ async def bench_scale(admin: str, a: argparse.Namespace) -> None:
                 "bench": "scale",
                 "table": "ratio",
                 "large_over_empty": r(ratio, 3),
-                "uses_claim_index": "jobs_claim_idx" in plan,
+                "uses_claim_index": "jobs_queue_claim_idx" in plan,
                 "explain": plan,
                 "ok": True,
             }
@@ -608,6 +608,9 @@ async def _explain_claim(dsn: str) -> str:
                 ["default"],
                 250,
                 30.0,
+                [],
+                [],
+                3,
             )
             plan = "\n".join(row[0] for row in rows)
             raise _Rollback
@@ -719,7 +722,7 @@ def table() -> str:
         if x.get("bench") == "scale" and x["table"] == "ratio":
             lines.append(
                 f"large/empty drain ratio: {x['large_over_empty']}"
-                f"  (claim on jobs_claim_idx: {x['uses_claim_index']})"
+                f"  (claim on jobs_queue_claim_idx: {x['uses_claim_index']})"
             )
     section(
         "memory (worker RSS with sleeping jobs)",

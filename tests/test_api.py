@@ -365,3 +365,15 @@ async def test_database_down_is_503_with_retry_after(queue: Queue) -> None:
         assert "Traceback" not in str(body)
         assert (await c.get("/readyz")).status_code == 503
         assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_a_job_posted_without_max_attempts_shows_null_until_a_worker_claims_it(
+    open_client: httpx.AsyncClient, queue: Queue
+) -> None:
+    created = (await open_client.post("/jobs", json={"kind": "anything"})).json()
+    assert created["max_attempts"] is None
+    await queue.claim(
+        "w", ["anything"], ["default"], 1, lease_seconds=30, max_attempts={"anything": 4}
+    )
+    shown = (await open_client.get(f"/jobs/{created['id']}")).json()
+    assert shown["max_attempts"] == 4

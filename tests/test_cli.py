@@ -50,6 +50,15 @@ async def test_enqueue_prints_the_job_as_json(queue: Queue, dsn: str) -> None:
     assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 1
 
 
+async def test_enqueue_without_max_attempts_leaves_it_to_the_handler(
+    queue: Queue, dsn: str
+) -> None:
+    result = jobq("enqueue", "echo", env={"DATABASE_URL": dsn})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["max_attempts"] is None
+    assert await queue.pool.fetchval("SELECT max_attempts FROM jobs") is None
+
+
 async def test_enqueue_rejects_a_payload_that_is_not_json(dsn: str) -> None:
     result = jobq("enqueue", "echo", "--payload", "{nope", env={"DATABASE_URL": dsn})
     assert result.returncode != 0

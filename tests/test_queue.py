@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 
 from jobq.backoff import Backoff
+from jobq.queue import _CLAIM as CLAIM  # the statement itself, for its plan
 from jobq.queue import (
     MAX_ERROR_HISTORY,
     MAX_ERROR_LENGTH,
@@ -43,7 +45,7 @@ async def test_enqueue_fills_defaults(queue: Queue) -> None:
     assert result.created
     assert job.id.version == 7
     assert (job.status, job.queue, job.priority, job.attempts) == ("queued", "default", 0, 0)
-    assert job.max_attempts == 3
+    assert job.max_attempts is None  # the claiming worker's handler decides
     assert job.payload == {}
     assert job.errors == []
     assert job.run_at <= datetime.now(UTC)
@@ -595,3 +597,80 @@ async def test_a_claim_does_not_hand_the_worker_the_error_history_or_the_result(
     job = await claim_one(queue)
     assert (job.errors, job.last_error, job.result) == ([], None, None)
     assert len((await queue.get(job.id)).errors) == 20  # still stored
+
+
+# -- max_attempts not specified: the handler's, at run time -------------------------------
+
+
+async def test_a_job_enqueued_without_max_attempts_takes_the_handlers_value_when_claimed(
+    queue: Queue,
+) -> None:
+    await queue.enqueue(NewJob(kind="echo"))
+    (job,) = await queue.claim("w", KINDS, QUEUES, 1, lease_seconds=30, max_attempts={"echo": 7})
+    assert job.max_attempts == 7
+    assert (await queue.get(job.id)).max_attempts == 7
+
+
+async def test_a_job_without_max_attempts_whose_handler_sets_none_gets_the_default(
+    pool: asyncpg.Pool,
+) -> None:
+    await pool.execute("TRUNCATE jobs")
+    queue = Queue(pool, default_max_attempts=5)
+    await queue.enqueue(NewJob(kind="other"))
+    (job,) = await queue.claim("w", KINDS, QUEUES, 1, lease_seconds=30, max_attempts={"echo": 7})
+    assert job.max_attempts == 5
+
+
+async def test_a_max_attempts_given_at_enqueue_wins_over_the_handlers(queue: Queue) -> None:
+    await queue.enqueue(NewJob(kind="echo", max_attempts=2))
+    (job,) = await queue.claim("w", KINDS, QUEUES, 1, lease_seconds=30, max_attempts={"echo": 7})
+    assert job.max_attempts == 2
+
+
+# -- claims bounded by queue and due time ---------------------------------------------------
+
+
+async def test_a_claim_over_two_queues_takes_the_lowest_priority_first_across_both(
+    queue: Queue,
+) -> None:
+    now = datetime.now(UTC)
+    a_late = (await queue.enqueue(NewJob(kind="echo", queue="a", run_at=now))).job
+    b_urgent = (await queue.enqueue(NewJob(kind="echo", queue="b", priority=-5))).job
+    a_early = (
+        await queue.enqueue(NewJob(kind="echo", queue="a", run_at=now - timedelta(seconds=5)))
+    ).job
+    b_low = (await queue.enqueue(NewJob(kind="echo", queue="b", priority=3))).job
+    claimed = await queue.claim("w", KINDS, ["a", "b"], 10, lease_seconds=30)
+    assert [j.id for j in claimed] == [b_urgent.id, a_early.id, a_late.id, b_low.id]
+
+
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
+
+
+async def test_a_claim_reads_neither_other_queues_backlogs_nor_jobs_not_yet_due(
+    queue: Queue,
+) -> None:
+    load = (
+        "INSERT INTO jobs (kind, queue, run_at)"
+        " SELECT 'echo', $1, now() + make_interval(secs => $3) FROM generate_series(1, $2)"
+    )
+    await queue.pool.execute(load, "bulk", 20_000, -60.0)  # due, another queue
+    await queue.pool.execute(load, "default", 20_000, 86_400.0)  # this queue, due tomorrow
+    await queue.pool.execute(load, "default", 1, -1.0)
+    await queue.pool.execute("ANALYZE jobs")
+    async with queue.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:  # EXPLAIN ANALYZE runs the claim: roll it back
+            plan_json = await conn.fetchval(
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + CLAIM,
+                "w", KINDS, QUEUES, 10, 30.0, [], [], 3,
+            )  # fmt: skip
+        finally:
+            await tx.rollback()
+    plan = (orjson.loads(plan_json) if isinstance(plan_json, str | bytes) else plan_json)[0]
+    nodes = _plan_nodes(plan["Plan"])
+    assert plan["Plan"]["Actual Rows"] == 1
+    assert sum(n.get("Rows Removed by Filter", 0) for n in nodes) == 0
+    assert plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"] < 200

@@ -469,3 +469,19 @@ async def test_a_failed_attempts_traceback_goes_to_the_worker_log(
             await finished(queue, job.id)
     failed = [r for r in caplog.records if getattr(r, "job_id", None) == str(job.id)]
     assert any(r.exc_info and "nope" in str(r.exc_info[1]) for r in failed)
+
+
+async def test_a_handlers_max_attempts_applies_to_a_job_enqueued_without_one(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+
+    @registry.handler("fails", max_attempts=2)
+    async def fails(ctx: JobContext, payload: dict[str, Any]) -> None:
+        raise RuntimeError(f"attempt {ctx.attempt} of {ctx.max_attempts}")
+
+    job = await enqueue(queue, "fails")  # FAST's default would be 3
+    async with running(dsn, registry):
+        done = await finished(queue, job.id)
+    assert (done.status, done.attempts, done.max_attempts) == ("failed_permanent", 2, 2)
+    assert done.last_error == "RuntimeError: attempt 2 of 2"

@@ -106,7 +106,8 @@ class Job:
     status: str
     priority: int
     attempts: int
-    max_attempts: int
+    # None: not specified at enqueue; the first claim fills in the handler's value.
+    max_attempts: int | None
     run_at: datetime
     idempotency_key: str | None
     cancel_requested: bool
@@ -290,8 +291,11 @@ def _has_non_finite(value: Any) -> bool:
     return False
 
 
-def validate(job: NewJob, default_max_attempts: int = 3) -> NewJob:
-    """Return the job with defaults filled in, or raise InvalidJob."""
+def validate(job: NewJob) -> NewJob:
+    """Return the job checked (naive run_at taken as UTC), or raise InvalidJob.
+
+    max_attempts stays None when not given: it is resolved when a worker claims the job, from
+    that worker's handler, whichever way the job was enqueued."""
     _check_name("kind", job.kind)
     _check_name("queue", job.queue)
     if not isinstance(job.payload, dict):
@@ -300,13 +304,14 @@ def validate(job: NewJob, default_max_attempts: int = 3) -> NewJob:
         raise InvalidJob("priority", "must be an integer")
     if not PRIORITY_MIN <= job.priority <= PRIORITY_MAX:
         raise InvalidJob("priority", f"must be between {PRIORITY_MIN} and {PRIORITY_MAX}")
-    max_attempts = default_max_attempts if job.max_attempts is None else job.max_attempts
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
-        raise InvalidJob("max_attempts", "must be an integer")
-    if not MAX_ATTEMPTS_MIN <= max_attempts <= MAX_ATTEMPTS_MAX:
-        raise InvalidJob(
-            "max_attempts", f"must be between {MAX_ATTEMPTS_MIN} and {MAX_ATTEMPTS_MAX}"
-        )
+    max_attempts = job.max_attempts
+    if max_attempts is not None:
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+            raise InvalidJob("max_attempts", "must be an integer")
+        if not MAX_ATTEMPTS_MIN <= max_attempts <= MAX_ATTEMPTS_MAX:
+            raise InvalidJob(
+                "max_attempts", f"must be between {MAX_ATTEMPTS_MIN} and {MAX_ATTEMPTS_MAX}"
+            )
     run_at = job.run_at
     if run_at is not None:
         if run_at.tzinfo is None:
@@ -320,7 +325,7 @@ def validate(job: NewJob, default_max_attempts: int = 3) -> NewJob:
             raise InvalidJob("run_at", "must be after 0001-01-01 and before 9999-12-31 (UTC)")
     if job.idempotency_key is not None:
         check_idempotency_key(job.idempotency_key)
-    if max_attempts == job.max_attempts and run_at is job.run_at:
+    if run_at is job.run_at:
         return job
     # The constructor, not dataclasses.replace: this runs once per job of a bulk enqueue.
     return NewJob(
@@ -424,20 +429,52 @@ _CLAIM_RETURNING = ", ".join(
 )  # fmt: skip
 
 # One statement: pick due jobs in claim order, skipping rows other workers hold, and lease them.
+# Bounded by jobs_queue_claim_idx (queue, priority, run_at, id): a loose index scan finds the
+# (queue, priority) pairs that have waiting jobs, one index probe each; per pair, only due rows
+# are read, in (run_at, id) order. Another queue's backlog and future-dated jobs cost nothing.
+# Each pair locks at most $4 rows; the best $4 of them are leased.
+# max_attempts left unspecified (NULL) becomes the claiming worker's value for the kind ($6,
+# $7), or $8.
 _CLAIM = f"""
-WITH picked AS (
-    SELECT id FROM jobs
-    WHERE status IN ('queued', 'retrying')
-      AND run_at <= now()
-      AND kind = ANY($2::text[])
-      AND queue = ANY($3::text[])
-    ORDER BY priority, run_at, id
+WITH RECURSIVE pairs AS (
+    (SELECT q.queue, p.priority
+     FROM unnest($3::text[]) AS q(queue)
+     CROSS JOIN LATERAL (
+         SELECT priority FROM jobs
+         WHERE status IN ('queued', 'retrying') AND queue = q.queue
+         ORDER BY priority LIMIT 1
+     ) AS p)
+    UNION ALL
+    SELECT pairs.queue, p.priority
+    FROM pairs
+    CROSS JOIN LATERAL (
+        SELECT priority FROM jobs
+        WHERE status IN ('queued', 'retrying') AND queue = pairs.queue
+          AND priority > pairs.priority
+        ORDER BY priority LIMIT 1
+    ) AS p
+), picked AS (
+    SELECT c.id
+    FROM pairs
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at FROM jobs
+        WHERE status IN ('queued', 'retrying') AND queue = pairs.queue
+          AND priority = pairs.priority AND run_at <= now()
+          AND kind = ANY($2::text[])
+        ORDER BY run_at, id
+        LIMIT $4
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority, c.run_at, c.id
     LIMIT $4
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE jobs AS j
 SET status = 'running',
     attempts = j.attempts + 1,
+    max_attempts = coalesce(
+        j.max_attempts,
+        (SELECT m.n FROM unnest($6::text[], $7::int[]) AS m(kind, n) WHERE m.kind = j.kind),
+        $8),
     started_at = now(),
     updated_at = now(),
     lease_owner = $1,
@@ -725,6 +762,7 @@ class Queue:
         notify_window: float = 0.002,
     ) -> None:
         self.pool = pool
+        # For a job claimed with no max_attempts of its own and none from its handler.
         self.default_max_attempts = default_max_attempts
         self.default_backoff = default_backoff or Backoff()
         self._wake_ups = _WakeUps(pool, notify_window)
@@ -737,7 +775,7 @@ class Queue:
         Race-safe: concurrent inserts with one key wait on each other in the unique index, and
         exactly one creates the row.
         """
-        job = validate(new, self.default_max_attempts)
+        job = validate(new)
         payload = encode_json("payload", job.payload)
         fp = fingerprint(job) if job.idempotency_key is not None else None
         args = (
@@ -775,7 +813,7 @@ class Queue:
         """
         if not jobs:
             return []
-        checked = [validate(j, self.default_max_attempts) for j in jobs]
+        checked = [validate(j) for j in jobs]
         payloads = [encode_json("payload", j.payload) for j in checked]
         fps = [fingerprint(j) if j.idempotency_key is not None else None for j in checked]
         async with self.pool.acquire() as conn, conn.transaction():
@@ -983,12 +1021,28 @@ class Queue:
         n: int,
         *,
         lease_seconds: float,
+        max_attempts: Mapping[str, int] | None = None,
         conn: asyncpg.Connection | None = None,
     ) -> list[Job]:
-        """Lease up to n due jobs of the given kinds and queues, in claim order."""
+        """Lease up to n due jobs of the given kinds and queues, in claim order.
+
+        A job enqueued without max_attempts gets `max_attempts[kind]` (the handler's value)
+        or `default_max_attempts`, fixed from this first claim on. The jobs returned carry no
+        error history, last_error or result (see `_CLAIM_RETURNING`).
+        """
         if n <= 0 or not kinds or not queues:
             return []
-        args = (worker, list(kinds), list(queues), n, float(lease_seconds))
+        per_kind = max_attempts or {}
+        args = (
+            worker,
+            list(kinds),
+            list(queues),
+            n,
+            float(lease_seconds),
+            list(per_kind),
+            list(per_kind.values()),
+            self.default_max_attempts,
+        )
         rows = await (conn or self.pool).fetch(_CLAIM, *args)
         jobs = [Job.from_record(r) for r in rows]
         jobs.sort(key=lambda j: (j.priority, j.run_at, j.id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -17,12 +18,28 @@ _MIGRATION_LOCK_KEY = 0x6A6F6271_0001  # "jobq", 1
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
+# A migration whose first line is this runs outside a transaction, one statement at a time
+# (`CREATE INDEX CONCURRENTLY` cannot run in one). Its statements end with `;` at the end of a
+# line and must be safe to run again: a crash can leave it half applied.
+_OUTSIDE_TRANSACTION = "-- jobq:outside-transaction"
+
 
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def outside_transaction(self) -> bool:
+        return self.sql.startswith(_OUTSIDE_TRANSACTION)
+
+    def statements(self) -> list[str]:
+        """The statements of the migration, without comment-only lines."""
+        code = "\n".join(
+            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
+        )
+        return [part.strip() for part in re.split(r";\s*$", code, flags=re.M) if part.strip()]
 
 
 def available() -> list[Migration]:
@@ -46,7 +63,10 @@ async def migrate(
 ) -> list[int]:
     """Apply pending migrations; return the versions applied by this call."""
     done: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+    # Polled, not waited for: a waiting `pg_advisory_lock` call holds a snapshot, and
+    # `CREATE INDEX CONCURRENTLY` in the holder's migration waits for every older snapshot.
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MIGRATION_LOCK_KEY):  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
     try:
         await conn.execute(
             """
@@ -63,8 +83,12 @@ async def migrate(
                 continue
             if progress is not None:
                 progress(migration)
+            if migration.outside_transaction:
+                for statement in migration.statements():
+                    await conn.execute(statement)
             async with conn.transaction():
-                await conn.execute(migration.sql)
+                if not migration.outside_transaction:
+                    await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO jobq_schema_migrations (version, name) VALUES ($1, $2)",
                     migration.version,

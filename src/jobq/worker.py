@@ -123,6 +123,8 @@ class Worker:
         # the worker at start-up, not at the first failure.
         self._backoff = Backoff(self.settings.retry_base_seconds, self.settings.retry_cap_seconds)
         self._backoffs = {h.kind: h.backoff_with(self._backoff) for h in registry}
+        # What a job enqueued without max_attempts gets when this worker claims it.
+        self._max_attempts = {h.kind: h.max_attempts for h in registry if h.max_attempts}
         # Sync handlers run in threads of their own: asyncio's default executor has only
         # min(32, cores + 4) threads, which would cap `concurrency` for them.
         self._executor = (
@@ -279,6 +281,7 @@ class Worker:
                     self.queues,
                     want,
                     lease_seconds=self.settings.lease_seconds,
+                    max_attempts=self._max_attempts,
                 )
             except Exception as exc:
                 if not db.is_unavailable(exc):
@@ -323,7 +326,7 @@ class Worker:
             kind=job.kind,
             queue=job.queue,
             attempt=job.attempts,
-            max_attempts=job.max_attempts,
+            max_attempts=job.max_attempts or self.settings.default_max_attempts,
             worker_id=self.worker_id,
         )
         run = _Run(job, ctx)

@@ -51,7 +51,8 @@ class JobCreate(BaseModel):
         default=None,
         ge=MAX_ATTEMPTS_MIN,
         le=MAX_ATTEMPTS_MAX,
-        description="Attempts before the job fails permanently (default 3, or the handler's).",
+        description="Attempts before the job fails permanently. Not given: the handler's "
+        "max_attempts (or JOBQ_DEFAULT_MAX_ATTEMPTS), fixed when a worker first claims the job.",
     )
     run_at: Annotated[datetime, pydantic.Strict(False)] | None = Field(
         default=None,
@@ -88,9 +89,14 @@ class JobOut(BaseModel):
     result: Any = Field(description="The handler's return value, once succeeded.")
     priority: int
     attempts: int
-    max_attempts: int
+    max_attempts: int | None = Field(
+        description="null until a worker first claims a job enqueued without max_attempts: "
+        "then the handler's value (or JOBQ_DEFAULT_MAX_ATTEMPTS)."
+    )
     last_error: str | None
-    errors: list[JobError] = Field(description="Every failed attempt, oldest first.")
+    errors: list[JobError] = Field(
+        description="The latest failed attempts (at most 20), oldest first."
+    )
     idempotency_key: str | None
     cancel_requested: bool
     run_at: datetime

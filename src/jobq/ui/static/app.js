@@ -352,7 +352,7 @@
           el("td", {}, j.kind),
           el("td", {}, j.queue),
           el("td", {}, badge(j.status)),
-          el("td", { class: "num" }, `${j.attempts} / ${j.max_attempts}`),
+          el("td", { class: "num" }, `${j.attempts} / ${j.max_attempts ?? "handler's"}`),
           el("td", { title: j.created_at }, fmtTime(j.created_at)),
           el("td", { class: "wide", title: j.last_error || "" }, j.last_error ? j.last_error.split("\n")[0] : ""),
         ),
@@ -394,7 +394,7 @@
       setText(status, j.status.replace("_", " "));
       setText($("kind"), j.kind);
       setText($("queue"), j.queue);
-      setText($("attempts"), `${j.attempts} / ${j.max_attempts}`);
+      setText($("attempts"), `${j.attempts} / ${j.max_attempts ?? "handler's"}`);
       setText($("priority"), String(j.priority));
       setText($("cancel-requested"), j.cancel_requested ? "yes" : "no");
       setText($("idempotency-key"), j.idempotency_key || "—");
