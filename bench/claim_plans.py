@@ -7,6 +7,9 @@ due left in `default`), inside a transaction that is rolled back. "before" is th
 0002 with the claim statement of that time; "after" is today's schema and `queue._CLAIM`.
 
     python -m bench.claim_plans            # prints both plans; BENCHMARKS.md quotes them
+
+Then the claim rate of both statements, interleaved on one database holding both indexes:
+20,000 due jobs taken in claims of 250, 3 rounds each.
 """
 
 from __future__ import annotations
@@ -124,6 +127,42 @@ async def main() -> None:
                 ):
                     print(f"\n=== {label} (migrations {versions}), {scenario}: {_summary(plan)}")
                     print(plan)
+        async with fresh_db(admin, "rate") as rate:
+            print()
+            await _claim_rate(rate)
+
+
+async def _claim_rate(dsn: str, rounds: int = 3, n: int = 20_000, batch: int = 250) -> None:
+    """Claims of `batch` until `n` jobs are taken, the old and the new statement interleaved on
+    one database holding both indexes: the drain's claim cost without the worker around it."""
+    conn = await db.connect(dsn)
+    rates: dict[str, list[float]] = {"before": [], "after": []}
+    try:
+        await conn.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_claim_idx ON jobs (priority, run_at, id)"
+            " WHERE status IN ('queued', 'retrying')"
+        )
+        statements = {
+            "before": (_CLAIM_BEFORE, ("bench", ["noop"], ["default"], batch, 30.0)),
+            "after": (_CLAIM, ("bench", ["noop"], ["default"], batch, 30.0, [], [], 3)),
+        }
+        for r in range(rounds):
+            order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+            for label in order:
+                sql, args = statements[label]
+                await conn.execute("TRUNCATE jobs")
+                await conn.execute(_LOAD, "default", n, -1.0)
+                await conn.execute("VACUUM ANALYZE jobs")
+                started = time.perf_counter()
+                taken = 0
+                while taken < n:
+                    taken += len(await conn.fetch(sql, *args))
+                rates[label].append(n / (time.perf_counter() - started))
+    finally:
+        await conn.close()
+    for label, values in rates.items():
+        runs = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"claim rate {label}: median {sorted(values)[len(values) // 2]:,.0f} jobs/s ({runs})")
 
 
 async def _applied(dsn: str) -> set[int]:
