@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
+import types
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import pydantic
 
 from jobq.backoff import Backoff
+from jobq.queue import NewJob, validate
 
 HandlerFn = Callable[..., Any]
 
@@ -130,18 +133,73 @@ class Handler:
         return asyncio.get_running_loop().run_in_executor(executor, self.fn, ctx, payload)
 
 
-def _payload_model(fn: HandlerFn) -> type[pydantic.BaseModel] | None:
-    params = list(inspect.signature(fn).parameters)
-    if len(params) < 2:
+def _payload_model(fn: HandlerFn, localns: dict[str, Any]) -> type[pydantic.BaseModel] | None:
+    """The model the annotation of the payload parameter names; None for a dict, Any or no
+    annotation. Raises TypeError for anything else, so no payload goes unvalidated by mistake."""
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    if len(positional) < 2:
         return None
-    try:
-        hints = typing.get_type_hints(fn)
-    except (NameError, TypeError):
-        return None
-    hint = hints.get(params[1])
-    if inspect.isclass(hint) and issubclass(hint, pydantic.BaseModel):
+    name = positional[1].name
+    annotation = inspect.get_annotations(fn).get(name, inspect.Parameter.empty)
+    if isinstance(annotation, str):
+        # Postponed annotations: resolved here, with the names visible where the handler was
+        # defined (a model defined inside a function is a local of that function).
+        globalns = getattr(fn, "__globals__", {})
+        try:
+            annotation = eval(annotation, globalns, localns)  # the handler module's own code
+        except Exception as exc:
+            raise TypeError(
+                f"handler {_name(fn)}: cannot resolve the payload annotation {annotation!r} "
+                f"({type(exc).__name__}: {exc}); define the model where the handler can see it "
+                "or pass payload=Model"
+            ) from None
+    return _model_from_hint(fn, annotation)
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_AS_IS: tuple[object, ...] = (inspect.Parameter.empty, Any, object, dict, Mapping, MutableMapping)
+
+
+def _model_from_hint(fn: HandlerFn, hint: object) -> type[pydantic.BaseModel] | None:
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        return _model_from_hint(fn, typing.get_args(hint)[0])
+    if origin in (typing.Union, types.UnionType):
+        # Optional[M] and M | None: a payload is always a JSON object, never null.
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(members) == 1:
+            return _model_from_hint(fn, members[0])
+    elif inspect.isclass(hint) and issubclass(hint, pydantic.BaseModel):
         return hint
-    return None
+    elif hint in _AS_IS or origin in _AS_IS:
+        return None
+    raise TypeError(
+        f"handler {_name(fn)}: the payload annotation {hint!r} is not a pydantic model, a dict "
+        "or Any; annotate with one of those or pass payload=Model"
+    )
+
+
+def _name(fn: HandlerFn) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _check_callable(fn: HandlerFn) -> None:
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        raise TypeError(
+            f"handler {_name(fn)} must take two positional parameters, (ctx, payload)"
+        ) from None
+
+
+def _check_seconds(name: str, value: float | None, *, positive: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
 class Registry:
@@ -167,8 +225,17 @@ class Registry:
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register `fn(ctx, payload)` for `kind`. The payload model comes from `payload=`
         or from the annotation of the function's second parameter."""
+        # The queue's own rules for a kind: a handler for a kind no job can have would never run.
+        validate(NewJob(kind=kind))
         if kind in self._handlers:
             raise ValueError(f"a handler for {kind!r} is already registered")
+        _check_seconds("timeout", timeout, positive=True)
+        _check_seconds("retry_base_seconds", retry_base_seconds, positive=False)
+        _check_seconds("retry_cap_seconds", retry_cap_seconds, positive=False)
+        if payload is not None and not (
+            inspect.isclass(payload) and issubclass(payload, pydantic.BaseModel)
+        ):
+            raise TypeError(f"payload= must be a pydantic model class, got {payload!r}")
         if max_attempts is not None and not 1 <= max_attempts <= 1000:
             raise ValueError("max_attempts must be between 1 and 1000")
         for name, bound in (("retry_base_seconds", retry_base_seconds),
@@ -183,11 +250,20 @@ class Registry:
             raise ValueError("retry_cap_seconds must be >= retry_base_seconds")
 
         def register(fn: HandlerFn) -> HandlerFn:
+            _check_callable(fn)
+            # The caller's frame is where the handler was defined: its locals resolve postponed
+            # annotations that name a model defined in the same function.
+            caller = inspect.currentframe()
+            localns = dict(caller.f_back.f_locals) if caller and caller.f_back else {}
+            del caller
+            model = payload or _payload_model(fn, localns)
+            if kind in self._handlers:
+                raise ValueError(f"a handler for {kind!r} is already registered")
             self._handlers[kind] = Handler(
                 kind=kind,
                 fn=fn,
                 is_async=inspect.iscoroutinefunction(fn),
-                payload_model=payload or _payload_model(fn),
+                payload_model=model,
                 max_attempts=max_attempts,
                 timeout=timeout,
                 retry_base_seconds=retry_base_seconds,
