@@ -77,11 +77,22 @@ async def test_worker_refuses_a_spec_that_is_not_a_registry(dsn: str) -> None:
     assert "not a jobq Registry" in result.stderr
 
 
+@pytest.fixture(scope="module")
+def embedded_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where `jobq dev` (and commands beside it) keep the embedded server's data."""
+    return tmp_path_factory.mktemp("dev") / "jobq"
+
+
+def _without_database_url() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+
+
 @pytest.mark.timeout(180)
-async def test_dev_runs_everything_with_no_configuration(tmp_path: Path) -> None:
+async def test_dev_runs_everything_with_no_configuration(embedded_data_dir: Path) -> None:
     """What `make run` does: embedded database, migrations, API and worker; Ctrl-C stops it."""
+    tmp_path = embedded_data_dir.parent
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env = _without_database_url()
     env |= {"JOBQ_DATA_DIR": str(tmp_path / "jobq"), "JOBQ_POLL_INTERVAL_SECONDS": "0.2"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobq", "dev", "--port", str(port)],
@@ -114,9 +125,158 @@ async def test_dev_runs_everything_with_no_configuration(tmp_path: Path) -> None
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, output
         assert f"{base}/docs" in output and f"{base}/metrics" in output
+        assert "database  embedded PostgreSQL in " in output
         # The embedded server stopped with it: its pid file is gone.
         assert not list((tmp_path / "jobq").glob("pg*/postmaster.pid"))
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.timeout(180)
+def test_a_one_shot_command_on_the_embedded_database_prints_no_info_lines(
+    embedded_data_dir: Path,
+) -> None:
+    env = {"JOBQ_DATA_DIR": str(embedded_data_dir)}
+    first = subprocess.run(
+        [sys.executable, "-m", "jobq", "migrate"],
+        env=_without_database_url() | env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert first.returncode == 0, first.stderr  # may say once that it initialised the server
+
+    result = subprocess.run(
+        [sys.executable, "-m", "jobq", "status"],
+        env=_without_database_url() | env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "queue" in result.stdout
+
+
+# -- one clear line for every error ----------------------------------------------------------
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+async def test_enqueue_with_a_key_reused_for_another_payload_says_so_in_one_line(
+    queue: Queue, dsn: str
+) -> None:
+    env = {"DATABASE_URL": dsn}
+    first = jobq("enqueue", "echo", "--idempotency-key", "k1", "--payload", '{"n": 1}', env=env)
+    assert first.returncode == 0, first.stderr
+
+    again = jobq("enqueue", "echo", "--idempotency-key", "k1", "--payload", '{"n": 2}', env=env)
+
+    assert again.returncode == 2
+    assert "idempotency key 'k1' was already used" in _one_error_line(again)
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 1
+
+
+async def test_worker_names_the_attribute_a_module_does_not_have(dsn: str) -> None:
+    result = jobq("worker", "jobq.examples:nosuch", env={"DATABASE_URL": dsn})
+    assert result.returncode == 2
+    assert _one_error_line(result) == "error: module jobq.examples has no attribute nosuch"
+
+
+@pytest.mark.parametrize("queues", ["", " , "])
+def test_worker_refuses_queues_that_name_no_queue(queues: str) -> None:
+    result = jobq("worker", "jobq.examples:registry", "--queues", queues)
+    assert result.returncode == 2
+    assert "--queues names no queue" in _one_error_line(result)
+
+
+async def test_enqueue_with_app_refuses_an_unknown_kind_as_the_api_does(
+    queue: Queue, dsn: str
+) -> None:
+    result = jobq("enqueue", "nosuchkind", "--app", "jobq.examples:registry",
+                  env={"DATABASE_URL": dsn})  # fmt: skip
+    assert result.returncode == 2
+    assert "no handler for kind 'nosuchkind'; known kinds: echo" in _one_error_line(result)
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+async def test_enqueue_with_app_refuses_a_payload_that_does_not_fit_the_handler(
+    queue: Queue, dsn: str
+) -> None:
+    env = {"DATABASE_URL": dsn}
+    bad = jobq("enqueue", "flaky", "--payload", '{"fail_times": "often"}',
+               "--app", "jobq.examples:registry", env=env)  # fmt: skip
+    good = jobq("enqueue", "flaky", "--payload", '{"fail_times": 1}',
+                "--app", "jobq.examples:registry", env=env)  # fmt: skip
+    assert bad.returncode == 2
+    assert "the payload does not fit 'flaky': fail_times:" in _one_error_line(bad)
+    assert good.returncode == 0, good.stderr
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 1
+
+
+@pytest.mark.parametrize("run_at", ["2030-01-01T09:00:00", "2030-01-01", "1700000000"])
+def test_enqueue_refuses_a_run_at_without_an_offset(run_at: str) -> None:
+    result = jobq("enqueue", "echo", "--run-at", run_at)
+    assert result.returncode == 2
+    assert "is not an RFC 3339 time with an offset" in _one_error_line(result)
+
+
+async def test_enqueue_takes_a_run_at_with_an_offset_as_that_instant(
+    queue: Queue, dsn: str
+) -> None:
+    result = jobq("enqueue", "echo", "--run-at", "2030-01-01T10:00:00+01:00",
+                  env={"DATABASE_URL": dsn})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["run_at"].startswith("2030-01-01T09:00:00")
+
+
+# -- help and output -----------------------------------------------------------------------
+
+COMMANDS = ["migrate", "api", "worker", "dev", "enqueue", "enqueue-file", "status", "chaos"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_names_every_option_in_full_without_type_noise(command: str) -> None:
+    result = jobq(command, "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert "<bool>" not in result.stdout and "range>" not in result.stdout
+    assert "…" not in result.stdout  # nothing truncated
+    assert "--help  " in result.stdout or "--help\n" in result.stdout
+
+
+def test_chaos_help_shows_each_option_name_whole() -> None:
+    result = jobq("chaos", "--help", env={"COLUMNS": "80"})
+    for name in ["--jobs", "--workers", "--concurrency", "--kill-interval",
+                 "--restart-database / --no-restart-database", "--timeout", "--seed"]:  # fmt: skip
+        assert name in result.stdout
+
+
+async def test_migrate_prints_each_step_once(admin_dsn: str) -> None:
+    import asyncpg
+
+    from tests.conftest import with_database
+
+    name = "jobq_test_blank_" + os.urandom(3).hex()
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+        result = jobq("migrate", env={"DATABASE_URL": with_database(admin_dsn, name)})
+    finally:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await conn.close()
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("0001_jobs") == 1, output
+    assert "[1/" in result.stdout and "applied" in result.stdout

@@ -76,3 +76,105 @@ async def test_enqueue_file_stores_nothing_when_a_line_is_invalid(queue: Queue, 
     assert result.returncode == 2
     assert "line 2" in result.stderr
     assert await queue.counts() == []
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def _lines(n: int, last_key: str) -> str:
+    """n jobs: the first n - 1 without a key, the last one with `last_key`."""
+    lines = [orjson.dumps({"kind": "echo", "payload": {"n": i}}).decode() for i in range(n - 1)]
+    last = {"kind": "echo", "payload": {"n": n - 1}, "idempotency_key": last_key}
+    return "\n".join([*lines, orjson.dumps(last).decode()]) + "\n"
+
+
+async def test_enqueue_file_with_a_key_conflict_in_a_later_batch_stores_nothing(
+    queue: Queue, dsn: str
+) -> None:
+    await queue.enqueue(NewJob(kind="echo", payload={"other": True}, idempotency_key="taken"))
+
+    result = jobq(dsn, "enqueue-file", "-", "--batch-size", "500", stdin=_lines(601, "taken"))
+
+    assert result.returncode == 2
+    assert "idempotency key 'taken' was already used" in _one_error_line(result)
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 1
+
+
+async def test_enqueue_file_rerun_after_a_fix_stores_each_job_once(queue: Queue, dsn: str) -> None:
+    await queue.enqueue(NewJob(kind="echo", payload={"other": True}, idempotency_key="taken"))
+    broken = jobq(dsn, "enqueue-file", "-", "--batch-size", "500", stdin=_lines(601, "taken"))
+    assert broken.returncode == 2
+
+    fixed = jobq(dsn, "enqueue-file", "-", "--batch-size", "500", stdin=_lines(601, "fresh"))
+
+    assert fixed.returncode == 0, fixed.stderr
+    assert "enqueued 601 job(s)" in fixed.stdout
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 1 + 601
+
+
+async def test_enqueue_file_with_two_lines_sharing_a_key_for_different_jobs_stores_nothing(
+    queue: Queue, dsn: str
+) -> None:
+    stdin = (
+        '{"kind": "echo", "payload": {"n": 1}, "idempotency_key": "same"}\n'
+        '{"kind": "echo", "payload": {"n": 2}, "idempotency_key": "same"}\n'
+    )
+
+    result = jobq(dsn, "enqueue-file", "-", "--batch-size", "1", stdin=stdin)
+
+    assert result.returncode == 2
+    assert "idempotency key 'same' was already used" in _one_error_line(result)
+    assert await queue.counts() == []
+
+
+async def test_enqueue_file_names_the_line_and_column_of_a_json_error(
+    queue: Queue, dsn: str
+) -> None:
+    stdin = '{"kind": "echo"}\n{"kind": "echo"}\n{"kind": "echo"\n'
+
+    result = jobq(dsn, "enqueue-file", "-", stdin=stdin)
+
+    assert result.returncode == 2
+    assert _one_error_line(result).startswith("error: line 3 column 16: not JSON")
+    assert await queue.counts() == []
+
+
+async def test_enqueue_file_accepts_a_file_that_starts_with_a_byte_order_mark(
+    queue: Queue, dsn: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes('\ufeff{"kind": "echo"}\r\n{"kind": "echo"}\r\n'.encode())
+
+    result = jobq(dsn, "enqueue-file", str(path))
+
+    assert result.returncode == 0, result.stderr
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 2
+
+
+async def test_enqueue_file_names_the_line_that_is_not_utf8(
+    queue: Queue, dsn: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"kind": "echo"}\n{"kind": "caf\xe9"}\n')
+
+    result = jobq(dsn, "enqueue-file", str(path))
+
+    assert result.returncode == 2
+    assert _one_error_line(result) == "error: line 2 column 14: not valid UTF-8"
+    assert await queue.counts() == []
+
+
+async def test_enqueue_file_with_app_refuses_a_kind_no_handler_takes(
+    queue: Queue, dsn: str
+) -> None:
+    stdin = '{"kind": "echo"}\n{"kind": "nosuch"}\n'
+
+    result = jobq(dsn, "enqueue-file", "-", "--app", "jobq.examples:registry", stdin=stdin)
+
+    assert result.returncode == 2
+    assert _one_error_line(result).startswith("error: line 2: no handler for kind 'nosuch'")
+    assert await queue.counts() == []

@@ -6,19 +6,23 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+import traceback
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
+import asyncpg
 import orjson
 import typer
 
 from jobq import db, logs, schema
 from jobq.api.schemas import job_to_dict
-from jobq.queue import InvalidJob, NewJob, Queue, validate
-from jobq.registry import Registry
+from jobq.queue import IdempotencyConflict, InvalidJob, NewJob, Queue, validate
+from jobq.registry import PayloadInvalid, Registry
 from jobq.settings import Settings, SettingsError
 
 log = logging.getLogger("jobq.cli")
@@ -28,17 +32,35 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 T = TypeVar("T")
+
+# Exit codes: 1 the environment (database, schema, a bug), 2 what was asked (usage, input).
+EXIT_ENVIRONMENT = 1
+EXIT_INPUT = 2
+
+
+class CommandError(Exception):
+    """Ends a command with one line on stderr and an exit code, no traceback (see `main`)."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class InputError(CommandError):
+    exit_code = EXIT_INPUT
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    raise (InputError if code == EXIT_INPUT else CommandError)(message)
 
 
 def _settings() -> Settings:
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(str(exc))
     logs.configure(settings.log_format, settings.log_level)
     return settings
 
@@ -52,19 +74,80 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def describe_dsn(dsn: str) -> str:
+    """Where a DSN points, for messages: host, port and database, never the password."""
+    try:
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+        host = parts.hostname or query.get("host", ["local socket"])[0]
+        port = parts.port or query.get("port", [""])[0]
+    except ValueError:
+        return "the database in DATABASE_URL"
+    name = parts.path.lstrip("/") or parts.username or "postgres"
+    return f"{host}:{port}/{name}" if port else f"{host}/{name}"
+
+
+def database_error(exc: BaseException, dsn: str) -> str | None:
+    """One line saying what went wrong reaching the database and what to check, or None when
+    `exc` is not about reaching it."""
+    where = describe_dsn(dsn)
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError) or (
+        type(exc) is ValueError and "invalid" in str(exc)
+    ):
+        return f"DATABASE_URL is not a usable PostgreSQL URL ({_one_line(exc)})"
+    if isinstance(exc, asyncpg.exceptions.InvalidAuthorizationSpecificationError):
+        return (
+            f"the database at {where} refused the login ({_one_line(exc)}): check the user "
+            "and password in DATABASE_URL"
+        )
+    if isinstance(exc, asyncpg.exceptions.InvalidCatalogNameError):
+        return f"{_one_line(exc)} at {where}: check the database name in DATABASE_URL"
+    if db.is_unavailable(exc):
+        return (
+            f"cannot reach the database at {where} ({_one_line(exc)}): check DATABASE_URL and "
+            "that PostgreSQL is running and accepts connections"
+        )
+    if isinstance(exc, asyncpg.exceptions.PostgresError):
+        return f"the database at {where} refused the request: {_one_line(exc)}"
+    return None
+
+
+def _waitable(exc: BaseException) -> bool:
+    """An outage worth waiting out, as opposed to a configuration nobody will fix by waiting."""
+    return db.is_unavailable(exc) and not isinstance(
+        exc, asyncpg.exceptions.ClientConfigurationError
+    )
+
+
 def load_registry(spec: str) -> Registry:
     """`module:attr` naming a Registry."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise typer.BadParameter(f"expected module:attr, got {spec!r}")
+        _fail(f"expected MODULE:ATTR (e.g. myapp.jobs:registry), got {spec!r}")
     sys.path.insert(0, ".")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise typer.BadParameter(f"cannot import {module_name!r}: {exc}") from None
-    registry = getattr(module, attr, None)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            _fail(f"no module named {module_name!r} (looked in the current directory too)")
+        _fail(f"cannot import {module_name}: {_one_line(exc)}")
+    except Exception as exc:
+        # Registration errors land here: say where, in one line.
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        _fail(
+            f"importing {module_name} failed at {os.path.relpath(frame.filename)}:{frame.lineno}: "
+            f"{type(exc).__name__}: {_one_line(exc)}"
+        )
+    if not hasattr(module, attr):
+        _fail(f"module {module_name} has no attribute {attr}")
+    registry = getattr(module, attr)
     if not isinstance(registry, Registry):
-        raise typer.BadParameter(f"{spec!r} is not a jobq Registry")
+        _fail(f"{spec} is not a jobq Registry (it is a {type(registry).__name__})")
     return registry
 
 
@@ -74,26 +157,67 @@ def _database(settings: Settings) -> Iterator[str]:
         with db.database(settings) as dsn:
             yield dsn
     except db.EmbeddedPostgresError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        _fail(_one_line(exc), EXIT_ENVIRONMENT)
+
+
+def _run_against(dsn: str, coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; what the queue or the database refuse is one line."""
+    try:
+        return _run(coro)
+    except (InvalidJob, IdempotencyConflict) as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        message = database_error(exc, dsn)
+        if message is None:
+            raise
+        _fail(message, EXIT_ENVIRONMENT)
+
+
+async def _connect(
+    dsn: str, *, wait: bool, stopping: asyncio.Event | None = None, waiting: str = ""
+) -> asyncpg.Connection | None:
+    """A connection to `dsn`. With `wait`, an outage is waited out: one warning line when it
+    starts, one when it ends; None when `stopping` is set meanwhile."""
+    delay = 0.5
+    warned = False
+    while True:
+        try:
+            conn = await db.connect(dsn)
+        except Exception as exc:
+            if not (wait and _waitable(exc)):
+                raise
+            if not warned:
+                log.warning("%s; %s", database_error(exc, dsn), waiting or "retrying until it is")
+                warned = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((stopping or asyncio.Event()).wait(), delay)
+                return None
+            delay = min(delay * 2, 5.0)
+            continue
+        if warned:
+            log.warning("the database at %s is reachable again", describe_dsn(dsn))
+        return conn
+
+
+async def _check_schema(conn: asyncpg.Connection, *, migrate: bool) -> None:
+    """Apply pending migrations (the embedded database), or refuse to run on a stale schema."""
+    if migrate:
+        await schema.migrate(conn)  # logs each migration it applies
+        return
+    pending = {m.version for m in schema.available()} - await schema.applied(conn)
+    if pending:
+        _fail(
+            f"the database schema is not up to date ({len(pending)} migration(s) pending); "
+            "run `jobq migrate`",
+            EXIT_ENVIRONMENT,
+        )
 
 
 async def _prepare(dsn: str, *, migrate: bool) -> None:
-    conn = await db.connect(dsn)
+    conn = await _connect(dsn, wait=False)
+    assert conn is not None
     try:
-        if migrate:
-            await schema.migrate(
-                conn, progress=lambda m: typer.echo(f"applying migration {m.version:04d}_{m.name}")
-            )
-            return
-        pending = {m.version for m in schema.available()} - await schema.applied(conn)
-        if pending:
-            typer.echo(
-                f"error: the database schema is not up to date ({len(pending)} migration(s) "
-                "pending); run `jobq migrate`",
-                err=True,
-            )
-            raise typer.Exit(1)
+        await _check_schema(conn, migrate=migrate)
     finally:
         await conn.close()
 
@@ -119,7 +243,8 @@ def migrate() -> None:
     settings = _settings()
 
     async def go(dsn: str) -> list[int]:
-        conn = await db.connect(dsn)
+        conn = await _connect(dsn, wait=False)
+        assert conn is not None
         try:
             total = len({m.version for m in schema.available()} - await schema.applied(conn))
             step = iter(range(1, total + 1))
@@ -132,7 +257,7 @@ def migrate() -> None:
             await conn.close()
 
     with _database(settings) as dsn:
-        applied = _run(go(dsn))
+        applied = _run_against(dsn, go(dsn))
     typer.echo(f"applied {len(applied)} migration(s)" if applied else "schema is up to date")
 
 
@@ -159,50 +284,111 @@ def _warn_open(settings: Settings, host: str) -> None:
         )
 
 
+HOST = typer.Option(metavar="ADDRESS", help="Address to bind.")
+PORT = typer.Option(envvar="PORT", metavar="PORT", help="Port to bind.")
+APP = typer.Option(
+    "--app", metavar="MODULE:ATTR", help="A Registry: check kinds and payloads as the API does."
+)
+
+
 @app.command()
 def api(
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="PORT", help="Port to bind.")] = 8000,
-    app_spec: Annotated[
-        str | None,
-        typer.Option("--app", help="module:attr of a Registry: check kinds and payloads."),
-    ] = None,
+    host: Annotated[str, HOST] = "127.0.0.1",
+    port: Annotated[int, PORT] = 8000,
+    app_spec: Annotated[str | None, APP] = None,
 ) -> None:
-    """Serve the HTTP API."""
+    """Serve the HTTP API. While the database is unreachable it serves anyway: /readyz and
+    the job routes answer 503 with Retry-After until the database is back."""
     from jobq.api import create_app
 
     settings = _settings()
     registry = load_registry(app_spec) if app_spec else None
     _warn_open(settings, host)
+    migrate_first = settings.database_url is None
     with _database(settings) as dsn:
 
         async def go() -> None:
-            await _prepare(dsn, migrate=settings.database_url is None)
+            # Reachable now: a stale schema stops the API before it binds. Unreachable: serve
+            # (not ready) and check the schema once the database is back.
+            try:
+                await _prepare(dsn, migrate=migrate_first)
+                reachable = True
+            except Exception as exc:
+                if not _waitable(exc):
+                    raise
+                reachable = False
             server = _uvicorn_server(create_app(settings, dsn=dsn, registry=registry), host, port)
-            _on_signals(lambda: setattr(server, "should_exit", True))
-            await server.serve()
+            stopping = asyncio.Event()
+            failure: list[CommandError] = []
 
-        _run(go())
+            def stop() -> None:
+                server.should_exit = True
+                stopping.set()
+
+            async def check_when_reachable() -> None:
+                conn = await _connect(
+                    dsn,
+                    wait=True,
+                    stopping=stopping,
+                    waiting="serving anyway: /readyz and job routes answer 503 until it is",
+                )
+                if conn is None:
+                    return
+                try:
+                    await _check_schema(conn, migrate=migrate_first)
+                except CommandError as exc:
+                    failure.append(exc)
+                    stop()
+                finally:
+                    await conn.close()
+
+            _on_signals(stop)
+            checker = None if reachable else asyncio.create_task(check_when_reachable())
+            try:
+                await server.serve()
+            finally:
+                if checker is not None:
+                    checker.cancel()
+                    await asyncio.gather(checker, return_exceptions=True)
+            if failure:
+                raise failure[0]
+
+        _run_against(dsn, go())
+
+
+def _queue_names(queues: str) -> list[str]:
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    if not names:
+        _fail(f"--queues names no queue ({queues!r}); e.g. --queues default,mail")
+    for name in names:
+        try:
+            validate(NewJob(kind="-", queue=name))
+        except InvalidJob as exc:
+            _fail(f"--queues: {name!r}: {exc.message}")
+    return names
 
 
 @app.command()
 def worker(
     app_spec: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="The Registry to run.")],
-    concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at once.")] = 10,
-    queues: Annotated[str, typer.Option(help="Comma-separated queues to work.")] = "default",
+    concurrency: Annotated[int, typer.Option(min=1, metavar="N", help="Jobs in flight.")] = 10,
+    queues: Annotated[
+        str, typer.Option(metavar="NAMES", help="Comma-separated queues to work.")
+    ] = "default",
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus metrics on this port.")
+        int | None, typer.Option(metavar="PORT", help="Serve Prometheus metrics on this port.")
     ] = None,
     shutdown_grace: Annotated[
-        float, typer.Option(min=0, help="Seconds in-flight jobs get to finish on SIGTERM.")
+        float,
+        typer.Option(min=0, metavar="SECONDS", help="Time in-flight jobs get on SIGTERM."),
     ] = 30.0,
 ) -> None:
-    """Run a worker."""
+    """Run a worker. While the database is unreachable it waits (one log line), then starts."""
     from jobq.worker import Worker
 
     settings = _settings()
     registry = load_registry(app_spec)
-    queue_names = [q.strip() for q in queues.split(",") if q.strip()]
+    queue_names = _queue_names(queues)
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -210,7 +396,15 @@ def worker(
     with _database(settings) as dsn:
 
         async def go() -> None:
-            await _prepare(dsn, migrate=settings.database_url is None)
+            stopping = asyncio.Event()
+            _on_signals(stopping.set)
+            conn = await _connect(dsn, wait=True, stopping=stopping)
+            if conn is None:
+                return  # stopped while waiting for the database
+            try:
+                await _check_schema(conn, migrate=settings.database_url is None)
+            finally:
+                await conn.close()
             w = Worker(
                 dsn,
                 registry,
@@ -221,9 +415,11 @@ def worker(
             )
             # First signal: graceful stop. Second: no more grace.
             _on_signals(w.request_stop)
+            if stopping.is_set():
+                return
             await w.run()
 
-        _run(go())
+        _run_against(dsn, go())
 
 
 @app.command()
@@ -231,9 +427,9 @@ def dev(
     app_spec: Annotated[
         str, typer.Argument(metavar="[MODULE:ATTR]", help="The Registry to run.")
     ] = "jobq.examples:registry",
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="PORT", help="Port to bind.")] = 8000,
-    concurrency: Annotated[int, typer.Option(min=1)] = 10,
+    host: Annotated[str, HOST] = "127.0.0.1",
+    port: Annotated[int, PORT] = 8000,
+    concurrency: Annotated[int, typer.Option(min=1, metavar="N", help="Jobs in flight.")] = 10,
 ) -> None:
     """Database, migrations, API and a worker in one process. Ctrl-C stops everything."""
     from jobq.api import create_app
@@ -256,6 +452,11 @@ def dev(
             _on_signals(stop)
             worker_task = asyncio.create_task(w.run())
             base = f"http://{host}:{port}"
+            where = (
+                describe_dsn(dsn)
+                if settings.database_url
+                else f"embedded PostgreSQL in {settings.data_dir}/"
+            )
             typer.echo(
                 f"\njobq is running (Ctrl-C to stop)\n"
                 f"  API       {base}/jobs\n"
@@ -263,6 +464,7 @@ def dev(
                 f"  dashboard {base}/ui\n"
                 f"  metrics   {base}/metrics\n"
                 f"  worker    kinds: {', '.join(registry.kinds)}\n"
+                f"  database  {where}\n"
             )
             try:
                 await server.serve()
@@ -271,34 +473,80 @@ def dev(
                     w.request_stop()
                 await worker_task
 
-        _run(go())
+        _run_against(dsn, go())
+
+
+def _parse_run_at(value: object, where: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _fail(f"{where}: must be an RFC 3339 time with an offset, e.g. 2030-01-01T09:00:00Z")
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        _fail(
+            f"{where}: {value!r} is not an RFC 3339 time with an offset, "
+            "e.g. 2030-01-01T09:00:00Z or 2030-01-01T10:00:00+01:00"
+        )
+    return when
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        _fail(f"{what} is not JSON: {exc.msg} at column {exc.colno}")
+
+
+def _check_with_registry(registry: Registry | None, job: NewJob, where: str) -> None:
+    """What the API checks with a registry: a known kind and a payload that fits it."""
+    if registry is None:
+        return
+    if job.kind not in registry:
+        _fail(f"{where}no handler for kind {job.kind!r}; known kinds: {', '.join(registry.kinds)}")
+    try:
+        registry[job.kind].parse_payload(job.payload)
+    except PayloadInvalid as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors
+        )
+        _fail(f"{where}the payload does not fit {job.kind!r}: {problems}")
 
 
 @app.command()
 def enqueue(
-    kind: Annotated[str, typer.Argument(help="The job kind.")],
-    payload: Annotated[str, typer.Option(help="JSON object.")] = "{}",
-    queue: Annotated[str, typer.Option()] = "default",
-    priority: Annotated[int, typer.Option(help="Lower runs first.")] = 0,
-    max_attempts: Annotated[int | None, typer.Option()] = None,
-    run_at: Annotated[datetime | None, typer.Option(help="When the job is due (ISO 8601).")] = None,
-    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    kind: Annotated[str, typer.Argument(metavar="KIND", help="The job kind.")],
+    payload: Annotated[str, typer.Option(metavar="JSON", help="A JSON object.")] = "{}",
+    queue: Annotated[str, typer.Option(metavar="NAME")] = "default",
+    priority: Annotated[int, typer.Option(metavar="N", help="Lower runs first.")] = 0,
+    max_attempts: Annotated[int | None, typer.Option(metavar="N")] = None,
+    run_at: Annotated[
+        str | None,
+        typer.Option(metavar="TIME", help="When the job is due: RFC 3339 with an offset."),
+    ] = None,
+    idempotency_key: Annotated[str | None, typer.Option(metavar="KEY")] = None,
+    app_spec: Annotated[str | None, APP] = None,
 ) -> None:
     """Enqueue one job and print it as JSON."""
     settings = _settings()
-    try:
-        body = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise typer.BadParameter(f"--payload is not JSON: {exc}") from None
+    registry = load_registry(app_spec) if app_spec else None
     new = NewJob(
         kind=kind,
-        payload=body,
+        payload=_parse_json(payload, "--payload"),
         queue=queue,
         priority=priority,
         max_attempts=max_attempts,
-        run_at=run_at,
+        run_at=_parse_run_at(run_at, "--run-at"),
         idempotency_key=idempotency_key,
     )
+    try:
+        validate(new)
+    except InvalidJob as exc:
+        what = "KIND" if exc.field == "kind" else f"--{exc.field.replace('_', '-')}"
+        _fail(f"{what}: {exc.message}")
+    _check_with_registry(registry, new, "")
     with _database(settings) as dsn:
 
         async def go() -> dict[str, Any]:
@@ -307,89 +555,100 @@ def enqueue(
                 result = await q.enqueue(new)
             return job_to_dict(result.job)
 
-        try:
-            job = _run(go())
-        except InvalidJob as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+        job = _run_against(dsn, go())
     typer.echo(orjson.dumps(job, option=orjson.OPT_INDENT_2).decode())
 
 
 _ENQUEUE_FILE_HELP = 'JSON lines, one job a line: {"kind": ..., "payload": ...}; - reads stdin.'
 
 
-@app.command("enqueue-file")
-def enqueue_file(
-    path: Annotated[typer.FileText, typer.Argument(help=_ENQUEUE_FILE_HELP)],
-    batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Jobs per insert.")] = 500,
-) -> None:
-    """Enqueue many jobs from a file, showing progress. Nothing is stored if a line is invalid."""
-    settings = _settings()
+def _read_jobs(lines: Iterable[bytes], registry: Registry | None) -> list[NewJob]:
     jobs: list[NewJob] = []
-    for number, line in enumerate(path, start=1):
+    for number, raw in enumerate(lines, start=1):
+        # Decoded line by line, so that an error names the line it is on.
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _fail(f"line {number} column {exc.start + 1}: not valid UTF-8")
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte order mark some editors write
         if not line.strip():
             continue
-        try:
-            jobs.append(_job_from_line(line))
-        except (ValueError, TypeError) as exc:
-            typer.echo(f"error: line {number}: {exc}", err=True)
-            raise typer.Exit(2) from None
+        job = _job_from_line(line.rstrip("\r\n"), number)
+        _check_with_registry(registry, job, f"line {number}: ")
+        jobs.append(job)
+    return jobs
+
+
+@app.command("enqueue-file")
+def enqueue_file(
+    path: Annotated[typer.FileBinaryRead, typer.Argument(metavar="FILE", help=_ENQUEUE_FILE_HELP)],
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=10_000, metavar="N", help="Jobs per insert.")
+    ] = 500,
+    app_spec: Annotated[str | None, APP] = None,
+) -> None:
+    """Enqueue many jobs from a file, showing progress. All or nothing: every line is
+    checked first, and every job is stored in one transaction, so nothing is stored when a
+    line is invalid or an idempotency key conflicts, and re-running a fixed file is safe."""
+    settings = _settings()
+    registry = load_registry(app_spec) if app_spec else None
+    jobs = _read_jobs(path, registry)
     with _database(settings) as dsn:
 
         async def go() -> int:
             await _prepare(dsn, migrate=settings.database_url is None)
-            done = 0
             async with _queue(dsn, settings) as q:
+                if not sys.stderr.isatty():  # a log or a pipe gets the result line only
+                    return len(await q.enqueue_all(jobs, batch_size=batch_size))
                 with typer.progressbar(
                     length=len(jobs), label="enqueueing", file=sys.stderr
                 ) as bar:
-                    for start in range(0, len(jobs), batch_size):
-                        chunk = jobs[start : start + batch_size]
-                        done += len(await q.enqueue_many(chunk))
-                        bar.update(len(chunk))
-            return done
+                    ids = await q.enqueue_all(jobs, batch_size=batch_size, on_batch=bar.update)
+            return len(ids)
 
-        try:
-            count = _run(go())
-        except InvalidJob as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+        count = _run_against(dsn, go())
     typer.echo(f"enqueued {count} job(s)")
 
 
 _JOB_FIELDS = {"kind", "payload", "queue", "priority", "max_attempts", "run_at", "idempotency_key"}
 
 
-def _job_from_line(line: str) -> NewJob:
+def _job_from_line(line: str, number: int) -> NewJob:
+    where = f"line {number}"
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+        _fail(f"{where} column {exc.colno}: not JSON: {exc.msg}")
     if not isinstance(obj, dict):
-        raise ValueError("each line must be a JSON object")
+        _fail(f"{where}: each line must be a JSON object")
     unknown = set(obj) - _JOB_FIELDS
     if unknown:
-        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        _fail(f"{where}: unknown field(s): {', '.join(sorted(unknown))}")
     if "kind" not in obj:
-        raise ValueError("kind is required")
-    run_at = obj.get("run_at")
+        _fail(f"{where}: kind is required")
     job = NewJob(
         kind=obj["kind"],
         payload=obj.get("payload", {}),
         queue=obj.get("queue", "default"),
         priority=obj.get("priority", 0),
         max_attempts=obj.get("max_attempts"),
-        run_at=datetime.fromisoformat(run_at) if isinstance(run_at, str) else run_at,
+        run_at=_parse_run_at(obj.get("run_at"), f"{where}: run_at"),
         idempotency_key=obj.get("idempotency_key"),
     )
-    validate(job)  # raises InvalidJob (a ValueError) before anything is stored
+    try:
+        validate(job)  # before anything is stored
+    except (InvalidJob, TypeError) as exc:
+        _fail(f"{where}: {exc}")
     return job
 
 
 @app.command()
 def status(
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+    interval: Annotated[
+        float, typer.Option(min=0.2, metavar="SECONDS", help="Time between refreshes.")
+    ] = 2.0,
 ) -> None:
     """Jobs by queue and status, the oldest due job, throughput, failing kinds, workers."""
     from jobq import stats
@@ -410,20 +669,30 @@ def status(
                     await asyncio.sleep(interval)
 
         with contextlib.suppress(KeyboardInterrupt):
-            _run(go())
+            _run_against(dsn, go())
 
 
 @app.command()
 def chaos(
-    jobs: Annotated[int, typer.Option("--jobs", "-n", min=1, help="Jobs to run.")] = 2000,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes at any time.")] = 4,
-    concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight per worker.")] = 2,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-n", min=1, metavar="N", help="Jobs to run.")
+    ] = 2000,
+    workers: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Worker processes at any time.")
+    ] = 4,
+    concurrency: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Jobs in flight per worker.")
+    ] = 2,
     kill_interval: Annotated[
-        float, typer.Option(min=0.05, help="Mean seconds between SIGKILLs.")
+        float, typer.Option(min=0.05, metavar="SECONDS", help="Mean time between SIGKILLs.")
     ] = 1.0,
     restart_database: Annotated[bool, typer.Option(help="Restart PostgreSQL once mid-run.")] = True,
-    timeout: Annotated[float, typer.Option(min=1, help="Give up after this many seconds.")] = 600,
-    seed: Annotated[int | None, typer.Option(help="Random seed, to replay a run.")] = None,
+    timeout: Annotated[
+        float, typer.Option(min=1, metavar="SECONDS", help="Give up after this long.")
+    ] = 600,
+    seed: Annotated[
+        int | None, typer.Option(metavar="N", help="Random seed, to replay a run.")
+    ] = None,
 ) -> None:
     """Kill workers and restart a database of its own while jobs run; check nothing is lost.
 
@@ -449,7 +718,11 @@ def chaos(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except CommandError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -225,7 +225,8 @@ def database(
         return
     server = EmbeddedPostgres(settings.data_dir, settings=embedded_settings)
     dsn = server.start()
-    log.info("using the embedded PostgreSQL in %s", server.pgdata)
+    # Not INFO: every one-shot command would print it. `jobq dev` names the database itself.
+    log.debug("using the embedded PostgreSQL in %s", server.pgdata)
     try:
         yield dsn
     finally:

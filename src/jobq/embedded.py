@@ -183,7 +183,8 @@ class EmbeddedPostgres:
         with self._lock():
             running = self._running_postmaster(timeout)
             if running is not None:
-                log.info(
+                # DEBUG: every command run beside `jobq dev` attaches; that is no news.
+                log.debug(
                     "attached to the embedded PostgreSQL already running (pid %s)", running.pid
                 )
                 self._socket_dir, self.port = running.socket_dir, running.port

@@ -25,7 +25,7 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -750,6 +750,10 @@ class _WakeUps:
                 )
 
 
+# A connection of one's own or one borrowed from a pool.
+_Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
 class Queue:
     """Queue operations over an asyncpg pool. Safe to share between tasks."""
 
@@ -805,18 +809,21 @@ class Queue:
                 return EnqueueResult(Job.from_record(existing), created=False)
         raise RuntimeError("idempotent insert did not settle")  # pragma: no cover
 
-    async def enqueue_many(self, jobs: Sequence[NewJob]) -> list[uuid.UUID]:
+    async def enqueue_many(
+        self, jobs: Sequence[NewJob], *, connection: _Connection | None = None
+    ) -> list[uuid.UUID]:
         """Insert many jobs in one round trip; returns their ids in input order.
 
         Idempotency keys are honoured: a key that exists with the same request yields the
         existing id; with a different request the whole batch is rejected and nothing is stored.
+        With `connection`, the insert joins that connection's open transaction.
         """
         if not jobs:
             return []
         checked = [validate(j) for j in jobs]
         payloads = [encode_json("payload", j.payload) for j in checked]
         fps = [fingerprint(j) if j.idempotency_key is not None else None for j in checked]
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._connection(connection) as conn, conn.transaction():
             rows = await conn.fetch(
                 _INSERT_MANY,
                 [j.kind for j in checked],
@@ -860,6 +867,35 @@ class Queue:
                 by_key[j.idempotency_key] if j.idempotency_key is not None else next(unkeyed)
                 for j in checked
             ]
+
+    async def enqueue_all(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        batch_size: int = 500,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[uuid.UUID]:
+        """`enqueue_many` in batches of `batch_size`, all in one transaction: every job is
+        stored or none is (an idempotency conflict in the last batch undoes the first ones),
+        and workers are woken when it commits. `on_batch(n)` is called after each batch."""
+        for job in jobs:  # every job checked before the first insert
+            validate(job)
+        ids: list[uuid.UUID] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start : start + batch_size]
+                ids += await self.enqueue_many(chunk, connection=conn)
+                if on_batch is not None:
+                    on_batch(len(chunk))
+        return ids
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, conn: _Connection | None) -> AsyncIterator[_Connection]:
+        if conn is not None:
+            yield conn
+            return
+        async with self.pool.acquire() as acquired:
+            yield acquired
 
     # -- readers -----------------------------------------------------------------------
 

@@ -94,7 +94,8 @@ async def migrate(
                     migration.version,
                     migration.name,
                 )
-            log.info("applied migration %04d_%s", migration.version, migration.name)
+            if progress is None:  # a caller with a progress callback reports each step itself
+                log.info("applied migration %04d_%s", migration.version, migration.name)
             done.append(migration.version)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
