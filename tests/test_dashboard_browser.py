@@ -3,7 +3,9 @@ API server and worker process over the test database."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,13 +16,13 @@ import pytest
 
 from jobq.queue import Queue
 from tests.helpers import ROOT, wait_for, worker_process
-from tests.servers import start_api, stop, wait_ready
+from tests.servers import free_port, start_api, stop, wait_ready
 
 CHROMIUM = os.environ.get("JOBQ_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 
 try:
-    from playwright.async_api import Browser, Page, async_playwright, expect
+    from playwright.async_api import Browser, Page, Route, async_playwright, expect
 except ImportError:  # pragma: no cover - a dev install has it
     pytest.skip("playwright is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
@@ -240,6 +242,150 @@ async def test_dashboard_asks_for_a_token_when_auth_is_on(
     finally:
         await context.close()
         stop(api)
+
+
+# -- loading and failure states ------------------------------------------------------------
+
+ALL_CLEAR = [
+    "No jobs yet.",
+    "No failures.",
+    "Every waiting job has a worker.",
+    "No worker is running.",
+]
+
+
+async def test_overview_shows_loading_placeholders_before_its_first_answer(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    released = asyncio.Event()
+
+    async def hold(route: Route) -> None:  # the real /stats, answered late
+        await released.wait()
+        await route.continue_()
+
+    await page.route("**/stats", hold)
+    await page.goto(f"{base_url}/ui")
+
+    for list_id in ("failing", "unhandled", "workers"):
+        await expect(page.locator(f"#{list_id} li")).to_have_text("Loading…")
+    await expect(page.locator("#counts-body td")).to_have_text("Loading…")
+    body = await page.locator("main").inner_text()
+    assert not [text for text in ALL_CLEAR if text in body], body
+
+    released.set()
+    await expect(page.locator("#live")).to_have_class("live ok")
+    await expect(page.locator('#workers li[data-state="loading"]')).to_have_count(0)
+
+
+@pytest.fixture
+async def api_without_database(dsn: str) -> AsyncIterator[str]:
+    """A real API server whose database is unreachable: /stats answers 503."""
+    proc, base = start_api(f"postgresql://jobq@127.0.0.1:{free_port()}/jobq")
+    try:
+
+        async def serving() -> bool:
+            assert proc.poll() is None, "the API server exited"
+            try:
+                async with httpx.AsyncClient() as c:
+                    return (await c.get(f"{base}/healthz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_for(serving, timeout=30, interval=0.1)
+        yield base
+    finally:
+        stop(proc)
+
+
+async def test_overview_shows_an_error_and_no_all_clear_when_stats_fails(
+    page: Page, api_without_database: str
+) -> None:
+    await page.goto(f"{api_without_database}/ui")
+
+    await expect(page.locator("#banner")).to_be_visible()
+    await expect(page.locator("#banner")).to_contain_text("database is unavailable")
+    await expect(page.locator("#live")).to_have_class("live bad")
+    for list_id in ("failing", "unhandled", "workers"):
+        await expect(page.locator(f'#{list_id} li[data-state="error"]')).to_be_visible()
+    body = await page.locator("main").inner_text()
+    assert not [text for text in ALL_CLEAR if text in body], body
+    assert "Loading…" not in body
+
+
+# -- the jobs table and the job page -------------------------------------------------------
+
+LONG_ERROR = "disk full: " + "x" * 600 + "\nsecond line\nthird line"
+
+
+async def test_jobs_table_keeps_its_layout_with_a_long_multi_line_last_error(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    failed = await enqueue(api, kind="fail", payload={"message": LONG_ERROR}, max_attempts=1)
+    await enqueue(api, kind="echo", queue="parked")
+    await wait_for(lambda: _is(api, failed["id"], "failed_permanent"))
+
+    await page.goto(f"{base_url}/ui/jobs")
+
+    row = page.locator(f'#jobs-body tr[data-job-id="{failed["id"]}"]')
+    await expect(row.locator("td[data-last-error]")).to_contain_text("disk full: xxx")
+    cells = await row.locator("td").evaluate_all(
+        "tds => tds.map(td => { const r = td.getBoundingClientRect();"
+        " return [getComputedStyle(td).display, Math.round(r.top), Math.round(r.height)]; })"
+    )
+    assert {display for display, _, _ in cells} == {"table-cell"}
+    assert len({(top, height) for _, top, height in cells}) == 1, cells  # one aligned row
+    header = await page.locator("#jobs thead th").count()
+    assert len(cells) == header
+    text = await row.locator("td[data-last-error]").inner_text()
+    assert "second line" not in text  # the first line only; the job page has the rest
+
+
+async def test_jobs_table_shows_no_last_error_for_a_job_that_succeeded_after_retries(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    job = await enqueue(api, kind="flaky", payload={"fail_times": 1}, max_attempts=3)
+    await wait_for(lambda: _is(api, job["id"], "succeeded"))
+    assert (await api.get(f"/jobs/{job['id']}")).json()["last_error"]  # history keeps it
+
+    await page.goto(f"{base_url}/ui/jobs")
+
+    cell = page.locator(f'#jobs-body tr[data-job-id="{job["id"]}"] td[data-last-error]')
+    await expect(cell).to_have_text("")
+
+
+async def test_jobs_table_times_show_the_date(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    await enqueue(api, kind="echo", queue="parked")
+
+    await page.goto(f"{base_url}/ui/jobs")
+
+    created = page.locator("#jobs-body tr[data-job-id] td").nth(5)
+    await expect(created).to_have_text(re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$"))
+
+
+async def test_job_page_of_a_job_without_errors_says_so_without_a_numbered_item(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    job = await enqueue(api, kind="echo", queue="parked")
+
+    await page.goto(f"{base_url}/ui/jobs/{job['id']}")
+
+    await expect(page.locator("#status")).to_have_attribute("data-status", "queued")
+    await expect(page.locator("#no-errors")).to_have_text("No errors.")
+    await expect(page.locator("#no-errors")).to_be_visible()
+    await expect(page.locator("#errors > li")).to_have_count(0)
+    await expect(page.locator("#errors")).to_be_hidden()
+
+
+async def test_job_page_for_a_malformed_id_is_a_404_page(
+    page: Page, api: httpx.AsyncClient, base_url: str
+) -> None:
+    response = await page.goto(f"{base_url}/ui/jobs/not-a-uuid")
+
+    assert response is not None and response.status == 404
+    assert "text/html" in response.headers["content-type"]
+    await expect(page.locator("#not-found")).to_contain_text("'not-a-uuid' is not a job id.")
 
 
 async def _is(api: httpx.AsyncClient, job_id: str, status: str) -> bool:

@@ -4,6 +4,7 @@ authentication and the API's auth covers everything the dashboard shows or does.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -30,12 +31,15 @@ _SECURITY_HEADERS = {
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-def _page(request: Request, template: str, page: str, **context: object) -> Response:
+def _page(
+    request: Request, template: str, page: str, status_code: int = 200, **context: object
+) -> Response:
     registry = request.app.state.registry
     response = templates.TemplateResponse(
         request,
         template,
-        {
+        status_code=status_code,
+        context={
             "page": page,
             "statuses": STATUSES,
             "terminal_statuses": TERMINAL_STATUSES,
@@ -60,6 +64,14 @@ async def jobs(request: Request) -> Response:
 
 @router.get("/jobs/{job_id}")
 async def job(request: Request, job_id: str) -> Response:
+    # A malformed id names no job: 404 here. A well-formed one is looked up by the page's
+    # script with the operator's token (pages carry no data, so they need no auth).
+    try:
+        uuid.UUID(job_id)
+    except ValueError:
+        return _page(
+            request, "not_found.html", "missing", 404, message=f"{job_id!r} is not a job id."
+        )
     return _page(request, "job.html", "job", job_id=job_id)
 
 

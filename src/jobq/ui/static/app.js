@@ -57,12 +57,22 @@
     return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
   }
 
+  const pad = (n) => String(n).padStart(2, "0");
+
+  function fmtClock(d) {
+    return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  }
+
+  // Local time with the date, always: a time alone is ambiguous once a job is a day old.
   function fmtTime(iso) {
     if (!iso) return "—";
     const d = new Date(iso);
-    const sameDay = d.toDateString() === new Date().toDateString();
-    const time = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
-    return sameDay ? time : `${d.toLocaleDateString()} ${time}`;
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${fmtClock(d)}`;
+  }
+
+  function fmtAttempts(j) {
+    // No max_attempts given: the handler's value applies (resolved when the job is claimed).
+    return `${j.attempts} / ${j.max_attempts ?? "handler's"}`;
   }
 
   function fmtAgo(iso) {
@@ -140,7 +150,8 @@
   }
 
   // Calls `load` every `interval` ms (one call at a time); stops while a token is needed.
-  function poll(load, interval) {
+  // `onError(message)` lets a page show what it could not load where the data would be.
+  function poll(load, interval, onError) {
     let timer = null;
     let running = false;
     async function tick() {
@@ -151,7 +162,7 @@
       try {
         if (!document.hidden) {
           await load();
-          setLive(true, `updated ${fmtTime(new Date().toISOString())}`);
+          setLive(true, `updated ${fmtClock(new Date())}`);
           banner("");
         }
       } catch (err) {
@@ -160,7 +171,9 @@
           setLive(false, "token needed");
         } else {
           setLive(false, "not updating");
-          banner(err.status === 503 ? "The database is unavailable; retrying…" : `Could not load: ${err.message}`);
+          const message = err.status === 503 ? "The database is unavailable; retrying…" : `Could not load: ${err.message}`;
+          banner(message);
+          if (onError) onError(message);
         }
       } finally {
         running = false;
@@ -272,11 +285,15 @@
   }
 
   function renderList(id, items, emptyText, render) {
+    renderItems(id, items, render, () => [el("li", { class: "muted", "data-state": "empty" }, emptyText)]);
+  }
+
+  function renderItems(id, items, render, empty = () => []) {
     const list = $(id);
     const key = JSON.stringify(items);
     if (list.dataset.key === key) return;
     list.dataset.key = key;
-    list.replaceChildren(...(items.length ? items.map(render) : [el("li", { class: "muted" }, emptyText)]));
+    list.replaceChildren(...(items.length ? items.map(render) : empty()));
   }
 
   function renderOverview(stats) {
@@ -320,13 +337,54 @@
     );
   }
 
+  // Until the first answer, every card says it is loading; when /stats fails, every card says
+  // so (and data already shown is marked stale): never an all-clear the page does not know.
+  const OVERVIEW_LISTS = ["failing", "unhandled", "workers"];
+
+  function overviewFailed(message) {
+    const loaded = document.body.dataset.stats === "loaded" || document.body.dataset.stats === "stale";
+    document.body.dataset.stats = loaded ? "stale" : "error";
+    if (loaded) return;
+    for (const id of OVERVIEW_LISTS) {
+      const list = $(id);
+      delete list.dataset.key;
+      list.replaceChildren(el("li", { class: "error", "data-state": "error" }, message));
+    }
+    const empty = $("counts-body").querySelector("tr.empty td");
+    empty.className = "error";
+    empty.dataset.state = "error";
+    setText(empty, message);
+    setText($("throughput-summary"), message);
+  }
+
   function startOverview() {
-    poll(async () => renderOverview((await api("/stats")).body), 1000);
+    poll(
+      async () => {
+        const stats = (await api("/stats")).body;
+        const empty = $("counts-body").querySelector("tr.empty td");
+        if (empty.dataset.state !== "empty") {
+          empty.className = "";
+          empty.dataset.state = "empty";
+          setText(empty, "No jobs yet.");
+        }
+        renderOverview(stats);
+        document.body.dataset.stats = "loaded";
+      },
+      1000,
+      overviewFailed,
+    );
   }
 
   // -- jobs list ---------------------------------------------------------------------------
 
   const PAGE_SIZE = 25;
+
+  // A job that succeeded has no current error: an earlier attempt's is history (on its page).
+  function lastErrorCell(j) {
+    const error = j.status === "succeeded" ? null : j.last_error;
+    const first = error ? error.split("\n")[0] : "";
+    return el("td", { class: "wide", "data-last-error": "" }, el("span", { class: "clip", title: error || "" }, first));
+  }
 
   function startJobs() {
     const params = new URLSearchParams(location.search);
@@ -352,9 +410,9 @@
           el("td", {}, j.kind),
           el("td", {}, j.queue),
           el("td", {}, badge(j.status)),
-          el("td", { class: "num" }, `${j.attempts} / ${j.max_attempts ?? "handler's"}`),
+          el("td", { class: "num" }, fmtAttempts(j)),
           el("td", { title: j.created_at }, fmtTime(j.created_at)),
-          el("td", { class: "wide", title: j.last_error || "" }, j.last_error ? j.last_error.split("\n")[0] : ""),
+          lastErrorCell(j),
         ),
       );
       const key = JSON.stringify(body.jobs.map((j) => [j.id, j.status, j.attempts, j.last_error]));
@@ -394,7 +452,7 @@
       setText(status, j.status.replace("_", " "));
       setText($("kind"), j.kind);
       setText($("queue"), j.queue);
-      setText($("attempts"), `${j.attempts} / ${j.max_attempts ?? "handler's"}`);
+      setText($("attempts"), fmtAttempts(j));
       setText($("priority"), String(j.priority));
       setText($("cancel-requested"), j.cancel_requested ? "yes" : "no");
       setText($("idempotency-key"), j.idempotency_key || "—");
@@ -408,7 +466,9 @@
         setText(time, at ? `${fmtTime(at)} (${fmtAgo(at)})` : "—");
       }
       setText($("error-count"), j.errors.length ? `${j.errors.length}` : "");
-      renderList("errors", j.errors, "No errors.", (e) =>
+      $("errors").hidden = j.errors.length === 0;
+      $("no-errors").hidden = j.errors.length > 0;
+      renderItems("errors", j.errors, (e) =>
         el(
           "li",
           { "data-attempt": String(e.attempt) },
