@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -173,3 +174,38 @@ async def test_worker_stopped_while_it_waits_for_the_database_exits_0(tmp_path: 
             worker.kill()
             worker.wait()
     assert "Traceback" not in _text(log)
+
+
+@pytest.mark.timeout(120)
+async def test_api_started_before_a_database_with_a_stale_schema_exits_1_once_it_is_reachable(
+    own_server: EmbeddedPostgres, own_dsn: str, tmp_path: Path
+) -> None:
+    conn = await asyncpg.connect(own_dsn)
+    try:
+        await conn.execute("DROP DATABASE IF EXISTS unmigrated")
+        await conn.execute("CREATE DATABASE unmigrated")
+    finally:
+        await conn.close()
+    own_server.stop()
+    log = tmp_path / "api.log"
+    try:
+        with log.open("wb") as err:
+            api, _ = start_api(own_server.dsn("unmigrated"), stderr=err)
+        try:
+
+            async def waiting() -> bool:
+                assert api.poll() is None, _text(log)
+                return UNREACHABLE in _text(log)
+
+            await wait_for(waiting, timeout=60, interval=0.1)
+            own_server.start()
+            assert api.wait(timeout=60) == 1
+        finally:
+            if api.poll() is None:
+                stop(api)
+    finally:
+        if not (own_server.pgdata / "postmaster.pid").exists():
+            own_server.start()
+    output = _text(log)
+    assert "Traceback" not in output
+    assert "the database schema is not up to date" in output and "jobq migrate" in output
