@@ -29,6 +29,8 @@ Layouts:
   changed middle of the row, not the whole new version).
 - lh_asc: lh_by_id_ff50 with the history indexes ascending (newest first is a backward
   scan): appends at the right edge split pages 90/10, DESC indexes split 50/50 at the left.
+- lh_asc_copy: lh_asc with the bulk insert as COPY and client-made UUIDv7 ids (heap
+  multi-insert records), which keys in their own table make possible (no ON CONFLICT).
 - lh_min: a live table with only what claim, rescue and lookup need; history with id and
   created only: the floor for the two-table shape.
 """
@@ -36,7 +38,9 @@ Layouts:
 from __future__ import annotations
 
 import argparse
+import os
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -74,10 +78,12 @@ _COLUMNS = """
     finished_at         timestamptz
 """
 
+# A finished job keeps no lease (as today: completion clears the token and the expiry).
 _HISTORY_COLS = (
     "id, kind, queue, payload, status, priority, attempts, max_attempts, run_at,"
-    " idempotency_key, cancel_requested, lease_owner, retry_delay_seconds, last_error, errors,"
-    " result, created_at, updated_at, started_at, finished_at"
+    " idempotency_key, cancel_requested, lease_owner, lease_token, lease_expires_at,"
+    " retry_delay_seconds, last_error, errors, result, created_at, updated_at, started_at,"
+    " finished_at"
 )
 
 
@@ -184,8 +190,8 @@ WITH done AS (
 )
 INSERT INTO history ({_HISTORY_COLS})
 SELECT id, kind, queue, payload, 'succeeded', priority, attempts, max_attempts, run_at,
-       idempotency_key, cancel_requested, lease_owner, retry_delay_seconds, last_error, errors,
-       new_result::jsonb, created_at, now(), started_at, now()
+       idempotency_key, cancel_requested, lease_owner, NULL, NULL, retry_delay_seconds,
+       last_error, errors, new_result::jsonb, created_at, now(), started_at, now()
 FROM done
 RETURNING id
 """
@@ -217,6 +223,11 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "ddl": _live_ddl(False, fillfactor=50) + _history_ddl(_HISTORY_BY_ID_ASC),
         "insert": _LH_INSERT,
     },
+    "lh_asc_copy": {
+        "ddl": _live_ddl(False, fillfactor=50) + _history_ddl(_HISTORY_BY_ID_ASC),
+        "insert": _LH_INSERT,
+        "copy": True,
+    },
     "lh_min": {"ddl": _live_ddl(False) + _history_ddl(_HISTORY_MIN), "insert": _LH_INSERT},
 }
 
@@ -229,6 +240,26 @@ async def run(admin: str, a: argparse.Namespace) -> None:
             async with fresh_db(admin, "layout") as dsn:
                 rec = await run_layout(dsn, name, a.layout_n)
             emit({"bench": "storage_layout", "layout": name, "round": round_no + 1, **rec})
+
+
+def uuid7(ms: int) -> uuid.UUID:
+    """A UUIDv7 for the millisecond `ms`, made by the client (as jobq_uuid_v7 in SQL)."""
+    raw = bytearray(ms.to_bytes(6, "big") + os.urandom(10))
+    raw[6] = (raw[6] & 0x0F) | 0x70
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return uuid.UUID(bytes=bytes(raw))
+
+
+async def copy_jobs(conn: asyncpg.Connection, start: int, k: int) -> None:
+    """The bulk insert as COPY with ids made by the client: PostgreSQL writes the heap with
+    one multi-insert record per page instead of one record per row. Possible once keyed
+    jobs no longer need ON CONFLICT on the job table (keys in their own table)."""
+    ms = time.time_ns() // 1_000_000
+    rows = [(uuid7(ms), "noop", "default", f'{{"i": {start + i}}}') for i in range(k)]
+    await conn.copy_records_to_table(
+        "live", records=rows, columns=["id", "kind", "queue", "payload"]
+    )
+    await conn.execute("SELECT pg_notify('jobq_jobs', 'default')")
 
 
 async def run_layout(dsn: str, name: str, n: int) -> dict[str, Any]:
@@ -258,7 +289,10 @@ async def run_layout(dsn: str, name: str, n: int) -> dict[str, Any]:
             if one_table:
                 args.append([None] * k)  # request_fingerprint
             async with conn.transaction():
-                await conn.execute(insert, *args)
+                if layout.get("copy"):
+                    await copy_jobs(conn, s, k)
+                else:
+                    await conn.execute(insert, *args)
         t1 = time.monotonic()
         p1 = await wal_position(conn)
         await conn.execute("ANALYZE")
