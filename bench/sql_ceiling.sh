@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # SQL-only drain ceiling: N jobs queued with jobq's own enqueue_many, then drained by pgbench
-# running bench/sql/drain_loop.sql with CLIENTS connections (no Python in the loop).
+# running bench/sql/drain_loop.sql with CLIENTS connections (no Python in the loop). Also
+# prints the drain's WAL bytes per job (claim + complete; the whole server's WAL, so run it
+# on a server nothing else writes to). drain_loop.sql and the two table names below are
+# written for schema v2: a new storage layout needs its own statements there.
 #   bench/sql_ceiling.sh URL_OF_AN_EMPTY_DATABASE [N=20000] [CLIENTS=2]
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,8 +27,10 @@ async def main(url: str, n: int) -> None:
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 PYEOF
 per_client=$(( (N / 250 + CLIENTS - 1) / CLIENTS + 1 ))
+lsn0=$(psql "$URL" -Atc "SELECT pg_current_wal_lsn()")
 start=$(date +%s.%N)
 "$PGBENCH" -n -f "$ROOT/bench/sql/drain_loop.sql" -c "$CLIENTS" -j "$CLIENTS" -t "$per_client" "$URL" >/dev/null 2>"${TMPDIR:-/tmp}/jobq-pgbench.log" || { cat "${TMPDIR:-/tmp}/jobq-pgbench.log" >&2; exit 1; }
 end=$(date +%s.%N)
+wal=$(psql "$URL" -Atc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn0')")
 done_n=$(psql "$URL" -Atc "SELECT count(*) FROM jobs WHERE status = 'succeeded'")
-python3 -c "import json,sys; n=$done_n; s=$end-$start; print(json.dumps({'bench':'sql_ceiling','clients':$CLIENTS,'n':n,'seconds':round(s,3),'jobs_per_s':round(n/s,1),'ok':n==$N}))"
+python3 -c "import json,sys; n=$done_n; s=$end-$start; print(json.dumps({'bench':'sql_ceiling','clients':$CLIENTS,'n':n,'seconds':round(s,3),'jobs_per_s':round(n/s,1),'drain_wal_bytes_per_job':round($wal/max(n,1),1),'ok':n==$N}))"

@@ -549,6 +549,8 @@ def plot_soak(jsonl: Path, png: Path, a: argparse.Namespace | None = None) -> No
     title = "jobq soak"
     if a is not None:
         how = f"JOBQ_RETENTION={a.retention}" if a.retention else "no retention"
+        if a.retention and not retention_supported():
+            how = "no JOBQ_RETENTION in this revision"
         if a.prune_with_delete:
             how += f", runbook DELETE of jobs finished > {a.prune_older_than:.0f}s ago"
         title += f": {a.rate} jobs/s, {how}"
