@@ -232,11 +232,17 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
 @contextlib.asynccontextmanager
 async def api_process(dsn: str, port: int) -> AsyncIterator[subprocess.Popen[bytes]]:
     """A real `jobq api` on 127.0.0.1:port, accepting connections when this yields."""
+    with contextlib.suppress(OSError):
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+        w.close()
+        raise RuntimeError(f"port {port} is already in use (a leftover `jobq api`?)")
     api = subprocess.Popen(
         [sys.executable, "-m", "jobq", "api", "--port", str(port)], env=child_env(dsn), cwd=ROOT
     )
     try:
         for _ in range(400):
+            if api.poll() is not None:
+                raise RuntimeError(f"`jobq api` exited with {api.returncode}")
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", port)
                 w.close()
