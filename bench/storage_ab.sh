@@ -21,7 +21,7 @@ run() {  # label run-number [bench.storage args]
     echo "== $label ($(git -C "$tree" rev-parse --short HEAD)), run $n" >&2
     (cd "$tree" && PYTHONPATH="$tree/src:$tree" "$PY" -m bench.storage "$@" \
         --out "$OUT/$label-$n.jsonl" --soak-out "$OUT/$label-$n-soak.jsonl" \
-        --soak-plot "$OUT/$label-$n-soak.png")
+        --soak-plot "$OUT/$label-$n-soak.png") >&2  # stdout: the table only
 }
 for i in $(seq 1 "$RUNS"); do
     if (( i % 2 )); then run before "$i" "$@"; run after "$i" "$@"
