@@ -47,3 +47,63 @@ async def test_migrating_an_up_to_date_database_does_nothing(empty_dsn: str) -> 
 def test_migrations_are_numbered_without_gaps() -> None:
     versions = [m.version for m in schema.available()]
     assert versions == list(range(1, len(versions) + 1))
+
+
+async def _migrate_through(conn: asyncpg.Connection, version: int) -> None:
+    """Apply migrations up to `version` only, as an older release would have."""
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS jobq_schema_migrations (version integer PRIMARY KEY,"
+        " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for m in schema.available():
+        if m.version <= version:
+            async with conn.transaction():
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO jobq_schema_migrations (version, name) VALUES ($1, $2)",
+                    m.version,
+                    m.name,
+                )
+
+
+async def _claim_index_is_valid(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT i.indisvalid AND NOT i.indisunique FROM pg_index AS i"
+            " WHERE i.indexrelid = 'jobs_queue_claim_idx'::regclass"
+        )
+    )
+
+
+async def test_upgrading_a_populated_database_keeps_its_jobs_and_builds_the_claim_index(
+    empty_dsn: str,
+) -> None:
+    conn = await db.connect(empty_dsn)
+    try:
+        await _migrate_through(conn, 2)
+        await conn.execute(
+            "INSERT INTO jobs (kind, max_attempts) SELECT 'echo', 5 FROM generate_series(1, 500)"
+        )
+        assert await schema.migrate(conn) == [3]
+        assert await _claim_index_is_valid(conn)
+        assert await conn.fetchval("SELECT to_regclass('jobs_claim_idx')") is None
+        assert await conn.fetchval("SELECT count(*) FROM jobs WHERE max_attempts = 5") == 500
+    finally:
+        await conn.close()
+
+
+async def test_an_index_build_a_crash_left_invalid_is_built_again(empty_dsn: str) -> None:
+    conn = await db.connect(empty_dsn)
+    try:
+        await _migrate_through(conn, 2)
+        await conn.execute("INSERT INTO jobs (kind) SELECT 'echo' FROM generate_series(1, 2)")
+        # A concurrent build that fails leaves an invalid index behind under the final name.
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY jobs_queue_claim_idx ON jobs (queue)"
+                " WHERE status IN ('queued', 'retrying')"
+            )
+        assert await schema.migrate(conn) == [3]
+        assert await _claim_index_is_valid(conn)
+    finally:
+        await conn.close()
