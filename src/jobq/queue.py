@@ -5,8 +5,9 @@ Lifecycle (River-style, one row per job):
     queued ──claim──▶ running ──complete──▶ succeeded
       ▲                 │ ├──fail (attempts left)──▶ retrying ──claim──▶ running …
       │                 │ ├──fail (attempts spent)─▶ failed_permanent
-      │                 │ └──cancel observed───────▶ cancelled
-      │                 └──lease expired (rescue)──▶ retrying | failed_permanent | cancelled
+      │                 │ └──cancel observed, or fail after a cancel request──▶ cancelled
+      │                 └──lease expired (rescue)──▶ retrying (after backoff) | failed_permanent
+      │                                              | cancelled
       └──────────────────────────retry (operator)◀── failed_permanent | cancelled
 
 Every write by a worker is fenced by the lease token it got at claim time: once a job was
