@@ -648,6 +648,22 @@ def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
 
 
+async def _explain_claim(queue: Queue, n: int) -> dict[str, Any]:
+    """EXPLAIN (ANALYZE, BUFFERS) of a claim of n from QUEUES, rolled back (ANALYZE runs it)."""
+    async with queue.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            plan_json = await conn.fetchval(
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + CLAIM,
+                "w", KINDS, QUEUES, n, 30.0, [], [], 3,
+            )  # fmt: skip
+        finally:
+            await tx.rollback()
+    plan = orjson.loads(plan_json) if isinstance(plan_json, str | bytes) else plan_json
+    return dict(plan[0])
+
+
 async def test_a_claim_reads_neither_other_queues_backlogs_nor_jobs_not_yet_due(
     queue: Queue,
 ) -> None:
@@ -659,18 +675,26 @@ async def test_a_claim_reads_neither_other_queues_backlogs_nor_jobs_not_yet_due(
     await queue.pool.execute(load, "default", 20_000, 86_400.0)  # this queue, due tomorrow
     await queue.pool.execute(load, "default", 1, -1.0)
     await queue.pool.execute("ANALYZE jobs")
-    async with queue.pool.acquire() as conn:
-        tx = conn.transaction()
-        await tx.start()
-        try:  # EXPLAIN ANALYZE runs the claim: roll it back
-            plan_json = await conn.fetchval(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + CLAIM,
-                "w", KINDS, QUEUES, 10, 30.0, [], [], 3,
-            )  # fmt: skip
-        finally:
-            await tx.rollback()
-    plan = (orjson.loads(plan_json) if isinstance(plan_json, str | bytes) else plan_json)[0]
+    plan = await _explain_claim(queue, 10)
     nodes = _plan_nodes(plan["Plan"])
     assert plan["Plan"]["Actual Rows"] == 1
     assert sum(n.get("Rows Removed by Filter", 0) for n in nodes) == 0
     assert plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"] < 200
+
+
+async def test_a_claim_locks_about_the_rows_it_takes_however_many_priorities_wait(
+    queue: Queue,
+) -> None:
+    await queue.pool.execute(
+        "INSERT INTO jobs (kind, priority, run_at)"
+        " SELECT 'echo', g % 100, now() - interval '1 minute' FROM generate_series(1, 2000) AS g"
+    )
+    await queue.pool.execute("ANALYZE jobs")
+    plan = await _explain_claim(queue, 10)
+    locked = sum(
+        n["Actual Rows"] * n["Actual Loops"]
+        for n in _plan_nodes(plan["Plan"])
+        if n["Node Type"] == "LockRows"
+    )
+    assert plan["Plan"]["Actual Rows"] == 10
+    assert locked <= 2 * 10  # not 10 for each of the 100 priorities

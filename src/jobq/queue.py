@@ -433,7 +433,9 @@ _CLAIM_RETURNING = ", ".join(
 # Bounded by jobs_queue_claim_idx (queue, priority, run_at, id): a loose index scan finds the
 # (queue, priority) pairs that have waiting jobs, one index probe each; per pair, only due rows
 # are read, in (run_at, id) order. Another queue's backlog and future-dated jobs cost nothing.
-# Each pair locks at most $4 rows; the best $4 of them are leased.
+# Priorities are taken one at a time, lowest first, and the walk stops once $4 rows are held:
+# a row locked costs a write, so a claim locks the rows it takes and, at the last priority it
+# reaches, at most $4 per queue; not $4 for every priority waiting.
 # max_attempts left unspecified (NULL) becomes the claiming worker's value for the kind ($6,
 # $7), or $8.
 _CLAIM = f"""
@@ -455,18 +457,26 @@ WITH RECURSIVE pairs AS (
         ORDER BY priority LIMIT 1
     ) AS p
 ), picked AS (
+    -- No ORDER BY here: a sort would read every priority. The nested loop keeps the order of
+    -- `level`, so the LIMIT takes the lowest priorities and stops reading.
     SELECT c.id
-    FROM pairs
+    FROM (SELECT DISTINCT priority FROM pairs ORDER BY priority) AS level
     CROSS JOIN LATERAL (
-        SELECT id, priority, run_at FROM jobs
-        WHERE status IN ('queued', 'retrying') AND queue = pairs.queue
-          AND priority = pairs.priority AND run_at <= now()
-          AND kind = ANY($2::text[])
-        ORDER BY run_at, id
+        SELECT d.id, d.run_at
+        FROM pairs
+        CROSS JOIN LATERAL (
+            SELECT id, run_at FROM jobs
+            WHERE status IN ('queued', 'retrying') AND queue = pairs.queue
+              AND priority = level.priority AND run_at <= now()
+              AND kind = ANY($2::text[])
+            ORDER BY run_at, id
+            LIMIT $4
+            FOR UPDATE SKIP LOCKED
+        ) AS d
+        WHERE pairs.priority = level.priority
+        ORDER BY d.run_at, d.id
         LIMIT $4
-        FOR UPDATE SKIP LOCKED
     ) AS c
-    ORDER BY c.priority, c.run_at, c.id
     LIMIT $4
 )
 UPDATE jobs AS j
