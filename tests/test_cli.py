@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
+from jobq.embedded import EmbeddedPostgres
 from jobq.queue import Queue
 from tests.helpers import ROOT, wait_for
 
@@ -280,3 +282,61 @@ async def test_migrate_prints_each_step_once(admin_dsn: str) -> None:
     output = result.stdout + result.stderr
     assert output.count("0001_jobs") == 1, output
     assert "[1/" in result.stdout and "applied" in result.stdout
+
+
+@pytest.mark.timeout(180)
+async def test_ctrl_c_on_dev_lets_running_jobs_finish_and_stops_the_database_last(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group, as `os.killpg` does."""
+    port = free_port()
+    data_dir = tmp_path / "jobq"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env |= {"JOBQ_DATA_DIR": str(data_dir), "JOBQ_POLL_INTERVAL_SECONDS": "0.2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobq", "dev", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a process group of its own, like a terminal's foreground job
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+
+            async def ready() -> bool:
+                try:
+                    return (await client.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(ready, timeout=90, interval=0.2)
+            created = await client.post("/jobs", json={"kind": "sleep", "payload": {"seconds": 1}})
+            job_id = created.json()["id"]
+
+            async def running() -> bool:
+                return (await client.get(f"/jobs/{job_id}")).json()["status"] == "running"
+
+            await wait_for(running, timeout=30)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "not written" not in output, output
+    assert not list(data_dir.glob("pg*/postmaster.pid"))
+    # The server shut down after its clients had left: it did not have to cut anyone off.
+    pg_log = next(data_dir.glob("pg*.log")).read_text()
+    assert "terminating connection due to administrator command" not in pg_log
+    server = EmbeddedPostgres(data_dir)
+    conn = await asyncpg.connect(server.start())
+    try:
+        row = await conn.fetchrow("SELECT status, attempts FROM jobs WHERE id = $1", job_id)
+    finally:
+        await conn.close()
+        server.stop()
+    assert (row["status"], row["attempts"]) == ("succeeded", 1)

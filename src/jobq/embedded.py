@@ -9,6 +9,8 @@ Design points:
   listener would let every local user in as superuser.
 - The server is a direct child started under `setpriv --pdeathsig INT`, so it shuts down
   cleanly when its owner dies, even by SIGKILL; the next start then finds a clean directory.
+- It runs in a session of its own, out of the terminal's process group: Ctrl-C reaches the
+  owner only, which stops its clients first and the server last.
 - A second process pointed at the same directory attaches to the running server.
 - PostgreSQL refuses to run as root: as root it runs inside a user namespace mapped to
   `nobody`, which needs no user creation and no permission changes.
@@ -307,8 +309,16 @@ class EmbeddedPostgres:
             cmd += ["-c", f"{key}={value}"]
         logfile = open(self.root / f"pg{self.major}.log", "ab")  # noqa: SIM115
         try:
+            # A session of its own: Ctrl-C in a terminal signals the whole foreground process
+            # group, and the server must outlive the API and worker it serves, which still
+            # write their results during their grace period. The owner stops it last (stop());
+            # if the owner dies first, the death signal above stops it.
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             logfile.close()
