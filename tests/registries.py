@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import asyncpg
@@ -56,3 +57,9 @@ async def sleep(ctx: JobContext, payload: dict[str, Any]) -> None:
     while loop.time() < deadline:
         ctx.raise_if_cancelled()
         await asyncio.sleep(0.05)
+
+
+@recording.handler("sync_sleep")
+def sync_sleep(ctx: JobContext, payload: dict[str, Any]) -> None:
+    """A plain function that sleeps `seconds`, deaf to cancel requests."""
+    time.sleep(float(payload.get("seconds", 1)))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
@@ -14,11 +16,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from jobq import db
+from jobq import db, examples, worker
 from jobq.api import create_app
 from jobq.embedded import EmbeddedPostgres
 from jobq.queue import NewJob, Queue
 from jobq.settings import Settings
+from jobq.worker import Worker
 from tests import owned_postgres
 from tests.helpers import wait_for, worker_process
 
@@ -290,3 +293,72 @@ async def test_a_completion_that_could_not_be_written_is_retried_after_the_outag
         assert proc.poll() is None
     finally:
         assert _stop(proc) == 0
+
+
+# -- shutting down while the database is away -------------------------------------------
+
+# A long lease: what bounds the shutdown below is the shutdown deadline, not the lease.
+LONG_LEASE = Settings(
+    poll_interval_seconds=0.1,
+    heartbeat_seconds=0.5,
+    lease_seconds=20,
+    rescue_interval_seconds=600,
+)
+
+
+async def _stop_with_the_database_down(
+    queue: Queue, own_server: EmbeddedPostgres, own_dsn: str, *, signals: int
+) -> tuple[float, uuid.UUID]:
+    """Run a 60 s job, stop the database, then ask the worker to stop `signals` times."""
+    job = (await queue.enqueue(NewJob(kind="sleep", payload={"seconds": 60}, max_attempts=1))).job
+    w = Worker(own_dsn, examples.registry, settings=LONG_LEASE, shutdown_grace=0.3)
+    task = asyncio.create_task(w.run())
+    try:
+        await asyncio.wait_for(w.wait_started(), 30)
+
+        async def running() -> bool:
+            return (await queue.get(job.id)).status == "running"
+
+        await wait_for(running, timeout=30)
+        own_server.stop()
+        asked = time.monotonic()
+        for _ in range(signals):
+            w.request_stop()
+        await asyncio.wait_for(task, 60)
+        return time.monotonic() - asked, job.id
+    finally:
+        if not task.done():
+            task.cancel()
+        own_server.start()
+
+
+async def test_a_second_stop_while_the_database_is_down_exits_at_once(
+    queue: Queue, own_server: EmbeddedPostgres, own_dsn: str
+) -> None:
+    took, job_id = await _stop_with_the_database_down(queue, own_server, own_dsn, signals=2)
+    assert took < 3  # not the 20 s lease the release used to be retried for
+    # Nothing could be written: the job is still leased to the stopped worker.
+    row = await queue.get(job_id)
+    assert (row.status, row.attempts) == ("running", 1)
+
+
+async def test_a_stop_while_the_database_is_down_gives_up_at_the_shutdown_deadline(
+    queue: Queue, own_server: EmbeddedPostgres, own_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "SHUTDOWN_WRITE_SECONDS", 1.0)
+    took, _ = await _stop_with_the_database_down(queue, own_server, own_dsn, signals=1)
+    assert took < 0.3 + 1.0 + 2  # the grace, the write deadline, scheduling
+
+
+async def test_an_attempt_whose_release_could_not_be_written_counts_once_rescued(
+    queue: Queue, own_server: EmbeddedPostgres, own_dsn: str
+) -> None:
+    _, job_id = await _stop_with_the_database_down(queue, own_server, own_dsn, signals=2)
+    await queue.pool.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job_id
+    )
+    await queue.rescue()
+    row = await queue.get(job_id)
+    # Indistinguishable from a worker that crashed mid-run: the attempt is spent.
+    assert (row.status, row.attempts) == ("failed_permanent", 1)
+    assert "worker lost" in (row.last_error or "")

@@ -104,6 +104,36 @@ async def test_sigterm_past_the_grace_period_requeues_without_counting(
     assert (row.status, row.attempts) == ("queued", 0)
 
 
+async def test_sigterm_past_the_grace_exits_on_time_while_a_sync_handler_still_runs(
+    queue: Queue, dsn: str
+) -> None:
+    job = (await queue.enqueue(NewJob(kind="sync_sleep", payload={"seconds": 30}))).job
+    proc = worker_process(
+        dsn,
+        "tests.registries:recording",
+        "--shutdown-grace",
+        "0.3",
+        env=FAST_ENV,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_for(lambda: _status(queue, job.id, "running"), timeout=30)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert took < 10  # the grace and the writes, not the 30 s the thread still had to run
+    assert b"cannot be interrupted" in err
+    # Left leased, not released: the lease expires and the rescue returns it.
+    row = await queue.get(job.id)
+    assert (row.status, row.attempts) == ("running", 1)
+
+
 async def test_a_killed_worker_s_job_is_rescued_by_another(queue: Queue, dsn: str) -> None:
     env = {**FAST_ENV, "JOBQ_LEASE_SECONDS": "1", "JOBQ_HEARTBEAT_SECONDS": "0.3"}
     job = (await queue.enqueue(NewJob(kind="sleep", payload={"seconds": 2}))).job

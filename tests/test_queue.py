@@ -385,7 +385,7 @@ async def test_heartbeat_extends_leases_and_reports_cancel_requests(queue: Queue
     a, b = await queue.claim("w", KINDS, QUEUES, 2, lease_seconds=1)
     await queue.request_cancel(b.id)
     result = await queue.heartbeat([lease_of(a), lease_of(b)], lease_seconds=60)
-    assert result.cancel_requested == {b.id}
+    assert result.cancel_requested == {lease_of(b)}
     assert result.lost == set()
     row = await queue.get(a.id)
     assert row.lease_expires_at is not None
@@ -398,7 +398,37 @@ async def test_heartbeat_reports_leases_lost(queue: Queue) -> None:
     await asyncio.sleep(0.05)
     await queue.rescue()
     result = await queue.heartbeat([lease_of(job)], lease_seconds=60)
-    assert result.lost == {job.id}
+    assert result.lost == {lease_of(job)}
+
+
+async def test_a_heartbeat_skips_a_row_locked_by_someone_else_and_still_extends_the_rest(
+    queue: Queue,
+) -> None:
+    await queue.enqueue_many([NewJob(kind="echo") for _ in range(2)])
+    a, b = await queue.claim("w", KINDS, QUEUES, 2, lease_seconds=1)
+    async with queue.pool.acquire() as operator, operator.transaction():
+        await operator.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", b.id)
+        result = await asyncio.wait_for(
+            queue.heartbeat([lease_of(a), lease_of(b)], lease_seconds=60), timeout=5
+        )
+    assert result.lost == set()
+    assert result.skipped == {lease_of(b)}
+    row = await queue.get(a.id)
+    assert row.lease_expires_at is not None
+    assert row.lease_expires_at > datetime.now(UTC) + timedelta(seconds=50)
+
+
+async def test_a_heartbeat_extends_the_lease_from_the_time_of_the_write(queue: Queue) -> None:
+    await queue.enqueue(NewJob(kind="echo"))
+    job = await claim_one(queue)
+    async with queue.pool.acquire() as conn, conn.transaction():
+        # now() is frozen at the start of the transaction; the write happens a second later.
+        await conn.execute("SELECT pg_sleep(1.0)")
+        await queue.heartbeat([lease_of(job)], lease_seconds=0.5, conn=conn)
+        expires, written = await conn.fetchrow(
+            "SELECT lease_expires_at, clock_timestamp() FROM jobs WHERE id = $1", job.id
+        )
+    assert expires > written
 
 
 async def test_rescue_returns_expired_runs_to_the_queue(queue: Queue) -> None:

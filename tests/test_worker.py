@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -485,3 +486,244 @@ async def test_a_handlers_max_attempts_applies_to_a_job_enqueued_without_one(
         done = await finished(queue, job.id)
     assert (done.status, done.attempts, done.max_attempts) == ("failed_permanent", 2, 2)
     assert done.last_error == "RuntimeError: attempt 2 of 2"
+
+
+# -- sync handlers: one run at a time, however it ends ----------------------------------
+
+
+async def test_a_timed_out_sync_job_is_not_run_again_while_its_thread_still_runs(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    spans: list[tuple[int, float, float]] = []
+
+    @registry.handler("slow", timeout=0.1)
+    def slow(ctx: JobContext, payload: dict[str, Any]) -> str:
+        start = time.monotonic()
+        if ctx.attempt == 1:
+            time.sleep(0.8)  # far past the timeout: a thread cannot be interrupted
+        spans.append((ctx.attempt, start, time.monotonic()))
+        return "ok"
+
+    job = await enqueue(queue, "slow", max_attempts=2)
+    async with running(dsn, registry, concurrency=2):
+        done = await finished(queue, job.id)
+    assert (done.status, done.attempts) == ("succeeded", 2)
+    assert "timed out" in done.errors[0]["error"]
+    (_, _, first_end), (_, second_start, _) = sorted(spans)
+    assert second_start >= first_end
+
+
+async def test_a_sync_handler_s_timeout_counts_from_its_real_start(queue: Queue, dsn: str) -> None:
+    registry = Registry()
+
+    @registry.handler("slow", timeout=0.3)
+    def slow(ctx: JobContext, payload: dict[str, Any]) -> float:
+        time.sleep(payload["seconds"])
+        return float(payload["seconds"])
+
+    first = await enqueue(queue, "slow", {"seconds": 0.8}, priority=0, max_attempts=1)
+    second = await enqueue(queue, "slow", {"seconds": 0.05}, priority=1, max_attempts=1)
+    async with running(dsn, registry, concurrency=1):
+        a = await finished(queue, first.id)
+        b = await finished(queue, second.id)
+    assert a.status == "failed_permanent"
+    # The second job waited for the first one's thread; its 0.3 s started when it did.
+    assert (b.status, b.result, b.errors) == ("succeeded", 0.05, [])
+
+
+async def test_a_sync_handler_that_ignores_a_cancel_keeps_its_job_and_slot_until_it_returns(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    began = threading.Event()
+    times: dict[str, float] = {}
+
+    @registry.handler("deaf")
+    def deaf(ctx: JobContext, payload: dict[str, Any]) -> None:
+        if payload.get("deaf"):
+            began.set()
+            time.sleep(1.0)  # ignores ctx.cancelled, far past FAST.cancel_grace_seconds
+            times["deaf_returned"] = time.time()
+        else:
+            times["next_started"] = time.time()
+
+    deaf_job = await enqueue(queue, "deaf", {"deaf": True}, priority=0)
+    next_job = await enqueue(queue, "deaf", priority=1)
+
+    async def deaf_began() -> bool:
+        return began.is_set()
+
+    async with running(dsn, registry, concurrency=1):
+        await wait_for(deaf_began)
+        await queue.request_cancel(deaf_job.id)
+        cancelled = await finished(queue, deaf_job.id)
+        await finished(queue, next_job.id)
+    assert cancelled.finished_at is not None
+    assert cancelled.finished_at.timestamp() >= times["deaf_returned"]
+    assert times["next_started"] >= times["deaf_returned"]
+
+
+async def test_shutdown_past_the_grace_leaves_a_running_sync_job_leased_and_stops_on_time(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    began, release = threading.Event(), threading.Event()
+
+    @registry.handler("stuck")
+    def stuck(ctx: JobContext, payload: dict[str, Any]) -> None:
+        began.set()
+        release.wait(timeout=30)
+
+    async def stuck_began() -> bool:
+        return began.is_set()
+
+    job = await enqueue(queue, "stuck")
+    worker = Worker(dsn, registry, settings=FAST, shutdown_grace=0.2)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.wait_started(), 10)
+        await wait_for(stuck_began)
+        asked = time.monotonic()
+        worker.request_stop()
+        await asyncio.wait_for(task, 10)
+        took = time.monotonic() - asked
+        row = await queue.get(job.id)
+    finally:
+        release.set()
+    assert took < 3  # the grace, then the writes: the thread (30 s) is not waited for
+    # Not released while its function still runs: no other worker can start it meanwhile.
+    assert (row.status, row.attempts) == ("running", 1)
+
+
+# -- leases: one attempt's news never touches another -----------------------------------
+
+QUIET = Settings(
+    poll_interval_seconds=0.1,
+    rescue_interval_seconds=600,
+    heartbeat_seconds=300,
+    lease_seconds=600,
+    cancel_grace_seconds=0.3,
+)
+
+
+async def test_a_late_lease_lost_about_attempt_1_never_stops_attempt_2_on_the_same_worker(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    gate = asyncio.Event()
+    interrupted: list[int] = []
+
+    @registry.handler("twice")
+    async def twice(ctx: JobContext, payload: dict[str, Any]) -> int:
+        try:
+            await (asyncio.sleep(60) if ctx.attempt == 1 else gate.wait())
+        except asyncio.CancelledError:
+            interrupted.append(ctx.attempt)
+            raise
+        return ctx.attempt
+
+    @registry.handler("held")
+    async def held(ctx: JobContext, payload: dict[str, Any]) -> None:
+        await gate.wait()
+
+    job = await enqueue(queue, "twice", max_attempts=3)
+    other = await enqueue(queue, "held")
+    async with running(dsn, registry, settings=QUIET, concurrency=3) as worker:
+        await wait_for(lambda: _status_is(queue, job.id, "running"))
+        await wait_for(lambda: _status_is(queue, other.id, "running"))
+        async with queue.pool.acquire() as operator, operator.transaction():
+            await operator.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", other.id)
+            # Attempt 1's lease is lost (expired and rescued); the next attempt is not yet due.
+            await queue.pool.execute(
+                "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+                job.id,
+            )
+            await queue.rescue()
+            await queue.pool.execute(
+                "UPDATE jobs SET run_at = now() + interval '1 hour' WHERE id = $1", job.id
+            )
+            # A heartbeat about attempt 1, slowed down by the locked row of the other job.
+            late = asyncio.create_task(worker.heartbeat_once())
+            await asyncio.sleep(0)
+            await queue.pool.execute("UPDATE jobs SET run_at = now() WHERE id = $1", job.id)
+
+            async def second_attempt_running() -> bool:
+                row = await queue.get(job.id)
+                return (row.status, row.attempts) == ("running", 2)
+
+            await wait_for(second_attempt_running)
+        await asyncio.wait_for(late, 10)
+        await worker.heartbeat_once()
+        gate.set()
+        done = await finished(queue, job.id)
+        await finished(queue, other.id)
+    assert (done.status, done.attempts, done.result) == ("succeeded", 2, 2)
+    assert interrupted == [1]
+
+
+async def test_a_row_locked_by_someone_else_costs_the_worker_none_of_its_leases(
+    queue: Queue, dsn: str
+) -> None:
+    # No rescuer of its own: what is under test is only whether the leases keep moving.
+    settings = Settings(
+        poll_interval_seconds=0.1,
+        rescue_interval_seconds=600,
+        heartbeat_seconds=0.2,
+        lease_seconds=1.0,
+    )
+    registry = Registry()
+    gate = asyncio.Event()
+    starts: list[uuid.UUID] = []
+
+    @registry.handler("hold")
+    async def hold(ctx: JobContext, payload: dict[str, Any]) -> None:
+        starts.append(ctx.id)
+        await gate.wait()
+
+    a = await enqueue(queue, "hold")
+    b = await enqueue(queue, "hold")
+    async with running(dsn, registry, settings=settings, concurrency=2):
+        await wait_for(lambda: _status_is(queue, a.id, "running"))
+        await wait_for(lambda: _status_is(queue, b.id, "running"))
+        async with queue.pool.acquire() as operator, operator.transaction():
+            await operator.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", b.id)
+            locked_at = await queue.pool.fetchval("SELECT clock_timestamp()")
+
+            async def a_extended_past_two_leases() -> bool:
+                row = await queue.get(a.id)
+                limit = locked_at + timedelta(seconds=2 * settings.lease_seconds)
+                return row.status == "running" and (row.lease_expires_at or limit) > limit
+
+            await wait_for(a_extended_past_two_leases, timeout=6)
+        gate.set()
+        done_a = await finished(queue, a.id)
+        done_b = await finished(queue, b.id)
+    assert (done_a.status, done_a.attempts) == ("succeeded", 1)
+    assert (done_b.status, done_b.attempts) == ("succeeded", 1)
+    assert sorted(starts) == sorted([a.id, b.id])
+
+
+async def test_a_heartbeat_stuck_behind_a_table_lock_gives_up_at_its_timeout(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    gate = asyncio.Event()
+
+    @registry.handler("hold")
+    async def hold(ctx: JobContext, payload: dict[str, Any]) -> None:
+        await gate.wait()
+
+    job = await enqueue(queue, "hold")
+    async with running(dsn, registry, shutdown_grace=0) as worker:
+        await wait_for(lambda: _status_is(queue, job.id, "running"))
+        async with queue.pool.acquire() as operator, operator.transaction():
+            await operator.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+            asked = time.monotonic()
+            extended = await asyncio.wait_for(worker.heartbeat_once(), 10)
+            took = time.monotonic() - asked
+        gate.set()
+        await finished(queue, job.id)
+    assert extended is False  # to be tried again soon
+    # Bounded by min(max(1 s, heartbeat), lease / 2) = 1 s here, not by the lock's duration.
+    assert took < 5

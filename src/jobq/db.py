@@ -60,6 +60,11 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 
 READ_COMMITTED = "read committed"
 
+# Default bound on every statement of a pool (asyncpg's command_timeout: the client gives up
+# and cancels the statement on the server, which works through PgBouncer too, unlike a
+# statement_timeout startup parameter). Callers with tighter needs pass their own.
+COMMAND_TIMEOUT_SECONDS = 60.0
+
 
 def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, UNAVAILABLE_ERRORS)
@@ -209,7 +214,7 @@ async def create_pool(
         # A restarted server invalidates every connection; recycle idle ones regularly.
         max_inactive_connection_lifetime=60.0,
         **setup.options(),
-        **kwargs,
+        **{"command_timeout": COMMAND_TIMEOUT_SECONDS, **kwargs},
     )
     assert pool is not None
     return pool

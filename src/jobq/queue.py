@@ -186,8 +186,13 @@ class Completions:
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatResult:
-    cancel_requested: frozenset[uuid.UUID]
-    lost: frozenset[uuid.UUID]
+    """What one heartbeat learnt, per lease (job id + token: one attempt of a job)."""
+
+    cancel_requested: frozenset[Lease]
+    # No longer this worker's: the job was rescued, cancelled, finished or claimed again.
+    lost: frozenset[Lease]
+    # Still held but not extended: the row was locked by someone else. Retry soon.
+    skipped: frozenset[Lease] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,12 +567,34 @@ WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
 RETURNING j.id, j.queue
 """
 
+# Extends the leases a worker still holds. A row locked by someone else (an operator's
+# SELECT ... FOR UPDATE, a long transaction) is skipped, not waited for: one row must not stall
+# the heartbeat of every other lease. `held` is a plain read, which no row lock blocks, so a
+# skipped lease is told apart from a lost one. The expiry counts from the time of the write
+# (clock_timestamp()), not from the start of the statement (now()).
 _HEARTBEAT = """
-UPDATE jobs AS j
-SET lease_expires_at = now() + make_interval(secs => $3)
-FROM unnest($1::uuid[], $2::uuid[]) AS r(id, token)
-WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
-RETURNING j.id, j.cancel_requested
+WITH r AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS r(id, token)
+), held AS (
+    SELECT j.id, j.lease_token, j.cancel_requested
+    FROM jobs AS j JOIN r ON j.id = r.id AND j.lease_token = r.token
+    WHERE j.status = 'running'
+), free AS (
+    SELECT j.id
+    FROM jobs AS j JOIN r ON j.id = r.id AND j.lease_token = r.token
+    WHERE j.status = 'running'
+    FOR UPDATE OF j SKIP LOCKED
+), extended AS (
+    UPDATE jobs AS j
+    SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)
+    FROM free
+    WHERE j.id = free.id
+    RETURNING j.id, j.lease_token, j.cancel_requested
+)
+SELECT id, lease_token, cancel_requested, true AS extended FROM extended
+UNION ALL
+SELECT id, lease_token, cancel_requested, false FROM held
+WHERE id NOT IN (SELECT id FROM extended)
 """
 
 # Runs whose worker stopped heartbeating. Rows locked by a live transaction are skipped, so
@@ -1200,8 +1227,10 @@ class Queue:
         *,
         lease_seconds: float,
         conn: asyncpg.Connection | None = None,
+        timeout: float | None = None,
     ) -> HeartbeatResult:
-        """Extend leases; report runs asked to cancel and runs this worker no longer holds."""
+        """Extend leases; report runs asked to cancel, runs this worker no longer holds, and
+        runs whose row was locked by someone else (held, but not extended this time)."""
         if not leases:
             return HeartbeatResult(frozenset(), frozenset())
         rows = await (conn or self.pool).fetch(
@@ -1209,11 +1238,13 @@ class Queue:
             [lease.job_id for lease in leases],
             [lease.token for lease in leases],
             float(lease_seconds),
+            timeout=timeout,
         )
-        held = {r["id"] for r in rows}
+        held = {Lease(r["id"], r["lease_token"]): r for r in rows}
         return HeartbeatResult(
-            cancel_requested=frozenset(r["id"] for r in rows if r["cancel_requested"]),
-            lost=frozenset(lease.job_id for lease in leases) - held,
+            cancel_requested=frozenset(k for k, r in held.items() if r["cancel_requested"]),
+            lost=frozenset(leases) - held.keys(),
+            skipped=frozenset(k for k, r in held.items() if not r["extended"]),
         )
 
     async def rescue(

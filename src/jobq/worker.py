@@ -5,11 +5,14 @@ One process runs one `Worker`, which is a handful of asyncio tasks:
 - claim loop: keeps up to `concurrency` jobs in flight, claiming batches sized to the free
   slots; sleeps until a NOTIFY, a freed slot or the poll interval (delayed and retrying jobs
   have no NOTIFY when they fall due).
-- one task per job: runs the handler, then records the outcome.
+- one task per job: runs the handler, then records the outcome. Sync (`def`) handlers run in
+  daemon threads of the worker's own (see `_HandlerThreads`): a thread cannot be interrupted,
+  so a sync run keeps its slot and its lease until its function returns.
 - completion writer: successes are written in batches, one statement for all that finished
   since the last write; a write that fails is retried until it lands or the lease is gone.
 - heartbeat: extends the leases of everything this worker holds and learns of cancel requests
-  (the fallback for a missed NOTIFY) and of leases it lost.
+  (the fallback for a missed NOTIFY) and of leases it lost. Everything about a run is keyed by
+  its lease (job id + token), so news about one attempt never touches another.
 - rescuer: returns jobs of dead workers to the queue.
 - listener: a dedicated connection for LISTEN, re-established after the database restarts.
 
@@ -26,11 +29,12 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from queue import SimpleQueue
 from typing import Any
 
 import asyncpg
@@ -55,6 +59,9 @@ log = logging.getLogger("jobq.worker")
 
 MAX_CLAIM_BATCH = 500
 MAX_COMPLETION_BATCH = 2000
+# After the grace period, how long the worker keeps trying to write what it owes the database
+# (releases, outcomes) before it gives up and exits; a second signal gives up at once.
+SHUTDOWN_WRITE_SECONDS = 5.0
 
 
 class _Stop(enum.Enum):
@@ -65,14 +72,127 @@ class _Stop(enum.Enum):
     LEASE_LOST = "lease lost"
 
 
+class _SyncCall:
+    """One call of a sync handler, handed to a handler thread.
+
+    `started` resolves (with the monotonic start time) when a thread begins the call, `done`
+    with its outcome. A call not yet begun can be abandoned; once begun, it runs to the end.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any):
+        self._loop = loop
+        self._fn = fn
+        self._args = args
+        self._lock = threading.Lock()
+        self._begun = False
+        self._abandoned = False
+        self._returned = False
+        self.started: asyncio.Future[float] = loop.create_future()
+        self.done: asyncio.Future[Any] = loop.create_future()
+        # Nobody may be waiting any more (the worker stopped): do not warn about it.
+        self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    @property
+    def thread_alive(self) -> bool:
+        """True while a thread is inside the handler function."""
+        return self._begun and not self._returned
+
+    def abandon(self) -> bool:
+        """Make sure the call never begins; False when a thread is already running it."""
+        with self._lock:
+            if not self._begun:
+                self._abandoned = True
+            return self._abandoned
+
+    def run(self) -> None:
+        """In a handler thread."""
+        with self._lock:
+            if self._abandoned:
+                return
+            self._begun = True
+        self._notify(self.started, time.monotonic(), None)
+        try:
+            result = self._fn(*self._args)
+        except BaseException as exc:
+            self._returned = True
+            # asyncio futures refuse StopIteration, and SystemExit must not end the worker.
+            if isinstance(exc, StopIteration) or not isinstance(exc, Exception):
+                wrapped = RuntimeError(f"handler raised {type(exc).__name__}: {exc}")
+                wrapped.__cause__ = exc
+                exc = wrapped
+            self._notify(self.done, None, exc)
+        else:
+            self._returned = True
+            self._notify(self.done, result, None)
+
+    def _notify(self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+        def settle() -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody to tell
+            self._loop.call_soon_threadsafe(settle)
+
+
+class _HandlerThreads:
+    """Threads for sync handlers, at most `size`, started as needed.
+
+    Daemon threads, unlike a ThreadPoolExecutor's: a thread cannot be interrupted, and the
+    interpreter joins non-daemon threads at exit, so one handler that never returns would hold
+    the process past its shutdown deadline.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._calls: SimpleQueue[_SyncCall | None] = SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, call: _SyncCall) -> None:
+        self._calls.put(call)
+        if self._idle.acquire(blocking=False):
+            return
+        with self._lock:
+            if len(self._threads) < self._size:
+                thread = threading.Thread(
+                    target=self._work, name=f"jobq-handler-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    def shutdown(self) -> None:
+        """Let idle threads end; busy ones end with their call (or with the process)."""
+        for _ in self._threads:
+            self._calls.put(None)
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call.run()
+            self._idle.release()
+
+
 @dataclass
 class _Run:
     job: Job
     ctx: JobContext
+    lease: Lease
     task: asyncio.Task[None] | None = None
     stop_reason: _Stop | None = None
     hard_cancel: asyncio.TimerHandle | None = None
+    # When the handler really started: for a sync handler, when a thread began the call.
     started: float = field(default_factory=time.monotonic)
+    sync_call: _SyncCall | None = None
+    # Set when the handler's own `timeout=` expired (not a TimeoutError the handler raised).
+    timed_out: bool = False
+
+    @property
+    def thread_alive(self) -> bool:
+        return self.sync_call is not None and self.sync_call.thread_alive
 
 
 def default_worker_id() -> str:
@@ -125,17 +245,21 @@ class Worker:
         self._backoffs = {h.kind: h.backoff_with(self._backoff) for h in registry}
         # What a job enqueued without max_attempts gets when this worker claims it.
         self._max_attempts = {h.kind: h.max_attempts for h in registry if h.max_attempts}
-        # Sync handlers run in threads of their own: asyncio's default executor has only
-        # min(32, cores + 4) threads, which would cap `concurrency` for them.
-        self._executor = (
-            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="jobq-handler")
-            if any(not h.is_async for h in registry)
-            else None
+        # Sync handlers run in threads of their own, one per slot: asyncio's default executor
+        # has only min(32, cores + 4) threads, which would cap `concurrency` for them.
+        self._threads = (
+            _HandlerThreads(concurrency) if any(not h.is_async for h in registry) else None
         )
         self.queue: Queue | None = None
-        self._runs: dict[uuid.UUID, _Run] = {}
+        # Keyed by lease: two attempts of one job can be on this worker at once (the first's
+        # lease lost while its thread still runs, the second claimed meanwhile).
+        self._runs: dict[Lease, _Run] = {}
         # Succeeded runs not yet written: lease, result JSON, kind.
-        self._pending: dict[uuid.UUID, tuple[Lease, str, str]] = {}
+        self._pending: dict[Lease, tuple[Lease, str, str]] = {}
+        # Set when the grace period ends: the deadline for the writes still owed.
+        self._write_deadline: float | None = None
+        self._heartbeat_failing = False
+        self._heartbeat_skipping = False
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._pending_added = asyncio.Event()
@@ -198,16 +322,31 @@ class Worker:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            await self._flush_pending(deadline=time.monotonic() + 10.0)
+            await self._flush_pending(deadline=self._shutdown_write_deadline())
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.queue.worker_gone(self.worker_id), timeout=2)
-            await pool.close()
-            if self._executor is not None:
-                # Threads of hard-cancelled sync handlers cannot be stopped; do not wait for them.
-                self._executor.shutdown(wait=False, cancel_futures=True)
+            # Goodbyes are bounded by the shutdown deadline too (at least a moment for each).
+            if not self._force_stop.is_set():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self.queue.worker_gone(self.worker_id), timeout=self._time_left(2.0)
+                    )
+            try:
+                await asyncio.wait_for(pool.close(), timeout=self._time_left(2.0))
+            except Exception:
+                pool.terminate()  # the database is unreachable: do not wait for goodbyes
+            if self._threads is not None:
+                self._threads.shutdown()
             log.info("worker stopped", extra={"worker_id": self.worker_id})
+
+    def _time_left(self, most: float) -> float:
+        left = self._shutdown_write_deadline() - time.monotonic()
+        return max(0.2, min(most, left))
+
+    def _shutdown_write_deadline(self) -> float:
+        if self._write_deadline is None:
+            self._write_deadline = time.monotonic() + SHUTDOWN_WRITE_SECONDS
+        return self._write_deadline
 
     async def _connect_pool(self) -> asyncpg.Pool:
         retry = _Retrying()
@@ -219,6 +358,9 @@ class Worker:
                     max_size=max(4, min(10, 2 + self.concurrency // 50)),
                     pooler=self.settings.pooler,
                     server_settings=self._server_settings(),
+                    # A statement that waits longer than a lease is pointless: the lease it
+                    # serves has expired. Bounded, a stuck one is cancelled and retried.
+                    command_timeout=max(5.0, self.settings.lease_seconds),
                 )
             except Exception as exc:
                 if not db.is_unavailable(exc):
@@ -251,7 +393,18 @@ class Worker:
                     )
             finally:
                 forced.cancel()
+        self._shutdown_write_deadline()
         leftover = list(self._runs.values())
+        stuck = [r for r in leftover if r.sync_call is not None and not r.sync_call.abandon()]
+        if stuck:
+            log.warning(
+                "%d sync handler(s) still running after the grace period; a thread cannot be "
+                "interrupted, so their jobs stay leased (not released: that would let another "
+                "worker run them while they still run here) and are rescued once the lease "
+                "expires",
+                len(stuck),
+                extra={"job_ids": ",".join(str(r.job.id) for r in stuck)},
+            )
         for run in leftover:
             run.stop_reason = run.stop_reason or _Stop.SHUTDOWN
             if run.task is not None:
@@ -329,8 +482,8 @@ class Worker:
             max_attempts=job.max_attempts or self.settings.default_max_attempts,
             worker_id=self.worker_id,
         )
-        run = _Run(job, ctx)
-        self._runs[job.id] = run
+        run = _Run(job, ctx, lease_of(job))
+        self._runs[run.lease] = run
         if job.started_at is not None:
             wait = (job.started_at - max(job.created_at, job.run_at)).total_seconds()
             self._metrics_for(job.kind)[0].observe(max(0.0, wait))
@@ -351,30 +504,36 @@ class Worker:
         }
         try:
             await self._run_handler(run, handler, extra)
-        except Exception:
-            # Bookkeeping failed for good (e.g. database gone for longer than the lease):
-            # the lease expires and the job is rescued; nothing is lost.
-            log.exception("could not record the outcome of a job", extra=extra)
+        except Exception as exc:
+            # Bookkeeping failed for good (e.g. database gone for longer than the lease, or
+            # past the shutdown deadline): the lease expires and the job is rescued.
+            if db.is_unavailable(exc):
+                log.warning(
+                    "could not record the outcome of a job (database unavailable: %s); the "
+                    "lease expires and the job is rescued",
+                    exc or type(exc).__name__,
+                    extra=extra,
+                )
+            else:
+                log.exception("could not record the outcome of a job", extra=extra)
         finally:
             if run.hard_cancel is not None:
                 run.hard_cancel.cancel()
-            self._runs.pop(job.id, None)
+            self._runs.pop(run.lease, None)
             metrics.WORKER_IN_FLIGHT.dec()
             self._metrics_for(job.kind)[1].observe(time.monotonic() - run.started)
             self._slot_freed.set()
 
     async def _run_handler(self, run: _Run, handler: Handler, extra: dict[str, Any]) -> None:
-        job, ctx = run.job, run.ctx
+        job = run.job
         try:
             payload = handler.parse_payload(job.payload)
         except PayloadInvalid as exc:
             log.warning("payload invalid; failing permanently", extra=extra)
             await self._fail(run, handler, f"PayloadInvalid: {exc}", permanent=True)
             return
-        deadline = asyncio.timeout(handler.timeout)  # None: no deadline
         try:
-            async with deadline:
-                result = await handler.call(ctx, payload, self._executor)
+            result = await self._invoke(run, handler, payload, extra)
         except asyncio.CancelledError:
             reason = run.stop_reason
             if reason is None:
@@ -387,7 +546,7 @@ class Worker:
         except Exception as exc:
             # Only our own deadline is a timeout; a handler's own TimeoutError is a failure
             # like any other and keeps its message.
-            if isinstance(exc, TimeoutError) and deadline.expired():
+            if isinstance(exc, TimeoutError) and run.timed_out:
                 if run.stop_reason is not None:
                     await self._stopped(run, run.stop_reason, extra)
                     return
@@ -410,20 +569,58 @@ class Worker:
                 run, handler, f"result not stored: the result {exc.message}", permanent=True
             )
             return
-        self._pending[job.id] = (lease_of(job), result_json, job.kind)
+        self._pending[run.lease] = (run.lease, result_json, job.kind)
         self._pending_added.set()
+
+    async def _invoke(
+        self, run: _Run, handler: Handler, payload: Any, extra: dict[str, Any]
+    ) -> Any:
+        """Call the handler under its timeout, counted from the handler's real start."""
+        if handler.is_async:
+            if handler.timeout is None:
+                return await handler.call(run.ctx, payload)
+            timer = asyncio.timeout(handler.timeout)
+            try:
+                async with timer:
+                    return await handler.call(run.ctx, payload)
+            except TimeoutError:
+                run.timed_out = timer.expired()
+                raise
+        assert self._threads is not None
+        call = _SyncCall(asyncio.get_running_loop(), handler.fn, run.ctx, payload)
+        run.sync_call = call
+        self._threads.submit(call)
+        run.started = await call.started
+        if handler.timeout is None:
+            return await asyncio.shield(call.done)
+        await asyncio.wait([call.done], timeout=handler.timeout)
+        if call.done.done():
+            return call.done.result()
+        run.timed_out = True
+        log.warning(
+            "sync handler timed out after %ss; a thread cannot be interrupted, so the job stays "
+            "leased until the function returns, then fails as timed out",
+            handler.timeout,
+            extra=extra,
+        )
+        with contextlib.suppress(Exception):
+            await asyncio.shield(call.done)
+        raise TimeoutError
 
     async def _stopped(self, run: _Run, reason: _Stop, extra: dict[str, Any]) -> None:
         if reason is _Stop.CANCEL_REQUESTED:
             await self._cancelled(run, "cancelled on request (handler interrupted)", extra)
         elif reason is _Stop.SHUTDOWN:
-            await self._with_retry(lambda q: q.release([lease_of(run.job)]))
+            if run.thread_alive:
+                log.warning("job left leased: its sync handler is still running", extra=extra)
+                return
+            await self._with_retry(lambda q: q.release([run.lease]))
             log.info("job interrupted by shutdown; returned to the queue", extra=extra)
         else:
             log.warning("lease lost; abandoned the run", extra=extra)
 
     async def _cancelled(self, run: _Run, reason: str, extra: dict[str, Any]) -> None:
-        held = await self._with_retry(lambda q: q.mark_cancelled(lease_of(run.job), reason))
+        held = await self._with_retry(lambda q: q.mark_cancelled(run.lease, reason))
         if held:
             metrics.JOBS_FINISHED.labels(run.job.kind, "cancelled").inc()
             log.info("job cancelled", extra=extra)
@@ -443,7 +640,9 @@ class Worker:
     async def _with_retry(self, op: Any) -> Any:
         """Run a bookkeeping write, retrying through database outages for one lease period.
 
-        After that the lease has expired anyway and the job belongs to the rescuer.
+        After that the lease has expired anyway and the job belongs to the rescuer. Once the
+        grace period of a shutdown is over, retries stop at the shutdown write deadline, and
+        after a second stop request there are none.
         """
         assert self.queue is not None
         deadline = time.monotonic() + self.settings.lease_seconds
@@ -452,9 +651,20 @@ class Worker:
             try:
                 return await op(self.queue)
             except Exception as exc:
-                if not db.is_unavailable(exc) or time.monotonic() > deadline:
+                if self._write_deadline is not None:
+                    deadline = min(deadline, self._write_deadline)
+                if (
+                    not db.is_unavailable(exc)
+                    or time.monotonic() > deadline
+                    or self._force_stop.is_set()
+                ):
                     raise
-                await retry.sleep()
+                await self._sleep_unless_forced(retry)
+
+    async def _sleep_unless_forced(self, retry: _Retrying) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._force_stop.wait(), retry.delay * random.uniform(0.5, 1))
+        retry.delay = min(5.0, retry.delay * 2)
 
     # -- completions -------------------------------------------------------------------
 
@@ -477,20 +687,20 @@ class Worker:
         batch = list(self._pending.items())[:MAX_COMPLETION_BATCH]
         done = await self.queue.complete_many((lease, result) for _, (lease, result, _) in batch)
         succeeded: dict[str, int] = {}
-        for job_id, (_, _, kind) in batch:
-            if job_id not in done.refused:
-                self._pending.pop(job_id, None)
-            if job_id in done.held:
+        for lease, (_, _, kind) in batch:
+            if lease.job_id not in done.refused:
+                self._pending.pop(lease, None)
+            if lease.job_id in done.held:
                 succeeded[kind] = succeeded.get(kind, 0) + 1
         for kind, n in succeeded.items():
             self._metrics_for(kind)[2].inc(n)
         self._slot_freed.set()
-        for job_id, (lease, _, kind) in batch:
-            if job_id in done.refused:
+        for lease, (_, _, kind) in batch:
+            if lease.job_id in done.refused:
                 # The database refused this result: its job fails for good, once. It stays
                 # pending (and leased) until that is written.
-                await self._result_refused(lease, kind, done.refused[job_id])
-                self._pending.pop(job_id, None)
+                await self._result_refused(lease, kind, done.refused[lease.job_id])
+                self._pending.pop(lease, None)
         if done.refused:
             self._slot_freed.set()
 
@@ -506,12 +716,15 @@ class Worker:
             metrics.JOBS_FINISHED.labels(kind, status).inc()
 
     async def _flush_pending(self, deadline: float) -> None:
+        retry = _Retrying()
         while self._pending and time.monotonic() < deadline:
             try:
                 await self._write_completions()
             except Exception as exc:
                 log.warning("could not write completions at shutdown: %s", exc)
-                await asyncio.sleep(0.2)
+                if self._force_stop.is_set():
+                    break
+                await self._sleep_unless_forced(retry)
         if self._pending:
             log.warning(
                 "%d completion(s) not written; their jobs will be rescued", len(self._pending)
@@ -520,17 +733,21 @@ class Worker:
     # -- leases and cancellation -------------------------------------------------------
 
     def _leases(self) -> list[Lease]:
-        held = [lease_of(r.job) for r in self._runs.values()]
-        held += [lease for lease, _, _ in self._pending.values()]
+        held = [lease for lease, r in self._runs.items() if r.stop_reason is not _Stop.LEASE_LOST]
+        held += list(self._pending)
         return held
 
     async def _heartbeat_loop(self) -> None:
         """Every heartbeat interval: this worker's presence (the kinds and queues it takes, for
-        the dashboard), then the leases of every job it holds."""
+        the dashboard), then the leases of every job it holds. A heartbeat that could not
+        extend every lease is tried again soon, well before the lease runs out."""
+        soon = max(0.05, min(1.0, self.settings.heartbeat_seconds / 4))
+        delay = self.settings.heartbeat_seconds
         while True:
             await self._announce()
-            await asyncio.sleep(self.settings.heartbeat_seconds)
-            await self.heartbeat_once()
+            await asyncio.sleep(delay)
+            complete = await self.heartbeat_once()
+            delay = self.settings.heartbeat_seconds if complete else soon
 
     async def _announce(self) -> None:
         assert self.queue is not None
@@ -545,26 +762,68 @@ class Worker:
         except Exception as exc:
             log.debug("could not record worker presence: %s", exc)
 
-    async def heartbeat_once(self) -> None:
+    async def heartbeat_once(self) -> bool:
+        """Extend every lease this worker holds; False when some could not be (try again soon).
+
+        The statement is bounded: one that is stuck (a table lock) must not hold the loop.
+        """
         assert self.queue is not None
         leases = self._leases()
         if not leases:
-            return
+            return True
+        timeout = min(max(1.0, self.settings.heartbeat_seconds), self.settings.lease_seconds / 2)
         try:
-            result = await self.queue.heartbeat(leases, lease_seconds=self.settings.lease_seconds)
+            result = await self.queue.heartbeat(
+                leases, lease_seconds=self.settings.lease_seconds, timeout=timeout
+            )
         except Exception as exc:
-            log.warning("heartbeat failed: %s", exc)
-            return
-        for job_id in result.cancel_requested:
-            run = self._runs.get(job_id)
+            # Once per streak: it is retried soon, and an outage would repeat it many times.
+            (log.debug if self._heartbeat_failing else log.warning)(
+                "heartbeat failed: %s", exc or type(exc).__name__
+            )
+            self._heartbeat_failing = True
+            return False
+        if self._heartbeat_failing:
+            log.info("heartbeat succeeded again")
+            self._heartbeat_failing = False
+        for lease in result.cancel_requested:
+            run = self._runs.get(lease)
             if run is not None:
                 self._request_cancel(run)
-        for job_id in result.lost:
-            self._pending.pop(job_id, None)
-            run = self._runs.get(job_id)
-            if run is not None and run.task is not None and run.stop_reason is None:
-                run.stop_reason = _Stop.LEASE_LOST
-                run.task.cancel()
+        for lease in result.lost:
+            self._pending.pop(lease, None)
+            run = self._runs.get(lease)
+            if run is not None and run.stop_reason is None:
+                self._lease_lost(run)
+        if result.skipped and not self._heartbeat_skipping:
+            log.warning(
+                "%d lease(s) not extended: their rows are locked by another session; "
+                "trying again soon",
+                len(result.skipped),
+                extra={"job_ids": ",".join(str(lease.job_id) for lease in result.skipped)},
+            )
+        self._heartbeat_skipping = bool(result.skipped)
+        return not result.skipped
+
+    def _lease_lost(self, run: _Run) -> None:
+        run.stop_reason = _Stop.LEASE_LOST
+        if run.sync_call is not None and not run.sync_call.abandon():
+            log.warning(
+                "lease lost while the sync handler runs; it cannot be interrupted: its outcome "
+                "will be discarded",
+                extra=self._extra(run),
+            )
+            return
+        if run.task is not None:
+            run.task.cancel()
+
+    def _extra(self, run: _Run) -> dict[str, Any]:
+        return {
+            "job_id": str(run.job.id),
+            "kind": run.job.kind,
+            "attempt": run.job.attempts,
+            "worker_id": self.worker_id,
+        }
 
     def _request_cancel(self, run: _Run) -> None:
         if run.ctx.cancelled:
@@ -581,9 +840,17 @@ class Worker:
         )
 
         def hard_cancel() -> None:
-            if run.task is not None and not run.task.done() and run.stop_reason is None:
-                run.stop_reason = _Stop.CANCEL_REQUESTED
-                run.task.cancel()
+            if run.task is None or run.task.done() or run.stop_reason is not None:
+                return
+            if run.sync_call is not None and not run.sync_call.abandon():
+                log.warning(
+                    "the sync handler did not stop for the cancel request; a thread cannot be "
+                    "interrupted, so the job ends when the function returns",
+                    extra=self._extra(run),
+                )
+                return
+            run.stop_reason = _Stop.CANCEL_REQUESTED
+            run.task.cancel()
 
         run.hard_cancel = asyncio.get_running_loop().call_later(
             self.settings.cancel_grace_seconds, hard_cancel
@@ -594,9 +861,9 @@ class Worker:
             job_id = uuid.UUID(str(payload))
         except ValueError:
             return
-        run = self._runs.get(job_id)
-        if run is not None:
-            self._request_cancel(run)
+        for run in list(self._runs.values()):
+            if run.job.id == job_id:
+                self._request_cancel(run)
 
     # -- background loops --------------------------------------------------------------
 
@@ -635,7 +902,7 @@ class Worker:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), timeout=5.0)
                     if not lost.is_set():
-                        await conn.execute("SELECT 1")  # detects a half-open connection
+                        await conn.execute("SELECT 1", timeout=5)  # detects a half-open link
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
