@@ -634,16 +634,28 @@ async def test_a_late_lease_lost_about_attempt_1_never_stops_attempt_2_on_the_sa
         await wait_for(lambda: _status_is(queue, other.id, "running"))
         async with queue.pool.acquire() as operator, operator.transaction():
             await operator.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", other.id)
+
             # Attempt 1's lease is lost (expired and rescued); the next attempt is not yet due.
-            await queue.pool.execute(
-                "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-                job.id,
-            )
-            await queue.rescue()
-            await queue.pool.execute(
-                "UPDATE jobs SET run_at = now() + interval '1 hour' WHERE id = $1", job.id
-            )
-            # A heartbeat about attempt 1, slowed down by the locked row of the other job.
+            # Repeated until it holds: a heartbeat the worker sends on its own (e.g. when its
+            # listener connects) may extend the lease again in between.
+            async def rescued() -> bool:
+                await queue.pool.execute(
+                    "UPDATE jobs SET lease_expires_at = now() - interval '1 second'"
+                    " WHERE id = $1 AND status = 'running' AND attempts = 1",
+                    job.id,
+                )
+                await queue.rescue()
+                await queue.pool.execute(
+                    "UPDATE jobs SET run_at = now() + interval '1 hour'"
+                    " WHERE id = $1 AND status = 'retrying'",
+                    job.id,
+                )
+                row = await queue.get(job.id)
+                return row.status == "retrying" or row.attempts == 2
+
+            await wait_for(rescued)
+            # A heartbeat about attempt 1 (one that waits for row locks answers only once
+            # the other job's row is free, after attempt 2 has started).
             late = asyncio.create_task(worker.heartbeat_once())
             await asyncio.sleep(0)
             await queue.pool.execute("UPDATE jobs SET run_at = now() WHERE id = $1", job.id)
