@@ -238,7 +238,7 @@ class EmbeddedPostgres:
             pm = _read_postmaster(self.pgdata)
             if pm is None or not _alive(pm.pid, self.pgdata):
                 return None
-            if pm.status == "ready" and Path(pm.socket_dir).is_dir():
+            if pm.status == "ready" and Path(pm.socket_dir).is_dir() and self._accepts(pm):
                 return pm
             if time.monotonic() > deadline:
                 raise EmbeddedPostgresError(
@@ -246,6 +246,17 @@ class EmbeddedPostgres:
                     f"but is not ready (status {pm.status!r})"
                 )
             time.sleep(0.05)
+
+    def _accepts(self, pm: _Postmaster) -> bool:
+        """Whether the server takes connections. "ready" in the pid file is not enough: a server
+        whose owner just died got its death signal and may not have noted yet that it stops."""
+        probe = subprocess.run(
+            [str(self.bindir / "pg_isready"), "-q", "-h", pm.socket_dir, "-p", str(pm.port)],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        return probe.returncode == 0
 
     def _initdb(self) -> None:
         # initdb into a scratch directory, then rename: a crash mid-way leaves no half cluster.
