@@ -89,14 +89,22 @@ def _documented_rejection(case: Any, response: Any) -> bool:
         return True  # an opaque cursor the API never issued
     if any(e.get("loc") == ["body", "payload"] and "NUL" in e.get("msg", "") for e in errors):
         return True  # \u0000 somewhere in the payload: Postgres jsonb cannot store it
-    # Names must be printable, and run_at within years 1-9999 in UTC: JSON Schema cannot say
-    # "printable" in full, nor bound a date-time.
+    if problem.get("error") == "number_out_of_range":
+        return True  # a number no 64-bit integer or double holds, anywhere in an open payload
+    # Names must be printable, and run_at a real instant within years 1-9999 in UTC: JSON
+    # Schema cannot say "printable" in full, nor bound a date-time or its calendar.
     return bool(errors) and all(
         (
             e.get("loc") in (["body", "kind"], ["body", "queue"])
             and e.get("msg") == "must not contain control characters"
         )
-        or (e.get("loc") == ["body", "run_at"] and "9999-12-31" in e.get("msg", ""))
+        or (
+            e.get("loc") == ["body", "run_at"]
+            and any(
+                said in e.get("msg", "")
+                for said in ("9999-12-31", "leap second", "impossible offset", "not a valid date")
+            )
+        )
         for e in errors
     )
 

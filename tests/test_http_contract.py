@@ -283,3 +283,33 @@ def _count_5xx() -> float:
         for s in family.samples
         if s.name == "jobq_http_requests_total" and s.labels["status"].startswith("5")
     )
+
+
+# -- list summaries ----------------------------------------------------------------------
+
+
+async def test_lists_return_summaries_without_payload_result_or_errors(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    big = {"blob": "x" * 100_000}
+    created = (await client.post("/jobs", json={"kind": "echo", "payload": big})).json()
+    page = await client.get("/jobs")
+    assert page.status_code == 200
+    (summary,) = page.json()["jobs"]
+    assert not {"payload", "result", "errors"} & summary.keys()
+    assert summary["id"] == created["id"]
+    assert {"kind", "queue", "status", "attempts", "max_attempts", "last_error",
+            "created_at", "run_at"} <= summary.keys()  # fmt: skip
+    assert len(page.content) < 2_000
+    full = (await client.get(f"/jobs/{created['id']}")).json()
+    assert full["payload"] == big
+    assert {"result", "errors"} <= full.keys()
+
+
+async def test_the_openapi_document_says_lists_hold_summaries(client: httpx.AsyncClient) -> None:
+    doc = (await client.get("/openapi.json")).json()
+    page = doc["components"]["schemas"]["JobPage"]
+    item = page["properties"]["jobs"]["items"]["$ref"].rsplit("/", 1)[-1]
+    fields = doc["components"]["schemas"][item]["properties"]
+    assert not {"payload", "result", "errors"} & fields.keys()
+    assert "GET /jobs/{job_id}" in doc["paths"]["/jobs"]["get"]["description"]

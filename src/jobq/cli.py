@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 import typer
 
-from jobq import db, logs, schema
+from jobq import db, logs, schema, wire
 from jobq.api.schemas import job_to_dict
 from jobq.queue import IdempotencyConflict, InvalidJob, NewJob, Queue, validate
 from jobq.registry import PayloadInvalid, Registry
@@ -480,24 +480,21 @@ def _parse_run_at(value: object, where: str) -> datetime | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        _fail(f"{where}: must be an RFC 3339 time with an offset, e.g. 2030-01-01T09:00:00Z")
+        _fail(f"{where}: must be {wire.RFC3339_HINT}")
     try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None:
-        _fail(
-            f"{where}: {value!r} is not an RFC 3339 time with an offset, "
-            "e.g. 2030-01-01T09:00:00Z or 2030-01-01T10:00:00+01:00"
-        )
-    return when
+        return wire.parse_rfc3339(value)  # exactly what the API accepts
+    except wire.WireError as exc:
+        _fail(f"{where}: {exc.message}")
 
 
 def _parse_json(text: str, what: str) -> Any:
+    # The API's reading (jobq.wire): no duplicate keys, no number that would be rounded.
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        _fail(f"{what} is not JSON: {exc.msg} at column {exc.colno}")
+        return wire.loads(text, what=what)
+    except wire.WireError as exc:
+        if exc.column is not None:
+            _fail(f"{what} is not JSON: {exc.reason} at column {exc.column}")
+        _fail(exc.message)
 
 
 def _check_with_registry(registry: Registry | None, job: NewJob, where: str) -> None:
@@ -617,9 +614,11 @@ _JOB_FIELDS = {"kind", "payload", "queue", "priority", "max_attempts", "run_at",
 def _job_from_line(line: str, number: int) -> NewJob:
     where = f"line {number}"
     try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        _fail(f"{where} column {exc.colno}: not JSON: {exc.msg}")
+        obj = wire.loads(line, what=where)  # the API's reading: see _parse_json
+    except wire.WireError as exc:
+        if exc.column is not None:
+            _fail(f"{where} column {exc.column}: not JSON: {exc.reason}")
+        _fail(exc.message)
     if not isinstance(obj, dict):
         _fail(f"{where}: each line must be a JSON object")
     unknown = set(obj) - _JOB_FIELDS

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -54,8 +54,9 @@ MAX_ERROR_LENGTH = 2000
 MAX_ERROR_HISTORY = 20
 RUN_AT_MIN = datetime.min.replace(tzinfo=UTC)
 RUN_AT_MAX = datetime.max.replace(tzinfo=UTC)
-# Postgres bigint: an OFFSET beyond it is an error in the database, not an empty page.
-MAX_OFFSET = 2**63 - 1
+# A deep OFFSET makes the database read and discard every row before it: past this, page
+# with the cursor (which costs the same at any depth).
+MAX_OFFSET = 10_000
 
 
 class JobqError(Exception):
@@ -138,6 +139,35 @@ _JOB_COLUMNS = ", ".join(_JOB_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
+class JobSummary:
+    """A job without what can be large (payload, result, errors): what lists return."""
+
+    id: uuid.UUID
+    kind: str
+    queue: str
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    idempotency_key: str | None
+    cancel_requested: bool
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> JobSummary:
+        return cls(*map(r.__getitem__, _SUMMARY_FIELDS))
+
+
+_SUMMARY_FIELDS = tuple(f.name for f in dataclasses.fields(JobSummary))
+_SUMMARY_COLUMNS = ", ".join(_SUMMARY_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
 class NewJob:
     """What a client asks for. Validated by `validate()`; defaults filled by the core."""
 
@@ -205,6 +235,12 @@ class Rescued:
 @dataclass(frozen=True, slots=True)
 class Page:
     jobs: list[Job]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryPage:
+    jobs: list[JobSummary]
     next_cursor: str | None
 
 
@@ -356,17 +392,25 @@ def fingerprint(job: NewJob) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def encode_cursor(job: Job) -> str:
+def encode_cursor(job: Job | JobSummary) -> str:
     raw = f"{job.created_at.isoformat()}|{job.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The position a cursor names. Only the exact text encode_cursor makes is accepted (a UTC
+    time and a job id): nothing else a client makes up can reach the database."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, _, job_id = raw.partition("|")
-        return datetime.fromisoformat(created), uuid.UUID(job_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        created_text, _, id_text = raw.partition("|")
+        created, job_id = datetime.fromisoformat(created_text), uuid.UUID(id_text)
+        canonical = f"{created.isoformat()}|{job_id}"
+        if created.utcoffset() != timedelta(0) or canonical != raw:
+            raise ValueError("not canonical")
+        if base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=") != cursor:
+            raise ValueError("not canonical")
+        return created, job_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         raise InvalidJob("cursor", "is not a cursor returned by this API") from None
 
 
@@ -954,10 +998,43 @@ class Queue:
         cursor: str | None = None,
     ) -> Page:
         """Newest first (created_at, then id). `cursor` pages stably under concurrent inserts."""
+        sql, args, n = self._list_query(_JOB_COLUMNS, status, kind, queue, limit, offset, cursor)
+        jobs = [Job.from_record(r) for r in await self.pool.fetch(sql, *args)]
+        return Page(jobs, encode_cursor(jobs[-1]) if len(jobs) == n else None)
+
+    async def list_summaries(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        queue: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        cursor: str | None = None,
+    ) -> SummaryPage:
+        """As list_jobs, without reading payload, result or errors from the table."""
+        sql, args, n = self._list_query(
+            _SUMMARY_COLUMNS, status, kind, queue, limit, offset, cursor
+        )
+        jobs = [JobSummary.from_record(r) for r in await self.pool.fetch(sql, *args)]
+        return SummaryPage(jobs, encode_cursor(jobs[-1]) if len(jobs) == n else None)
+
+    def _list_query(
+        self,
+        columns: str,
+        status: str | None,
+        kind: str | None,
+        queue: str | None,
+        limit: int | None,
+        offset: int,
+        cursor: str | None,
+    ) -> tuple[str, list[Any], int]:
         if status is not None and status not in STATUSES:
             raise InvalidJob("status", f"must be one of {', '.join(STATUSES)}")
         if offset < 0 or offset > MAX_OFFSET:
-            raise InvalidJob("offset", f"must be between 0 and {MAX_OFFSET}")
+            raise InvalidJob(
+                "offset", f"must be between 0 and {MAX_OFFSET}; page deeper with the cursor"
+            )
         n = clamp_limit(limit)
         where: list[str] = []
         args: list[Any] = []
@@ -971,14 +1048,11 @@ class Queue:
             where.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
         args += [n, offset]
         sql = (
-            f"SELECT {_JOB_COLUMNS} FROM jobs"
+            f"SELECT {columns} FROM jobs"
             + (f" WHERE {' AND '.join(where)}" if where else "")
             + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args) - 1} OFFSET ${len(args)}"
         )
-        rows = await self.pool.fetch(sql, *args)
-        jobs = [Job.from_record(r) for r in rows]
-        next_cursor = encode_cursor(jobs[-1]) if len(jobs) == n else None
-        return Page(jobs, next_cursor)
+        return sql, args, n
 
     async def counts(self) -> list[tuple[str, str, int]]:
         """(queue, status, count) for every pair present."""

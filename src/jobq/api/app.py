@@ -175,6 +175,16 @@ def _slash_redirect(request: Request) -> Response | None:
     return Response(status_code=307, headers={"Location": location})
 
 
+def _hint(error: Any) -> str:
+    msg = str(error.get("msg", ""))
+    if (
+        tuple(error.get("loc", ())) == ("query", "offset")
+        and error.get("type") == "less_than_equal"
+    ):
+        msg += "; page deeper with `cursor` (the previous page's `next_cursor`)"
+    return msg
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def on_problem(request: Request, exc: ProblemError) -> Response:
@@ -185,7 +195,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> Response:
         errors = [
-            {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""),
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": _hint(e),
              "type": e.get("type", "")}
             for e in exc.errors()
         ]  # fmt: skip

@@ -10,10 +10,17 @@ import pydantic
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from starlette.responses import Response
 
-from jobq import metrics
+from jobq import metrics, wire
 from jobq.api.auth import require_token
 from jobq.api.problems import COMMON_RESPONSES, ProblemError, openapi_problem
-from jobq.api.schemas import CancelOut, JobCreate, JobOut, JobPage, job_to_dict
+from jobq.api.schemas import (
+    CancelOut,
+    JobCreate,
+    JobOut,
+    JobPage,
+    job_to_dict,
+    summary_to_dict,
+)
 from jobq.queue import (
     MAX_NAME_LENGTH,
     MAX_OFFSET,
@@ -32,7 +39,55 @@ JSON = "application/json"
 NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]*$"
 IDEMPOTENCY_HEADER_PATTERN = r'^[ \t]*(?:"[ -~]{1,255}"|[!-~](?:[ -~]{0,253}[!-~])?)[ \t]*$'
 
-router = APIRouter(dependencies=[Depends(require_token)], tags=["jobs"])
+
+async def strict_query(request: Request) -> None:
+    """Unknown or repeated query parameters are 422, naming the parameter: `?Status=` or a
+    second `status=` must not silently fall back to an unfiltered list or the last value."""
+    route = request.scope.get("route")
+    known = _query_names(route)
+    seen: set[str] = set()
+    errors = []
+    for name, _ in request.query_params.multi_items():
+        if name not in known:
+            hint = f"known: {', '.join(sorted(known))}" if known else "this route takes none"
+            errors.append(
+                {"loc": ["query", name], "msg": f"unknown parameter; {hint}",
+                 "type": "unknown_parameter"}
+            )  # fmt: skip
+        elif name in seen:
+            errors.append(
+                {"loc": ["query", name], "msg": "given more than once",
+                 "type": "repeated_parameter"}
+            )  # fmt: skip
+        seen.add(name)
+    if errors:
+        names = ", ".join(dict.fromkeys(str(e["loc"][1])[:40] for e in errors))
+        raise ProblemError(
+            422, "validation_error", f"unknown or repeated query parameter: {names}", errors=errors
+        )
+
+
+def _query_names(route: Any) -> frozenset[str]:
+    # Cached on the route itself (routes compare by value, so they cannot key a dict).
+    names: frozenset[str] | None = getattr(route, "_jobq_query_names", None)
+    if names is None:
+        names = frozenset(_declared_query(getattr(route, "dependant", None)))
+        if route is not None:
+            route._jobq_query_names = names
+    return names
+
+
+def _declared_query(dependant: Any) -> set[str]:
+    """The query parameters a route and its dependencies declare."""
+    if dependant is None:
+        return set()
+    names = {str(p.alias) for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _declared_query(sub)
+    return names
+
+
+router = APIRouter(dependencies=[Depends(require_token), Depends(strict_query)], tags=["jobs"])
 
 _BAD_ID: dict[int | str, dict[str, Any]] = {422: openapi_problem("The job id is not a UUID.")}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: openapi_problem("No job with this id.")}
@@ -47,11 +102,47 @@ def _queue(request: Request) -> Queue:
     return queue
 
 
-async def _read_json_body(request: Request) -> Any:
-    """The request body as JSON: size-limited, content type checked, strictly parsed."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def _media_type(header: str) -> tuple[str, dict[str, str]]:
+    """`type/subtype` and its parameters (names lower-cased, quotes removed)."""
+    kind, *params = header.split(";")
+    parsed = {}
+    for param in params:
+        name, _, value = param.partition("=")
+        parsed[name.strip().lower()] = value.strip().strip('"')
+    return kind.strip().lower(), parsed
+
+
+def _check_body_encoding(request: Request) -> None:
+    """JSON, UTF-8, not compressed: what the body must be before it is read (else 415)."""
+    ctype, params = _media_type(request.headers.get("content-type", ""))
     if ctype != JSON and not (ctype.startswith("application/") and ctype.endswith("+json")):
         raise ProblemError(415, "unsupported_media_type", "the body must be application/json")
+    charset = params.get("charset")
+    if charset is not None and charset.lower() != "utf-8":
+        raise ProblemError(
+            415,
+            "unsupported_media_type",
+            f"charset {charset[:40]!r} is not supported: the body must be UTF-8",
+        )
+    codings = [
+        c.strip().lower()
+        for c in request.headers.get("content-encoding", "").split(",")
+        if c.strip().lower() not in {"", "identity"}
+    ]
+    if codings:
+        raise ProblemError(
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {', '.join(codings)[:60]!r} is not supported: send the body"
+            " uncompressed",
+            headers={"Accept-Encoding": "identity"},
+        )
+
+
+async def _read_json_body(request: Request) -> Any:
+    """The request body as JSON: size-limited, type, charset and coding checked, strictly
+    parsed (see jobq.wire: no duplicate keys, no number that would be rounded)."""
+    _check_body_encoding(request)
     limit: int = request.app.state.settings.max_payload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -64,9 +155,14 @@ async def _read_json_body(request: Request) -> Any:
             raise ProblemError(413, "payload_too_large", f"the body exceeds {limit} bytes")
         chunks.append(chunk)
     try:
-        return orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError as exc:
-        raise ProblemError(422, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        return wire.loads(b"".join(chunks))
+    except wire.WireError as exc:
+        raise ProblemError(
+            422,
+            exc.error,
+            exc.message,
+            errors=[{"loc": ["body"], "msg": exc.message, "type": exc.error}],
+        ) from None
 
 
 def _field_errors(exc: pydantic.ValidationError, prefix: str = "body") -> list[dict[str, Any]]:
@@ -134,7 +230,10 @@ def _new_job(body: Any, header_key: str | None, registry: Registry | None) -> Ne
         201: {"model": JobOut, "description": "Created."},
         200: {"model": JobOut, "description": "Idempotent replay: the job this key created."},
         413: openapi_problem("The body is larger than JOBQ_MAX_PAYLOAD_BYTES."),
-        415: openapi_problem("The body is not JSON."),
+        415: openapi_problem(
+            "The body is not `application/json`, names a charset other than UTF-8, or has a"
+            " Content-Encoding other than identity (compressed bodies are not accepted)."
+        ),
         422: openapi_problem(
             "Invalid job, unknown kind, payload that does not fit the kind, or an "
             "Idempotency-Key reused with a different request."
@@ -167,8 +266,17 @@ async def enqueue(
 @router.get(
     "/jobs",
     summary="List jobs, newest first",
+    description="Each job as a summary, without `payload`, `result` and `errors` (which can be"
+    " large): `GET /jobs/{job_id}` returns the whole job. Filters combine with AND; each query"
+    " parameter may be given once.",
     response_model=JobPage,
-    responses={422: openapi_problem("Invalid filter or paging parameter."), **COMMON_RESPONSES},
+    responses={
+        422: openapi_problem(
+            "Invalid, unknown or repeated filter or paging parameter, offset over"
+            f" {MAX_OFFSET}, or a cursor this API did not issue (the error names the parameter)."
+        ),
+        **COMMON_RESPONSES,
+    },
 )
 async def list_jobs(
     request: Request,
@@ -184,7 +292,14 @@ async def list_jobs(
         str | None, Query(max_length=MAX_NAME_LENGTH, pattern=NO_CONTROL_CHARS)
     ] = None,
     limit: Annotated[int, Query(description="Page size; clamped to 1..200.")] = 50,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    offset: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=MAX_OFFSET,
+            description=f"Rows to skip, at most {MAX_OFFSET}: page deeper with `cursor`.",
+        ),
+    ] = 0,
     cursor: Annotated[
         str | None,
         Query(
@@ -201,12 +316,12 @@ async def list_jobs(
             f"unknown status {status!r}; one of: {', '.join(STATUSES)}",
             errors=[{"loc": ["query", "status"], "msg": "unknown status", "type": "enum"}],
         )
-    page = await _queue(request).list_jobs(
+    page = await _queue(request).list_summaries(
         status=status, kind=kind, queue=queue, limit=limit, offset=offset, cursor=cursor
     )
     return _json(
         {
-            "jobs": [job_to_dict(j) for j in page.jobs],
+            "jobs": [summary_to_dict(j) for j in page.jobs],
             "limit": clamp_limit(limit),
             "offset": offset,
             "next_cursor": page.next_cursor,

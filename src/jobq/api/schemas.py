@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobq import wire
 from jobq.queue import (
     DEFAULT_QUEUE,
     MAX_ATTEMPTS_MAX,
@@ -18,6 +19,7 @@ from jobq.queue import (
     PRIORITY_MAX,
     PRIORITY_MIN,
     Job,
+    JobSummary,
 )
 from jobq.registry import Registry
 
@@ -32,6 +34,17 @@ def _integral(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _rfc3339(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value  # from Python, not JSON
+    if not isinstance(value, str):
+        raise ValueError(f"must be {wire.RFC3339_HINT}")
+    try:
+        return wire.parse_rfc3339(value)
+    except wire.WireError as exc:
+        raise ValueError(exc.message) from None
 
 
 class JobCreate(BaseModel):
@@ -54,9 +67,20 @@ class JobCreate(BaseModel):
         description="Attempts before the job fails permanently. Not given: the handler's "
         "max_attempts (or JOBQ_DEFAULT_MAX_ATTEMPTS), fixed when a worker first claims the job.",
     )
-    run_at: Annotated[datetime, pydantic.Strict(False)] | None = Field(
+    run_at: (
+        Annotated[
+            datetime,
+            pydantic.BeforeValidator(_rfc3339),
+            pydantic.WithJsonSchema(
+                {"type": "string", "format": "date-time", "pattern": wire.RFC3339_PATTERN}
+            ),
+        ]
+        | None
+    ) = Field(
         default=None,
-        description="When the job becomes due (RFC 3339, years 1-9999 in UTC); default now.",
+        description="When the job becomes due; default now. An RFC 3339 date-time with an"
+        " offset (`Z` or `+hh:mm`), at most microsecond precision, years 1-9999 in UTC. Nothing"
+        " else is accepted: no time without an offset, no bare date, no Unix time.",
     )
     idempotency_key: str | None = Field(
         default=None,
@@ -106,8 +130,31 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
 
+class JobSummaryOut(BaseModel):
+    """A job in a list: everything but `payload`, `result` and `errors`, which can be large.
+    `GET /jobs/{job_id}` returns the whole job."""
+
+    id: uuid.UUID
+    kind: str
+    queue: str
+    status: Literal["queued", "running", "retrying", "succeeded", "failed_permanent", "cancelled"]
+    priority: int
+    attempts: int
+    max_attempts: int
+    last_error: str | None = Field(description="The latest failure's message.")
+    idempotency_key: str | None
+    cancel_requested: bool
+    run_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
 class JobPage(BaseModel):
-    jobs: list[JobOut]
+    jobs: list[JobSummaryOut] = Field(
+        description="Summaries, newest first: no payload, result or errors."
+    )
     limit: int
     offset: int
     next_cursor: str | None = Field(
@@ -131,6 +178,16 @@ def job_to_dict(job: Job) -> dict[str, Any]:
     """The JSON shape of `JobOut`, without a validation pass on every response."""
     out = {f: getattr(job, f) for f in _OUT_FIELDS}
     out["id"] = str(job.id)  # asyncpg's UUID type is not one orjson knows
+    return out
+
+
+_SUMMARY_OUT_FIELDS = tuple(JobSummaryOut.model_fields)
+
+
+def summary_to_dict(job: JobSummary) -> dict[str, Any]:
+    """The JSON shape of `JobSummaryOut`."""
+    out = {f: getattr(job, f) for f in _SUMMARY_OUT_FIELDS}
+    out["id"] = str(job.id)
     return out
 
 

@@ -8,17 +8,18 @@ from starlette.responses import Response
 
 from jobq import stats
 from jobq.api.auth import require_token
-from jobq.api.problems import COMMON_RESPONSES
+from jobq.api.problems import COMMON_RESPONSES, openapi_problem
+from jobq.api.routes import strict_query
 from jobq.api.schemas import StatsOut
 
-router = APIRouter(dependencies=[Depends(require_token)], tags=["stats"])
+router = APIRouter(dependencies=[Depends(require_token), Depends(strict_query)], tags=["stats"])
 
 
 @router.get(
     "/stats",
     summary="Counts, lag, throughput and failures at a glance",
     response_model=StatsOut,
-    responses=COMMON_RESPONSES,
+    responses={422: openapi_problem("An unknown or repeated query parameter."), **COMMON_RESPONSES},
 )
 async def get_stats(request: Request) -> Response:
     """Counts by queue and status, the oldest due job's age per queue, jobs finished per

@@ -1,0 +1,67 @@
+"""The one strict reading of client JSON and times, shared by the HTTP API and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobq import wire
+from jobq.queue import Queue
+from tests.helpers import ROOT
+
+
+def jobq(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobq", *args],
+        env={**os.environ, "DATABASE_URL": dsn, "JOBQ_LOG_LEVEL": "WARNING"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (b'{"a": 1, "a": 2}', "duplicate_key"),
+        (b"18446744073709551616", "number_out_of_range"),
+        (b"1e-400", "number_out_of_range"),
+        (b"1e400", "number_out_of_range"),
+        (b"1.00000000000000000001", "number_out_of_range"),
+        (b"NaN", "invalid_json"),
+        (b'"\xc3"', "invalid_utf8"),
+        (b"[" * 5000 + b"]" * 5000, "invalid_json"),
+    ],
+)
+def test_json_that_would_be_read_differently_or_rounded_is_refused(text: bytes, error: str) -> None:
+    with pytest.raises(wire.WireError) as refused:
+        wire.loads(text)
+    assert refused.value.error == error
+
+
+async def test_cli_enqueue_refuses_an_integer_beyond_64_bits_instead_of_rounding_it(
+    queue: Queue, dsn: str
+) -> None:
+    result = jobq("enqueue", "echo", "--payload", '{"n": 18446744073709551616}', dsn=dsn)
+    assert result.returncode != 0
+    assert "64-bit" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+async def test_cli_enqueue_file_refuses_a_line_with_a_duplicate_key(
+    queue: Queue, dsn: str, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"kind": "echo"}\n{"kind": "echo", "kind": "other"}\n')
+    result = jobq("enqueue-file", str(jobs), dsn=dsn)
+    assert result.returncode != 0
+    assert "line 2" in result.stderr
+    assert "'kind' appears twice" in result.stderr
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 0
