@@ -55,6 +55,8 @@ def decode_utf8(data: bytes, what: str = "the body") -> str:
 
 
 def _int(text: str) -> int:
+    if len(text) <= 18:
+        return int(text)  # fast path: 18 characters always fit in 64 bits
     # Python refuses int() of more than 4300 digits; anything over 20 is out of range anyway.
     if len(text.lstrip("-")) > 20 or not INT_MIN <= (value := int(text)) <= INT_MAX:
         shown = text if len(text) <= 40 else f"{text[:20]}…({len(text)} digits)"
@@ -67,6 +69,9 @@ def _int(text: str) -> int:
 
 
 def _float(text: str) -> float:
+    value = float(text)
+    if len(text) <= FLOAT_DIGITS and value != 0.0 and not math.isinf(value):
+        return value  # fast path: too short to hold more digits than a double keeps
     shown = text if len(text) <= 40 else f"{text[:30]}…"
     mantissa = re.split("[eE]", text, maxsplit=1)[0].lstrip("-").replace(".", "")
     digits = mantissa.strip("0")
@@ -76,7 +81,6 @@ def _float(text: str) -> float:
             f"the number {shown} has {len(digits)} significant digits; a 64-bit float keeps"
             f" {FLOAT_DIGITS}, so it would be rounded: send it as a string",
         )
-    value = float(text)
     if math.isinf(value) or (value == 0.0 and digits):
         raise WireError(
             "number_out_of_range",
