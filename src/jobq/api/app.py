@@ -338,7 +338,12 @@ def create_app(
     app = FastAPIOffline(
         title="jobq",
         version=_version(),
-        description="A job queue on PostgreSQL. Every error is an RFC 9457 problem document.",
+        description="A job queue on PostgreSQL. Every error is an RFC 9457 problem document."
+        " Besides the answers each operation lists, the server itself may answer any request"
+        " with 400 (malformed HTTP framing), 408 (headers or body sent too slowly), 431 (header"
+        " section over JOBQ_HTTP_MAX_HEADER_BYTES) or 503 (JOBQ_HTTP_MAX_CONNECTIONS open"
+        " connections), each a problem document, and then closes the connection. Every GET"
+        " route answers HEAD.",
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -249,7 +249,7 @@ async def enqueue(
         Header(
             alias="Idempotency-Key",
             description="Makes retries of this request safe: 1-255 printable ASCII characters,"
-            " optionally in double quotes.",
+            " optionally in double quotes; spaces and tabs around the value are trimmed.",
             pattern=IDEMPOTENCY_HEADER_PATTERN,
         ),
     ] = None,
