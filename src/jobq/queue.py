@@ -148,7 +148,7 @@ class JobSummary:
     status: str
     priority: int
     attempts: int
-    max_attempts: int
+    max_attempts: int | None
     run_at: datetime
     idempotency_key: str | None
     cancel_requested: bool

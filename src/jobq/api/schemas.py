@@ -140,7 +140,9 @@ class JobSummaryOut(BaseModel):
     status: Literal["queued", "running", "retrying", "succeeded", "failed_permanent", "cancelled"]
     priority: int
     attempts: int
-    max_attempts: int
+    max_attempts: int | None = Field(
+        description="null until a worker first claims a job enqueued without max_attempts."
+    )
     last_error: str | None = Field(description="The latest failure's message.")
     idempotency_key: str | None
     cancel_requested: bool
