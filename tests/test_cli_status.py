@@ -100,7 +100,7 @@ async def test_enqueue_file_with_a_key_conflict_in_a_later_batch_stores_nothing(
     result = jobq(dsn, "enqueue-file", "-", "--batch-size", "500", stdin=_lines(601, "taken"))
 
     assert result.returncode == 2
-    assert "idempotency key 'taken' was already used" in _one_error_line(result)
+    assert "line 601: idempotency key 'taken' was already used" in _one_error_line(result)
     assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 1
 
 
@@ -127,8 +127,46 @@ async def test_enqueue_file_with_two_lines_sharing_a_key_for_different_jobs_stor
     result = jobq(dsn, "enqueue-file", "-", "--batch-size", "1", stdin=stdin)
 
     assert result.returncode == 2
-    assert "idempotency key 'same' was already used" in _one_error_line(result)
+    assert "idempotency key 'same'" in _one_error_line(result)
     assert await queue.counts() == []
+
+
+async def test_enqueue_file_names_both_lines_of_a_key_given_to_two_jobs_and_no_unstored_job(
+    queue: Queue, dsn: str
+) -> None:
+    stdin = (
+        '{"kind": "echo", "payload": {"n": 1}, "idempotency_key": "same"}\n'
+        "\n"
+        '{"kind": "echo", "payload": {"n": 2}, "idempotency_key": "same"}\n'
+    )
+
+    for batch_size in ("1", "500"):  # across batches and within one
+        result = jobq(dsn, "enqueue-file", "-", "--batch-size", batch_size, stdin=stdin)
+
+        assert result.returncode == 2
+        assert _one_error_line(result) == (
+            "error: line 3: idempotency key 'same' is also on line 1, for a different job"
+        )
+
+
+async def test_enqueue_file_counts_jobs_already_stored_apart_from_new_ones(
+    queue: Queue, dsn: str
+) -> None:
+    keyed = "".join(
+        orjson.dumps({"kind": "echo", "payload": {"n": i}, "idempotency_key": f"k{i}"}).decode()
+        + "\n"
+        for i in range(10)
+    )
+    first = jobq(dsn, "enqueue-file", "-", "--batch-size", "500", stdin=keyed)
+    assert first.stdout.strip() == "enqueued 10 job(s)", first.stderr
+
+    again = jobq(dsn, "enqueue-file", "-", "--batch-size", "4", stdin=keyed)
+
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == (
+        "enqueued 0 job(s); 10 already stored with the same idempotency key"
+    )
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 10
 
 
 async def test_enqueue_file_names_the_line_and_column_of_a_json_error(

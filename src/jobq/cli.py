@@ -21,7 +21,7 @@ import typer
 
 from jobq import db, logs, schema, wire
 from jobq.api.schemas import job_to_dict
-from jobq.queue import IdempotencyConflict, InvalidJob, NewJob, Queue, validate
+from jobq.queue import BulkEnqueued, IdempotencyConflict, InvalidJob, NewJob, Queue, validate
 from jobq.registry import PayloadInvalid, Registry
 from jobq.settings import Settings, SettingsError
 
@@ -559,8 +559,10 @@ def enqueue(
 _ENQUEUE_FILE_HELP = 'JSON lines, one job a line: {"kind": ..., "payload": ...}; - reads stdin.'
 
 
-def _read_jobs(lines: Iterable[bytes], registry: Registry | None) -> list[NewJob]:
+def _read_jobs(lines: Iterable[bytes], registry: Registry | None) -> tuple[list[NewJob], list[int]]:
+    """The jobs of a JSON-lines file, and the line number of each."""
     jobs: list[NewJob] = []
+    numbers: list[int] = []
     for number, raw in enumerate(lines, start=1):
         # Decoded line by line, so that an error names the line it is on.
         try:
@@ -574,7 +576,17 @@ def _read_jobs(lines: Iterable[bytes], registry: Registry | None) -> list[NewJob
         job = _job_from_line(line.rstrip("\r\n"), number)
         _check_with_registry(registry, job, f"line {number}: ")
         jobs.append(job)
-    return jobs
+        numbers.append(number)
+    return jobs, numbers
+
+
+def _conflict_on_line(exc: IdempotencyConflict, numbers: list[int]) -> str:
+    if exc.index is None:
+        return str(exc)
+    where = f"line {numbers[exc.index]}: idempotency key {exc.key!r}"
+    if exc.first_index is not None:
+        return f"{where} is also on line {numbers[exc.first_index]}, for a different job"
+    return f"{where} was already used for job {exc.job_id} with a different request"
 
 
 @app.command("enqueue-file")
@@ -590,22 +602,29 @@ def enqueue_file(
     line is invalid or an idempotency key conflicts, and re-running a fixed file is safe."""
     settings = _settings()
     registry = load_registry(app_spec) if app_spec else None
-    jobs = _read_jobs(path, registry)
+    jobs, numbers = _read_jobs(path, registry)
     with _database(settings) as dsn:
 
-        async def go() -> int:
+        async def go() -> list[BulkEnqueued]:
             await _prepare(dsn, migrate=settings.database_url is None)
             async with _queue(dsn, settings) as q:
-                if not sys.stderr.isatty():  # a log or a pipe gets the result line only
-                    return len(await q.enqueue_all(jobs, batch_size=batch_size))
-                with typer.progressbar(
-                    length=len(jobs), label="enqueueing", file=sys.stderr
-                ) as bar:
-                    ids = await q.enqueue_all(jobs, batch_size=batch_size, on_batch=bar.update)
-            return len(ids)
+                try:
+                    if not sys.stderr.isatty():  # a log or a pipe gets the result line only
+                        return await q.enqueue_all(jobs, batch_size=batch_size)
+                    with typer.progressbar(
+                        length=len(jobs), label="enqueueing", file=sys.stderr
+                    ) as bar:
+                        return await q.enqueue_all(jobs, batch_size=batch_size, on_batch=bar.update)
+                except IdempotencyConflict as exc:
+                    _fail(_conflict_on_line(exc, numbers))
 
-        count = _run_against(dsn, go())
-    typer.echo(f"enqueued {count} job(s)")
+        stored = _run_against(dsn, go())
+    created = sum(s.created for s in stored)
+    replayed = len(stored) - created
+    typer.echo(
+        f"enqueued {created} job(s)"
+        + (f"; {replayed} already stored with the same idempotency key" if replayed else "")
+    )
 
 
 _JOB_FIELDS = {"kind", "payload", "queue", "priority", "max_attempts", "run_at", "idempotency_key"}

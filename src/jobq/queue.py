@@ -73,14 +73,30 @@ class InvalidJob(JobqError, ValueError):
 
 
 class IdempotencyConflict(JobqError):
-    """The idempotency key already belongs to a job created by a different request."""
+    """The idempotency key already belongs to a job created by a different request.
 
-    def __init__(self, key: str, job_id: uuid.UUID) -> None:
-        super().__init__(
-            f"idempotency key {key!r} was already used for job {job_id} with a different request"
-        )
+    From a bulk enqueue, `index` is the conflicting job's position in the input; when the
+    key's first use is in the same input (so no job was stored), `job_id` is None and
+    `first_index` names that first use.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        job_id: uuid.UUID | None,
+        *,
+        index: int | None = None,
+        first_index: int | None = None,
+    ) -> None:
+        if job_id is not None:
+            message = f"idempotency key {key!r} was already used for job {job_id}"
+        else:
+            message = f"idempotency key {key!r} is given to two different jobs"
+        super().__init__(f"{message} with a different request")
         self.key = key
         self.job_id = job_id
+        self.index = index
+        self.first_index = first_index
 
 
 class JobNotFound(JobqError):
@@ -178,6 +194,22 @@ class NewJob:
     max_attempts: int | None = None
     run_at: datetime | None = None
     idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkEnqueued:
+    id: uuid.UUID
+    created: bool  # False: an idempotent replay of a job stored before
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstUse:
+    """An idempotency key's first use in a bulk enqueue: a stored job (index None) or a
+    position in the input."""
+
+    job_id: uuid.UUID
+    fingerprint: str | None
+    index: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -902,53 +934,9 @@ class Queue:
         """
         if not jobs:
             return []
-        checked = [validate(j) for j in jobs]
-        payloads = [encode_json("payload", j.payload) for j in checked]
-        fps = [fingerprint(j) if j.idempotency_key is not None else None for j in checked]
         async with self._connection(connection) as conn, conn.transaction():
-            rows = await conn.fetch(
-                _INSERT_MANY,
-                [j.kind for j in checked],
-                [j.queue for j in checked],
-                payloads,
-                [j.priority for j in checked],
-                [j.max_attempts for j in checked],
-                [j.run_at for j in checked],
-                [j.idempotency_key for j in checked],
-                fps,
-            )
-            if all(j.idempotency_key is None for j in checked):
-                return [r["id"] for r in rows]
-            by_key: dict[str, uuid.UUID] = {
-                r["idempotency_key"]: r["id"] for r in rows if r["idempotency_key"] is not None
-            }
-            created_keys = set(by_key)
-            missing = {j.idempotency_key for j in checked if j.idempotency_key} - created_keys
-            if missing:
-                existing = await conn.fetch(
-                    "SELECT id, idempotency_key, request_fingerprint FROM jobs"
-                    " WHERE idempotency_key = ANY($1::text[])",
-                    list(missing),
-                )
-                fp_by_key = {r["idempotency_key"]: r["request_fingerprint"] for r in existing}
-                for r in existing:
-                    by_key[r["idempotency_key"]] = r["id"]
-            else:
-                fp_by_key = {}
-            # Within the batch and against stored jobs, one key means one request.
-            seen: dict[str, str | None] = {}
-            for j, fp in zip(checked, fps, strict=True):
-                key = j.idempotency_key
-                if key is None:
-                    continue
-                expected = seen.setdefault(key, fp_by_key.get(key, fp))
-                if expected != fp:
-                    raise IdempotencyConflict(key, by_key[key])
-            unkeyed = iter(r["id"] for r in rows if r["idempotency_key"] is None)
-            return [
-                by_key[j.idempotency_key] if j.idempotency_key is not None else next(unkeyed)
-                for j in checked
-            ]
+            stored = await self._insert_batch(conn, jobs, 0, {})
+        return [s.id for s in stored]
 
     async def enqueue_all(
         self,
@@ -956,20 +944,83 @@ class Queue:
         *,
         batch_size: int = 500,
         on_batch: Callable[[int], None] | None = None,
-    ) -> list[uuid.UUID]:
+    ) -> list[BulkEnqueued]:
         """`enqueue_many` in batches of `batch_size`, all in one transaction: every job is
         stored or none is (an idempotency conflict in the last batch undoes the first ones),
-        and workers are woken when it commits. `on_batch(n)` is called after each batch."""
+        and workers are woken when it commits. `on_batch(n)` is called after each batch.
+        Returns, in input order, each job's id and whether this call created it."""
         for job in jobs:  # every job checked before the first insert
             validate(job)
-        ids: list[uuid.UUID] = []
+        stored: list[BulkEnqueued] = []
+        first_uses: dict[str, _FirstUse] = {}
         async with self.pool.acquire() as conn, conn.transaction():
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start : start + batch_size]
-                ids += await self.enqueue_many(chunk, connection=conn)
+                stored += await self._insert_batch(conn, chunk, start, first_uses)
                 if on_batch is not None:
                     on_batch(len(chunk))
-        return ids
+        return stored
+
+    async def _insert_batch(
+        self,
+        conn: _Connection,
+        jobs: Sequence[NewJob],
+        offset: int,
+        first_uses: dict[str, _FirstUse],
+    ) -> list[BulkEnqueued]:
+        """One round trip for `jobs` (positions `offset`.. of the caller's input), within the
+        caller's transaction. `first_uses` carries each key's first use across batches, so
+        that a key reused within one input is told apart from one stored before it."""
+        checked = [validate(j) for j in jobs]
+        payloads = [encode_json("payload", j.payload) for j in checked]
+        fps = [fingerprint(j) if j.idempotency_key is not None else None for j in checked]
+        rows = await conn.fetch(
+            _INSERT_MANY,
+            [j.kind for j in checked],
+            [j.queue for j in checked],
+            payloads,
+            [j.priority for j in checked],
+            [j.max_attempts for j in checked],
+            [j.run_at for j in checked],
+            [j.idempotency_key for j in checked],
+            fps,
+        )
+        if all(j.idempotency_key is None for j in checked):
+            return [BulkEnqueued(r["id"], True) for r in rows]
+        created = {r["idempotency_key"]: r["id"] for r in rows if r["idempotency_key"] is not None}
+        missing = {
+            j.idempotency_key
+            for j in checked
+            if j.idempotency_key and j.idempotency_key not in created
+            and j.idempotency_key not in first_uses
+        }  # fmt: skip
+        if missing:
+            for r in await conn.fetch(
+                "SELECT id, idempotency_key, request_fingerprint FROM jobs"
+                " WHERE idempotency_key = ANY($1::text[])",
+                list(missing),
+            ):
+                first_uses[r["idempotency_key"]] = _FirstUse(
+                    r["id"], r["request_fingerprint"], index=None
+                )
+        out: list[BulkEnqueued] = []
+        unkeyed = iter(r["id"] for r in rows if r["idempotency_key"] is None)
+        for i, (j, fp) in enumerate(zip(checked, fps, strict=True), start=offset):
+            key = j.idempotency_key
+            if key is None:
+                out.append(BulkEnqueued(next(unkeyed), True))
+                continue
+            first = first_uses.get(key)
+            if first is None:  # created by this batch, at its first use
+                first = first_uses[key] = _FirstUse(created[key], fp, index=i)
+                out.append(BulkEnqueued(first.job_id, True))
+                continue
+            if first.fingerprint != fp:
+                if first.index is None:  # stored before this call
+                    raise IdempotencyConflict(key, first.job_id, index=i)
+                raise IdempotencyConflict(key, None, index=i, first_index=first.index)
+            out.append(BulkEnqueued(first.job_id, False))
+        return out
 
     @contextlib.asynccontextmanager
     async def _connection(self, conn: _Connection | None) -> AsyncIterator[_Connection]:

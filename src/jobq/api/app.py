@@ -239,7 +239,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(IdempotencyConflict)
     async def on_conflict(request: Request, exc: IdempotencyConflict) -> Response:
-        return _problem(request, 422, "idempotency_key_reused", str(exc), job_id=str(exc.job_id))
+        extra = {} if exc.job_id is None else {"job_id": str(exc.job_id)}
+        return _problem(request, 422, "idempotency_key_reused", str(exc), **extra)
 
     @app.exception_handler(InvalidTransition)
     async def on_transition(request: Request, exc: InvalidTransition) -> Response:
