@@ -160,6 +160,39 @@ async def test_a_body_sent_too_slowly_gets_408_and_nothing_is_stored(
     assert "Traceback" not in api[1].read_text()
 
 
+def _counter(metrics_text: str, labels: str) -> float:
+    prefix = f"jobq_http_requests_total{{{labels}}} "
+    return sum(float(line[len(prefix) :]) for line in metrics_text.splitlines()
+               if line.startswith(prefix))  # fmt: skip
+
+
+async def test_a_body_timeout_is_counted_and_logged_once_as_408_not_also_as_a_disconnect(
+    base: str, api: tuple[str, Path]
+) -> None:
+    timed_out = 'method="POST",route="unmatched",status="408"'
+    disconnected = 'method="POST",route="/jobs",status="499"'
+    async with httpx.AsyncClient() as client:
+        before = (await client.get(f"{base}/metrics")).text
+        async with connect(base) as (reader, writer):
+            writer.write(
+                b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\nX-Request-Id: slow-body-once\r\n\r\n{"
+            )
+            assert_problem(await read_to_eof(reader), 408, "request_timeout")
+
+        async def counted() -> str:
+            text = (await client.get(f"{base}/metrics")).text
+            return text if _counter(text, timed_out) > _counter(before, timed_out) else ""
+
+        after = await wait_for(counted, timeout=DEADLINE)
+        # The application saw the disconnect before the 408 went out; a request after it
+        # is served only once the event loop has handled that.
+        after = (await client.get(f"{base}/metrics")).text
+    assert _counter(after, timed_out) == _counter(before, timed_out) + 1
+    assert _counter(after, disconnected) == _counter(before, disconnected)
+    assert "client disconnected" not in api[1].read_text().split("slow-body-once", 1)[-1]
+
+
 async def test_an_idle_keep_alive_connection_is_closed(base: str) -> None:
     async with connect(base) as (reader, writer):
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")

@@ -28,6 +28,7 @@ from jobq.api import routes, stats_routes
 from jobq.api.auth import require_token
 from jobq.api.problems import Problem, ProblemError, openapi_problem, problem_response
 from jobq.api.schemas import Health, create_body_schema
+from jobq.api.server import SERVER_ANSWERED
 from jobq.queue import IdempotencyConflict, InvalidJob, InvalidTransition, JobNotFound, Queue
 from jobq.registry import Registry
 from jobq.settings import Settings
@@ -75,27 +76,29 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            method = metrics.method_label(scope["method"])
-            key = (method, template, status)
-            children = self._metric_children.get(key)
-            if children is None:
-                # labels() is a lock and a dict lookup per call: look each series up once.
-                children = self._metric_children[key] = (
-                    metrics.HTTP_REQUESTS.labels(method, template, str(status)),
-                    metrics.HTTP_DURATION.labels(method, template),
+            # The server answered this one itself (a body timeout) and counted it.
+            if not scope.get(SERVER_ANSWERED):
+                elapsed = time.perf_counter() - started
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+                method = metrics.method_label(scope["method"])
+                key = (method, template, status)
+                children = self._metric_children.get(key)
+                if children is None:
+                    # labels() is a lock and a dict lookup per call: look each series up once.
+                    children = self._metric_children[key] = (
+                        metrics.HTTP_REQUESTS.labels(method, template, str(status)),
+                        metrics.HTTP_DURATION.labels(method, template),
+                    )
+                children[0].inc()
+                children[1].observe(elapsed)
+                access_log.info(
+                    "%s %s %s",
+                    method,
+                    template,
+                    status,
+                    extra={"request_id": request_id, "duration_ms": round(elapsed * 1000, 2)},
                 )
-            children[0].inc()
-            children[1].observe(elapsed)
-            access_log.info(
-                "%s %s %s",
-                method,
-                template,
-                status,
-                extra={"request_id": request_id, "duration_ms": round(elapsed * 1000, 2)},
-            )
 
 
 class HeadAsGetMiddleware:
@@ -216,10 +219,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_disconnect(request: Request, exc: ClientDisconnect) -> Response:
         # Nobody is left to answer: not a server error. 499 (as nginx logs it) is what the
         # access log and jobq_http_requests_total record.
-        access_log.info(
-            "client disconnected before the request was read",
-            extra={"request_id": _request_id(request)},
-        )
+        if not request.scope.get(SERVER_ANSWERED):
+            access_log.info(
+                "client disconnected before the request was read",
+                extra={"request_id": _request_id(request)},
+            )
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(JobNotFound)

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import re
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -32,6 +32,10 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from jobq import metrics
 from jobq.api.problems import PROBLEM_MEDIA_TYPE, problem_body
 from jobq.settings import Settings
+
+# Set in a request's ASGI scope when the server itself answered it (a body timeout): the
+# application then neither counts nor logs it.
+SERVER_ANSWERED = "jobq.server_answered"
 
 log = logging.getLogger("jobq.access")
 
@@ -195,7 +199,9 @@ class JobqHttpProtocol(HttpToolsProtocol):
         if cycle.response_started:
             self.transport.close()  # answered without the rest of the body: drop the rest
             return
-        # The application is told the client is gone; it must not answer on top of ours.
+        # The application is told the client is gone; it must not answer on top of ours, nor
+        # count or log the request a second time (as a 499) under a request id of its own.
+        cast(dict[str, Any], self.scope)[SERVER_ANSWERED] = True
         cycle.disconnected = True
         cycle.message_event.set()
         seconds = self.settings.http_body_timeout_seconds
