@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck unit browser bench bench-peers bench-storage chaos clean
+.PHONY: run test lint typecheck unit browser pgbouncer bench bench-peers bench-storage chaos clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "jobq needs Python >= 3.11"'
@@ -33,7 +33,7 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-unit: $(VENV)/.installed-dev browser
+unit: $(VENV)/.installed-dev browser pgbouncer
 	$(BIN)/pytest -q
 
 ## Debian's Chromium for the dashboard's browser tests: installed when missing and possible
@@ -45,16 +45,28 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium is not installed and cannot be: the browser tests will be skipped"
 
+## Debian's PgBouncer for the pooler tests, on the same terms as Chromium; it runs as an
+## unprivileged user with its configuration in a temporary directory (tests/realparts.py).
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "installing pgbouncer for the pooler tests" && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; } || \
+	  echo "pgbouncer is not installed and cannot be: the pooler tests will be skipped"
+
 ## Kill workers and restart the database while N jobs run (default 2000); nothing may be lost.
 N ?= 2000
 chaos: $(VENV)/.installed
 	$(BIN)/jobq chaos --jobs $(N)
 
 ## Benchmarks (not part of `make test`): the suite against the embedded PostgreSQL (or
-## DATABASE_URL), then the chart. BENCH_ARGS=--quick for a smoke run. See BENCHMARKS.md.
+## DATABASE_URL), the scale-out benchmarks (PgBouncer, a fleet of workers, added RTT), then
+## the chart. BENCH_ARGS=--quick for a smoke run. See BENCHMARKS.md.
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.suite $(BENCH_ARGS)
+	$(MAKE) --no-print-directory pgbouncer
+	$(BIN)/python -m bench.scaleout $(BENCH_ARGS)
 	$(BIN)/python -m bench.chart
 
 ## Storage: WAL per job, history scale, soak (opt-in: STORAGE_ARGS="--only soak"), layouts.

@@ -252,7 +252,9 @@ def migrate() -> None:
             def progress(m: schema.Migration) -> None:
                 typer.echo(f"[{next(step, total)}/{total}] applying {m.version:04d}_{m.name} …")
 
-            return await schema.migrate(conn, progress=progress)
+            # A second connection holds the lock for steps that run outside a transaction:
+            # sound through a transaction pooler too.
+            return await schema.migrate(conn, progress=progress, connect=lambda: db.connect(dsn))
         finally:
             await conn.close()
 
@@ -382,6 +384,15 @@ def worker(
         float,
         typer.Option(min=0, metavar="SECONDS", help="Time in-flight jobs get on SIGTERM."),
     ] = 30.0,
+    pool_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Most database connections of the worker's pool (default 4; 2 + concurrency/50 "
+            "from concurrency 150, at most 10); the listener holds one more.",
+        ),
+    ] = None,
 ) -> None:
     """Run a worker. While the database is unreachable it waits (one log line), then starts."""
     from jobq.worker import Worker
@@ -412,6 +423,7 @@ def worker(
                 queues=queue_names,
                 settings=settings,
                 shutdown_grace=shutdown_grace,
+                pool_size=pool_size,
             )
             # First signal: graceful stop. Second: no more grace.
             _on_signals(w.request_stop)

@@ -38,6 +38,7 @@ __all__ = [
     "connect",
     "create_pool",
     "database",
+    "in_recovery",
     "is_read_only",
     "is_unavailable",
 ]
@@ -68,6 +69,11 @@ COMMAND_TIMEOUT_SECONDS = 60.0
 
 def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, UNAVAILABLE_ERRORS)
+
+
+async def in_recovery(executor: asyncpg.Pool | asyncpg.Connection) -> bool:
+    """True on a hot standby: it serves reads and refuses every write."""
+    return bool(await executor.fetchval("SELECT pg_is_in_recovery()"))
 
 
 def is_read_only(exc: BaseException) -> bool:

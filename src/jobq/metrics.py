@@ -51,6 +51,10 @@ JOB_QUEUE_WAIT = Histogram(
     buckets=_DURATION_BUCKETS,
 )
 WORKER_IN_FLIGHT = Gauge("jobq_worker_jobs_in_flight", "Jobs this process is running now.")
+WORKER_POLL_ONLY = Gauge(
+    "jobq_worker_poll_only",
+    "1 when this worker's LISTEN failed its self-check: it finds new jobs by polling.",
+)
 JOBS = Gauge("jobq_jobs", "Jobs in the database by queue and status, read at scrape time.",
              ["queue", "status"])  # fmt: skip
 HTTP_REQUESTS = Counter(

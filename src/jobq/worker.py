@@ -58,6 +58,10 @@ from jobq.settings import Settings
 log = logging.getLogger("jobq.worker")
 
 MAX_CLAIM_BATCH = 500
+# The listener's self-check: a NOTIFY on this channel must come back within this time.
+LISTEN_CHECK_CHANNEL = "jobq_listen_check"
+LISTEN_CHECK_SECONDS = 2.0
+LISTEN_RECHECK_SECONDS = 300.0
 MAX_COMPLETION_BATCH = 2000
 # After the grace period, how long the worker keeps trying to write what it owes the database
 # (releases, outcomes) before it gives up and exits; a second signal gives up at once.
@@ -195,6 +199,12 @@ class _Run:
         return self.sync_call is not None and self.sync_call.thread_alive
 
 
+def default_pool_size(concurrency: int) -> int:
+    """Connections a worker's pool may open: 4, then 2 + concurrency/50 from concurrency 150,
+    at most 10 (see docs/deploy.md for the whole budget)."""
+    return max(4, min(10, 2 + concurrency // 50))
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -225,6 +235,7 @@ class Worker:
         worker_id: str | None = None,
         shutdown_grace: float = 30.0,
         batch_size: int | None = None,
+        pool_size: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -238,6 +249,11 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self.shutdown_grace = shutdown_grace
         self.batch_size = min(batch_size or concurrency, MAX_CLAIM_BATCH)
+        if pool_size is not None and pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        # Claims, completions and heartbeats are batched: a few connections serve hundreds of
+        # jobs in flight. The listener holds one more connection of its own.
+        self.pool_size = pool_size or default_pool_size(concurrency)
         self.kinds = registry.kinds
         # Resolved once, so that a handler's bounds that cannot work with these settings stop
         # the worker at start-up, not at the first failure.
@@ -266,6 +282,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._force_stop = asyncio.Event()
         self._started = asyncio.Event()
+        self._poll_only = False
+        self._warned_poll_only = False
         # Prometheus children per kind: `labels()` costs more than the no-op job it counts.
         self._kind_metrics: dict[str, tuple[Any, Any, Any]] = {}
 
@@ -294,6 +312,7 @@ class Worker:
 
     async def run(self) -> None:
         pool = await self._connect_pool()
+        await self._wait_for_primary(pool)
         self.queue = Queue(
             pool,
             default_max_attempts=self.settings.default_max_attempts,
@@ -355,7 +374,7 @@ class Worker:
                 return await db.create_pool(
                     self.dsn,
                     min_size=1,
-                    max_size=max(4, min(10, 2 + self.concurrency // 50)),
+                    max_size=self.pool_size,
                     pooler=self.settings.pooler,
                     server_settings=self._server_settings(),
                     # A statement that waits longer than a lease is pointless: the lease it
@@ -369,6 +388,28 @@ class Worker:
                     raise
                 log.warning("database unavailable at start-up (%s); retrying", exc)
                 await retry.sleep()
+
+    async def _wait_for_primary(self, pool: asyncpg.Pool) -> None:
+        """Pointed at a hot standby, a worker says so once and waits for it to be promoted."""
+        said = False
+        while not self._stopping.is_set():
+            try:
+                if not await db.in_recovery(pool):
+                    if said:
+                        log.info("the database is writable now; starting")
+                    return
+            except Exception as exc:
+                if not db.is_unavailable(exc):
+                    raise
+            else:
+                if not said:
+                    log.warning(
+                        "the database is a read-only standby (in recovery): waiting until it "
+                        "is promoted; point DATABASE_URL at the primary to run jobs now",
+                        extra={"worker_id": self.worker_id},
+                    )
+                    said = True
+            await self._wait_any(self._stopping, timeout=self.settings.poll_interval_seconds)
 
     def _server_settings(self) -> dict[str, str]:
         # Names this worker's sessions in pg_stat_activity.
@@ -885,10 +926,16 @@ class Worker:
 
     async def _listen_loop(self) -> None:
         retry = _Retrying()
+        url, pooler = self.dsn, self.settings.pooler
+        if self.settings.listen_database_url:
+            # A direct or session-pooled URL: a session of its own, whatever DATABASE_URL is.
+            url = self.settings.listen_database_url
+            pooler = "none" if pooler == "none" else "session"
         while True:
+            pause = 0.0
             conn: asyncpg.Connection | None = None
             try:
-                conn = await db.connect(self.dsn, server_settings=self._server_settings())
+                conn = await db.connect(url, pooler=pooler, server_settings=self._server_settings())
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(NEW_JOB_CHANNEL, self._on_new_job)
@@ -898,9 +945,15 @@ class Worker:
                 self._wake.set()
                 if self._runs:
                     asyncio.get_running_loop().create_task(self.heartbeat_once())
+                if not await self._check_listen(conn):
+                    # Holding LISTENs a pooler scatters over its server connections helps no
+                    # one: close, and check again now and then.
+                    pause = LISTEN_RECHECK_SECONDS
+                    lost.set()
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), timeout=5.0)
+                        async with asyncio.timeout(5.0):
+                            await lost.wait()
                     if not lost.is_set():
                         await conn.execute("SELECT 1", timeout=5)  # detects a half-open link
             except asyncio.CancelledError:
@@ -914,7 +967,56 @@ class Worker:
                 if conn is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), timeout=2)
-            await retry.sleep()
+            if pause:
+                await asyncio.sleep(pause)
+            else:
+                await retry.sleep()
+
+    async def _check_listen(self, conn: asyncpg.Connection) -> bool:
+        """Send a NOTIFY through the pool and see that the listening session receives it.
+
+        It does not behind a transaction pooler, which runs the LISTEN on whatever server
+        connection it lends for that one statement. Then the worker says so once and finds new
+        jobs by polling every JOBQ_POLL_INTERVAL_SECONDS, and cancels at the next heartbeat.
+        """
+        assert self.queue is not None
+        token = uuid.uuid4().hex
+        heard = asyncio.Event()
+
+        def on_check(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+            if payload == token:
+                heard.set()
+
+        await conn.add_listener(LISTEN_CHECK_CHANNEL, on_check)
+        try:
+            await self.queue.pool.execute("SELECT pg_notify($1, $2)", LISTEN_CHECK_CHANNEL, token)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # arrives as the notification does, and the worker would never stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LISTEN_CHECK_SECONDS):
+                    await heard.wait()
+        finally:
+            await conn.remove_listener(LISTEN_CHECK_CHANNEL, on_check)
+        if heard.is_set():
+            if self._poll_only:
+                log.info("LISTEN receives notifications again", extra={"worker_id": self.worker_id})
+            self._poll_only = False
+            metrics.WORKER_POLL_ONLY.set(0)
+            return True
+        metrics.WORKER_POLL_ONLY.set(1)
+        if not self._poll_only and not self._warned_poll_only:
+            log.warning(
+                "LISTEN on this database connection does not receive notifications (a "
+                "transaction-pooling PgBouncer?): set JOBQ_LISTEN_DATABASE_URL to a direct or "
+                "session-pooled URL. Until then new jobs are found by polling every %ss "
+                "(JOBQ_POLL_INTERVAL_SECONDS) and cancels at the next heartbeat (every %ss)",
+                self.settings.poll_interval_seconds,
+                self.settings.heartbeat_seconds,
+                extra={"worker_id": self.worker_id},
+            )
+            self._warned_poll_only = True
+        self._poll_only = True
+        return False
 
     def _on_new_job(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         if payload in self.queues or not payload:

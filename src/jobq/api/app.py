@@ -260,6 +260,19 @@ def _install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
 
+    @app.exception_handler(asyncpg.exceptions.ReadOnlySQLTransactionError)
+    async def on_read_only(request: Request, exc: Exception) -> Response:
+        # DATABASE_URL reached a hot standby (or a failover left us on one): nothing changed.
+        log.warning("write refused by a read-only server: %s", exc,
+                    extra={"request_id": _request_id(request)})  # fmt: skip
+        return _problem(
+            request,
+            503,
+            "database_read_only",
+            "the database accepts no writes right now (a read-only standby); retry later",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+
     # Registered per class (not as a catch-all) so the response is final and nothing is
     # re-raised into the server's error log.
     for exc_class in db.UNAVAILABLE_ERRORS:
@@ -317,9 +330,14 @@ def create_app(
     dsn: str | None = None,
     registry: Registry | None = None,
     pool: asyncpg.Pool | None = None,
+    read_pool: asyncpg.Pool | None = None,
 ) -> FastAPI:
     """The API over the database at `dsn` (or an existing pool). With a registry, enqueue
-    checks kinds and payloads, and the OpenAPI document shows each kind's payload schema."""
+    checks kinds and payloads, and the OpenAPI document shows each kind's payload schema.
+
+    Reads that tolerate lag (job lists, stats, the jobq_jobs gauge) go to `read_pool`, or to
+    a pool on JOBQ_READ_DATABASE_URL; everything else, `GET /jobs/{id}` included (a client
+    reads its own write), goes to the primary."""
     settings = settings or Settings.from_env()
     if pool is None and dsn is None:
         raise ValueError("create_app needs a dsn or a pool")
@@ -333,9 +351,21 @@ def create_app(
         )
         app.state.pool = the_pool
         app.state.queue = Queue(the_pool, default_max_attempts=settings.default_max_attempts)
+        own_read_pool = read_pool is None and settings.read_database_url is not None
+        reads = read_pool
+        if own_read_pool:
+            reads = await db.create_pool(
+                settings.read_database_url or "",
+                min_size=0,
+                max_size=settings.pool_max_size,
+                pooler=settings.pooler,
+            )
+        app.state.read_queue = app.state.queue if reads is None else Queue(reads)
         try:
             yield
         finally:
+            if own_read_pool and reads is not None:
+                await reads.close()
             if own_pool:
                 await the_pool.close()
 
@@ -356,6 +386,7 @@ def create_app(
     if pool is not None:
         app.state.pool = pool
         app.state.queue = Queue(pool, default_max_attempts=settings.default_max_attempts)
+        app.state.read_queue = app.state.queue if read_pool is None else Queue(read_pool)
     # Starlette's slash redirect builds its Location from the Host header: see _slash_redirect.
     app.router.redirect_slashes = False
     app.add_middleware(HeadAsGetMiddleware)
@@ -409,7 +440,7 @@ def _install_health(app: FastAPI, settings: Settings) -> None:
     async def prometheus(request: Request) -> Response:
         # Job counts are read at scrape time; a scrape during an outage still serves the rest.
         with contextlib.suppress(*db.UNAVAILABLE_ERRORS):
-            metrics.set_job_counts(await request.app.state.queue.counts())
+            metrics.set_job_counts(await request.app.state.read_queue.counts())
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

@@ -102,6 +102,12 @@ def _queue(request: Request) -> Queue:
     return queue
 
 
+def _read_queue(request: Request) -> Queue:
+    """The read replica (JOBQ_READ_DATABASE_URL) when there is one: for reads that tolerate lag."""
+    queue: Queue = request.app.state.read_queue
+    return queue
+
+
 def _media_type(header: str) -> tuple[str, dict[str, str]]:
     """`type/subtype` and its parameters (names lower-cased, quotes removed)."""
     kind, *params = header.split(";")
@@ -316,7 +322,7 @@ async def list_jobs(
             f"unknown status {status!r}; one of: {', '.join(STATUSES)}",
             errors=[{"loc": ["query", "status"], "msg": "unknown status", "type": "enum"}],
         )
-    page = await _queue(request).list_summaries(
+    page = await _read_queue(request).list_summaries(
         status=status, kind=kind, queue=queue, limit=limit, offset=offset, cursor=cursor
     )
     return _json(

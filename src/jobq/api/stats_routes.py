@@ -25,5 +25,6 @@ async def get_stats(request: Request) -> Response:
     """Counts by queue and status, the oldest due job's age per queue, jobs finished per
     minute over the last 15 minutes, the kinds failing most, waiting jobs no live worker
     handles, and the live workers."""
-    body = await stats.collect(request.app.state.queue)
+    # Lag-tolerant: from the read replica (JOBQ_READ_DATABASE_URL) when there is one.
+    body = await stats.collect(request.app.state.read_queue)
     return Response(orjson.dumps(body), media_type="application/json")
