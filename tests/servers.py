@@ -40,7 +40,9 @@ def start_api(
     return proc, f"http://127.0.0.1:{port}"
 
 
-async def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
+async def wait_ready(
+    base: str, proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 30
+) -> None:
     async def ready() -> bool:
         assert proc.poll() is None, "the API server exited"
         try:
@@ -49,7 +51,7 @@ async def wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
         except httpx.TransportError:
             return False
 
-    await wait_for(ready, timeout=30, interval=0.1)
+    await wait_for(ready, timeout=timeout, interval=0.1)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

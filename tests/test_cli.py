@@ -17,6 +17,7 @@ import pytest
 from jobq.embedded import EmbeddedPostgres
 from jobq.queue import Queue
 from tests.helpers import ROOT, wait_for
+from tests.servers import wait_ready
 
 
 def jobq(
@@ -106,15 +107,8 @@ async def test_dev_runs_everything_with_no_configuration(embedded_data_dir: Path
     )
     base = f"http://127.0.0.1:{port}"
     try:
+        await wait_ready(base, proc, timeout=90)  # a first start initialises the database
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
-
-            async def ready() -> bool:
-                try:
-                    return (await client.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_for(ready, timeout=90, interval=0.2)
             created = await client.post("/jobs", json={"kind": "echo", "payload": {"v": 1}})
             assert created.status_code == 201
             job_id = created.json()["id"]
@@ -304,15 +298,8 @@ async def test_ctrl_c_on_dev_lets_running_jobs_finish_and_stops_the_database_las
     )
     base = f"http://127.0.0.1:{port}"
     try:
+        await wait_ready(base, proc, timeout=90)  # a first start initialises the database
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
-
-            async def ready() -> bool:
-                try:
-                    return (await client.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_for(ready, timeout=90, interval=0.2)
             created = await client.post("/jobs", json={"kind": "sleep", "payload": {"seconds": 1}})
             job_id = created.json()["id"]
 
