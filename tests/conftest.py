@@ -57,13 +57,15 @@ async def template_dsn(admin_dsn: str) -> str:
     return dsn
 
 
-async def create_database(admin_dsn: str, label: str) -> str:
+async def create_database(
+    admin_dsn: str, label: str, *, template: str = TEMPLATE, options: str = ""
+) -> str:
     name = (
         "jobq_test_" + re.sub(r"[^a-z0-9]+", "_", label.lower())[-30:] + "_" + uuid.uuid4().hex[:6]
     )
     conn = await asyncpg.connect(admin_dsn)
     try:
-        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {template} {options}")
     finally:
         await conn.close()
     return name

@@ -46,6 +46,14 @@ def _text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+async def _wait_until_the_worker_waits(worker: subprocess.Popen[bytes], log: Path) -> None:
+    async def waiting() -> bool:
+        assert worker.poll() is None, _text(log)
+        return UNREACHABLE in _text(log)
+
+    await wait_for(waiting, timeout=60, interval=0.1)
+
+
 @pytest.mark.parametrize(
     ("args", "stdin"),
     [
@@ -126,12 +134,7 @@ async def test_worker_started_before_its_database_waits_with_one_log_line_then_r
     with log.open("wb") as err:
         worker = worker_process(own_dsn, "jobq.examples:registry", stderr=err)
     try:
-
-        async def waiting() -> bool:
-            assert worker.poll() is None, _text(log)
-            return UNREACHABLE in _text(log)
-
-        await wait_for(waiting, timeout=60, interval=0.1)
+        await _wait_until_the_worker_waits(worker, log)
         database_down.start()
         pool = await db.create_pool(own_dsn, min_size=0, max_size=2)
         try:
@@ -161,12 +164,7 @@ async def test_worker_stopped_while_it_waits_for_the_database_exits_0(tmp_path: 
     with log.open("wb") as err:
         worker = worker_process(dsn, "jobq.examples:registry", stderr=err)
     try:
-
-        async def waiting() -> bool:
-            assert worker.poll() is None, _text(log)
-            return UNREACHABLE in _text(log)
-
-        await wait_for(waiting, timeout=60, interval=0.1)
+        await _wait_until_the_worker_waits(worker, log)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
     finally:

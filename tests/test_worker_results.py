@@ -4,17 +4,15 @@ cannot be stored."""
 from __future__ import annotations
 
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
 
 from jobq import db, schema
 from jobq.queue import NewJob, Queue, lease_of
 from jobq.registry import JobContext, Registry
-from tests.conftest import drop_database, with_database
+from tests.conftest import create_database, drop_database, with_database
 from tests.helpers import wait_for, worker_process
 from tests.test_worker import finished, running
 
@@ -80,15 +78,10 @@ async def test_a_result_that_cannot_be_stored_fails_its_job_once_permanently_wit
 @pytest.fixture(scope="module")
 async def latin1_dsn(admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
     """A database whose encoding (LATIN1) cannot represent most of Unicode, migrated."""
-    name = f"jobq_test_latin1_{uuid.uuid4().hex[:6]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(
-            f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'LATIN1'"
-            " LC_COLLATE 'C' LC_CTYPE 'C'"
-        )
-    finally:
-        await conn.close()
+    name = await create_database(
+        admin_dsn, "latin1", template="template0",
+        options="ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'",
+    )  # fmt: skip
     dsn = with_database(admin_dsn, name)
     mconn = await db.connect(dsn)
     try:
