@@ -934,8 +934,9 @@ class Queue:
         """
         if not jobs:
             return []
+        checked = [validate(j) for j in jobs]
         async with self._connection(connection) as conn, conn.transaction():
-            stored = await self._insert_batch(conn, jobs, 0, {})
+            stored = await self._insert_batch(conn, checked, 0, {})
         return [s.id for s in stored]
 
     async def enqueue_all(
@@ -949,13 +950,12 @@ class Queue:
         stored or none is (an idempotency conflict in the last batch undoes the first ones),
         and workers are woken when it commits. `on_batch(n)` is called after each batch.
         Returns, in input order, each job's id and whether this call created it."""
-        for job in jobs:  # every job checked before the first insert
-            validate(job)
+        checked = [validate(j) for j in jobs]  # every job checked before the first insert
         stored: list[BulkEnqueued] = []
         first_uses: dict[str, _FirstUse] = {}
         async with self.pool.acquire() as conn, conn.transaction():
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start : start + batch_size]
+            for start in range(0, len(checked), batch_size):
+                chunk = checked[start : start + batch_size]
                 stored += await self._insert_batch(conn, chunk, start, first_uses)
                 if on_batch is not None:
                     on_batch(len(chunk))
@@ -964,14 +964,14 @@ class Queue:
     async def _insert_batch(
         self,
         conn: _Connection,
-        jobs: Sequence[NewJob],
+        checked: Sequence[NewJob],
         offset: int,
         first_uses: dict[str, _FirstUse],
     ) -> list[BulkEnqueued]:
-        """One round trip for `jobs` (positions `offset`.. of the caller's input), within the
-        caller's transaction. `first_uses` carries each key's first use across batches, so
-        that a key reused within one input is told apart from one stored before it."""
-        checked = [validate(j) for j in jobs]
+        """One round trip for `checked` (validated jobs, positions `offset`.. of the caller's
+        input), within the caller's transaction. `first_uses` carries each key's first use
+        across batches, so that a key reused within one input is told apart from one stored
+        before it."""
         payloads = [encode_json("payload", j.payload) for j in checked]
         fps = [fingerprint(j) if j.idempotency_key is not None else None for j in checked]
         rows = await conn.fetch(
