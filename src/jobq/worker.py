@@ -13,7 +13,8 @@ One process runs one `Worker`, which is a handful of asyncio tasks:
 - heartbeat: extends the leases of everything this worker holds and learns of cancel requests
   (the fallback for a missed NOTIFY) and of leases it lost. Everything about a run is keyed by
   its lease (job id + token), so news about one attempt never touches another.
-- rescuer: returns jobs of dead workers to the queue.
+- maintenance: each service of `jobq.maintenance` (the rescuer, which returns jobs of dead
+  workers to the queue, ...) in a loop of its own.
 - listener: a dedicated connection for LISTEN, re-established after the database restarts.
 
 Every write is fenced by the job's lease token (see `jobq.queue`), so nothing this worker does
@@ -39,8 +40,9 @@ from typing import Any
 
 import asyncpg
 
-from jobq import db, metrics
+from jobq import db, maintenance, metrics
 from jobq.backoff import Backoff
+from jobq.maintenance import Service
 from jobq.queue import (
     CANCEL_CHANNEL,
     DEFAULT_QUEUE,
@@ -321,7 +323,10 @@ class Worker:
         helpers = [
             asyncio.create_task(self._listen_loop(), name="jobq-listen"),
             asyncio.create_task(self._heartbeat_loop(), name="jobq-heartbeat"),
-            asyncio.create_task(self._rescue_loop(), name="jobq-rescue"),
+        ]
+        helpers += [
+            asyncio.create_task(run_service(service), name=f"jobq-{service.name}")
+            for service in maintenance.services(self.queue, self.settings, backoffs=self._backoffs)
         ]
         writer = asyncio.create_task(self._completion_loop(), name="jobq-completions")
         log.info(
@@ -908,22 +913,6 @@ class Worker:
 
     # -- background loops --------------------------------------------------------------
 
-    async def _rescue_loop(self) -> None:
-        assert self.queue is not None
-        while True:
-            try:
-                for rescued in await self.queue.rescue(backoffs=self._backoffs):
-                    metrics.JOBS_FINISHED.labels(rescued.kind, "rescued").inc()
-                    log.warning(
-                        "rescued a job from a lost worker",
-                        extra={"job_id": str(rescued.job_id), "kind": rescued.kind,
-                               "status": rescued.status},
-                    )  # fmt: skip
-            except Exception as exc:
-                if not db.is_unavailable(exc):
-                    log.exception("rescue failed")
-            await asyncio.sleep(self.settings.rescue_interval_seconds * random.uniform(0.8, 1.2))
-
     async def _listen_loop(self) -> None:
         retry = _Retrying()
         url, pooler = self.dsn, self.settings.pooler
@@ -1021,6 +1010,21 @@ class Worker:
     def _on_new_job(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         if payload in self.queues or not payload:
             self._wake.set()
+
+
+async def run_service(service: Service) -> None:
+    """Run one maintenance service until cancelled: a first pass after a jittered delay
+    (workers started together do not all run it at once), then one every `interval`, +-10 %.
+    A failed pass is logged and the next one comes on time."""
+    await asyncio.sleep(service.interval * random.uniform(0.0, 0.1))
+    while True:
+        try:
+            await service.run_once()
+        except Exception as exc:
+            # An outage is logged by the loops that wait it out; a pass just comes later.
+            if not db.is_unavailable(exc):
+                log.exception("%s failed", service.name, extra={"service": service.name})
+        await asyncio.sleep(service.interval * random.uniform(0.9, 1.1))
 
 
 def _describe(exc: BaseException) -> str:

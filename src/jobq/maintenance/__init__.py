@@ -1,0 +1,35 @@
+"""Maintenance services: the periodic passes a worker runs besides its jobs.
+
+Each service is one pass over the database (`run_once`) that any number of workers may run at
+once: every pass is idempotent and safe against the others, so no leader is elected. The worker
+runs each in a loop of its own (see `jobq.worker.maintenance`), every `interval` seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from jobq.backoff import Backoff
+from jobq.maintenance.rescuer import Rescuer
+from jobq.queue import Queue
+from jobq.settings import Settings
+
+
+class Service(Protocol):
+    name: str
+    interval: float  # seconds between passes
+
+    async def run_once(self) -> None: ...
+
+
+def services(
+    queue: Queue, settings: Settings, *, backoffs: Mapping[str, Backoff] | None = None
+) -> list[Service]:
+    """Every service a worker runs. `backoffs`: the worker's handlers', by kind."""
+    return [
+        Rescuer(queue, settings, backoffs=backoffs),
+    ]
+
+
+__all__ = ["Rescuer", "Service", "services"]
