@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.suite import fresh_db, server
 from jobq import db
-from jobq.queue import _CLAIM
+from jobq.queue.leases import _CLAIM
 
 # The pick of the first queue-bounded claim: $4 rows locked per pair, then sorted.
 _PICK_PER_PAIR = """), picked AS (

@@ -24,7 +24,8 @@ import asyncpg
 
 from bench.suite import fresh_db, server
 from jobq import db, schema
-from jobq.queue import _CLAIM, _JOB_FIELDS
+from jobq.queue.leases import _CLAIM
+from jobq.queue.model import _JOB_FIELDS
 
 # The claim statement before 0003: one scan of jobs_claim_idx (priority, run_at, id) for all
 # queues, filtered by queue and kind.

@@ -18,7 +18,7 @@ import time
 
 from bench.suite import fresh_db, server
 from jobq import db
-from jobq.queue import _HEARTBEAT
+from jobq.queue.leases import _HEARTBEAT
 
 _HEARTBEAT_BEFORE = """
 UPDATE jobs AS j

@@ -61,6 +61,7 @@ from bench.suite import (
 )
 from jobq import NewJob, Queue, db
 from jobq import queue as queue_core
+from jobq.queue import views as queue_views
 
 # PostgreSQL's own defaults for what the suite turns off: jit, parallel workers.
 STORAGE_PG_SETTINGS = {
@@ -197,7 +198,7 @@ async def explain_operator_views(dsn: str) -> dict[str, str]:
     """EXPLAIN (ANALYZE, BUFFERS) of each operator view's statement as the queue core has it."""
     plans: dict[str, str] = {}
     statements = [
-        (name, getattr(queue_core, attr, None), args)
+        (name, getattr(queue_views, attr, None), args)
         for name, attr, args in store.OPERATOR_STATEMENTS
     ]
     with contextlib.suppress(ImportError, AttributeError):

@@ -48,7 +48,8 @@ import asyncpg
 
 from bench.storage import wal_between, wal_by_record_type, wal_by_relation, wal_position
 from bench.suite import emit, fresh_db, log, r
-from jobq import queue as q
+from jobq.queue import enqueue as q_enqueue
+from jobq.queue import leases as q_leases
 
 CHUNK = 5000
 BATCH = 250
@@ -269,9 +270,9 @@ async def run_layout(dsn: str, name: str, n: int) -> dict[str, Any]:
         if layout["ddl"]:
             await conn.execute(layout["ddl"])
         one_table = layout["insert"] is None
-        insert = q._INSERT_MANY if one_table else layout["insert"]
-        claim = q._CLAIM if one_table else _LH_CLAIM
-        complete = q._COMPLETE_MANY if one_table else _LH_COMPLETE
+        insert = q_enqueue._INSERT_MANY if one_table else layout["insert"]
+        claim = q_leases._CLAIM if one_table else _LH_CLAIM
+        complete = q_leases._COMPLETE_MANY if one_table else _LH_COMPLETE
         await conn.execute("CHECKPOINT")
         p0 = await wal_position(conn)
         t0 = time.monotonic()

@@ -188,7 +188,7 @@ OPERATOR_STATEMENTS: list[tuple[str, str, tuple[Any, ...]]] = [
 
 def list_succeeded_statement() -> tuple[str, tuple[Any, ...]]:
     """What `GET /jobs?status=succeeded&limit=50` runs (the list endpoint builds it)."""
-    from jobq.queue import _JOB_COLUMNS
+    from jobq.queue.model import _JOB_COLUMNS
 
     return (
         f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = $1"

@@ -35,7 +35,8 @@ import asyncpg
 from bench import store
 from jobq import NewJob, Queue, db, schema
 from jobq.embedded import EmbeddedPostgres
-from jobq.queue import _CLAIM, lease_of
+from jobq.queue import lease_of
+from jobq.queue.leases import _CLAIM
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -12,7 +12,6 @@ import orjson
 import pytest
 
 from jobq.backoff import Backoff
-from jobq.queue import _CLAIM as CLAIM  # the statement itself, for its plan
 from jobq.queue import (
     MAX_ERROR_HISTORY,
     MAX_ERROR_LENGTH,
@@ -25,6 +24,7 @@ from jobq.queue import (
     Queue,
     lease_of,
 )
+from jobq.queue.leases import _CLAIM as CLAIM  # the statement itself, for its plan
 
 KINDS = ["echo", "other"]
 QUEUES = ["default"]

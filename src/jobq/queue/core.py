@@ -1,0 +1,30 @@
+"""`Queue`: the queue core's one entry point, composed of one part per concern."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from jobq.backoff import Backoff
+from jobq.queue.enqueue import Enqueue, WakeUps
+from jobq.queue.leases import Leases
+from jobq.queue.lookup import Lookup
+from jobq.queue.operator import Operator
+from jobq.queue.presence import Presence
+from jobq.queue.views import Views
+
+
+class Queue(Enqueue, Operator, Lookup, Leases, Views, Presence):
+    """Queue operations over an asyncpg pool. Safe to share between tasks."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        default_max_attempts: int = 3,
+        default_backoff: Backoff | None = None,
+        notify_window: float = 0.002,
+    ) -> None:
+        self.pool = pool
+        self.default_max_attempts = default_max_attempts
+        self.default_backoff = default_backoff or Backoff()
+        self._wake_ups = WakeUps(pool, notify_window)

@@ -1,0 +1,294 @@
+"""Constants, errors and the value types of the queue core."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+STATUSES = ("queued", "running", "retrying", "succeeded", "failed_permanent", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed_permanent", "cancelled")
+
+NEW_JOB_CHANNEL = "jobq_jobs"
+CANCEL_CHANNEL = "jobq_cancel"
+
+DEFAULT_QUEUE = "default"
+MAX_NAME_LENGTH = 255
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+PRIORITY_MIN, PRIORITY_MAX = -32768, 32767
+MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 1000
+LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 200
+# The error history a job keeps: the latest entries, each entry's text (and last_error) capped.
+# Operator retries keep the history, so without a cap it grows with every failure.
+MAX_ERROR_LENGTH = 2000
+MAX_ERROR_HISTORY = 20
+RUN_AT_MIN = datetime.min.replace(tzinfo=UTC)
+RUN_AT_MAX = datetime.max.replace(tzinfo=UTC)
+# A deep OFFSET makes the database read and discard every row before it: past this, page
+# with the cursor (which costs the same at any depth).
+MAX_OFFSET = 10_000
+
+
+class JobqError(Exception):
+    """Base class of the errors the queue core raises on purpose."""
+
+
+class InvalidJob(JobqError, ValueError):
+    """A job's fields are out of bounds; nothing was stored."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class IdempotencyConflict(JobqError):
+    """The idempotency key already belongs to a job created by a different request.
+
+    From a bulk enqueue, `index` is the conflicting job's position in the input; when the
+    key's first use is in the same input (so no job was stored), `job_id` is None and
+    `first_index` names that first use.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        job_id: uuid.UUID | None,
+        *,
+        index: int | None = None,
+        first_index: int | None = None,
+    ) -> None:
+        if job_id is not None:
+            message = f"idempotency key {key!r} was already used for job {job_id}"
+        else:
+            message = f"idempotency key {key!r} is given to two different jobs"
+        super().__init__(f"{message} with a different request")
+        self.key = key
+        self.job_id = job_id
+        self.index = index
+        self.first_index = first_index
+
+
+class JobNotFound(JobqError):
+    def __init__(self, job_id: uuid.UUID) -> None:
+        super().__init__(f"job {job_id} not found")
+        self.job_id = job_id
+
+
+class InvalidTransition(JobqError):
+    """The job is not in a state that allows the operation."""
+
+    def __init__(self, job_id: uuid.UUID, status: str, operation: str) -> None:
+        super().__init__(f"job {job_id} is {status}; cannot {operation}")
+        self.job_id = job_id
+        self.status = status
+        self.operation = operation
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: uuid.UUID
+    kind: str
+    queue: str
+    payload: dict[str, Any]
+    status: str
+    priority: int
+    attempts: int
+    # None: not specified at enqueue; the first claim fills in the handler's value.
+    max_attempts: int | None
+    run_at: datetime
+    idempotency_key: str | None
+    cancel_requested: bool
+    lease_owner: str | None
+    lease_token: uuid.UUID | None
+    lease_expires_at: datetime | None
+    retry_delay_seconds: float | None
+    last_error: str | None
+    errors: list[dict[str, Any]]
+    result: Any
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> Job:
+        return cls(*map(r.__getitem__, _JOB_FIELDS))  # by name; no per-row dict
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+_JOB_COLUMNS = ", ".join(_JOB_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSummary:
+    """A job without what can be large (payload, result, errors): what lists return."""
+
+    id: uuid.UUID
+    kind: str
+    queue: str
+    status: str
+    priority: int
+    attempts: int
+    max_attempts: int | None
+    run_at: datetime
+    idempotency_key: str | None
+    cancel_requested: bool
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> JobSummary:
+        return cls(*map(r.__getitem__, _SUMMARY_FIELDS))
+
+
+_SUMMARY_FIELDS = tuple(f.name for f in dataclasses.fields(JobSummary))
+_SUMMARY_COLUMNS = ", ".join(_SUMMARY_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """What a client asks for. Validated by `validate()`; defaults filled by the core."""
+
+    kind: str
+    payload: dict[str, Any] = dataclasses.field(default_factory=dict)
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    max_attempts: int | None = None
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkEnqueued:
+    id: uuid.UUID
+    created: bool  # False: an idempotent replay of a job stored before
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstUse:
+    """An idempotency key's first use in a bulk enqueue: a stored job (index None) or a
+    position in the input."""
+
+    job_id: uuid.UUID
+    fingerprint: str | None
+    index: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    job: Job
+    created: bool
+
+
+class CancelOutcome(enum.Enum):
+    CANCELLED = "cancelled"  # was queued or retrying: cancelled now
+    PENDING = "pending"  # running: the worker has been asked to stop
+    ALREADY_TERMINAL = "already_terminal"
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResult:
+    outcome: CancelOutcome
+    job: Job
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A worker's hold on one running job."""
+
+    job_id: uuid.UUID
+    token: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Completions:
+    """What a batch of completions did."""
+
+    held: set[uuid.UUID]  # written: their lease still held
+    refused: dict[uuid.UUID, str]  # the database refused the result: why
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResult:
+    """What one heartbeat learnt, per lease (job id + token: one attempt of a job)."""
+
+    cancel_requested: frozenset[Lease]
+    # No longer this worker's: the job was rescued, cancelled, finished or claimed again.
+    lost: frozenset[Lease]
+    # Still held but not extended: the row was locked by someone else. Retry soon.
+    skipped: frozenset[Lease] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Rescued:
+    job_id: uuid.UUID
+    kind: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryPage:
+    jobs: list[JobSummary]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLag:
+    queue: str
+    oldest_run_at: datetime
+    age_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteCount:
+    minute: datetime
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailingKind:
+    kind: str
+    failed: int
+    retrying: int
+    last_error: str | None
+    last_job_id: uuid.UUID
+    last_failed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Unhandled:
+    queue: str
+    kind: str
+    count: int
+    oldest_created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    worker_id: str
+    kinds: list[str]
+    queues: list[str]
+    concurrency: int
+    started_at: datetime
+    last_seen_at: datetime

@@ -1,0 +1,133 @@
+"""Checking and encoding what clients send, before any statement runs."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import UTC
+from typing import Any
+
+import orjson
+
+from jobq.queue.model import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    MAX_ATTEMPTS_MAX,
+    MAX_ATTEMPTS_MIN,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    MAX_NAME_LENGTH,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    RUN_AT_MAX,
+    RUN_AT_MIN,
+    InvalidJob,
+    NewJob,
+)
+
+
+def _check_name(field: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidJob(field, "must be a non-empty string")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidJob(field, f"must be at most {MAX_NAME_LENGTH} characters")
+    if not value.isprintable():
+        raise InvalidJob(field, "must not contain control characters")
+    return value
+
+
+def check_idempotency_key(key: str) -> str:
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise InvalidJob("idempotency_key", f"must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+    if not all(" " <= ch <= "~" for ch in key):
+        raise InvalidJob("idempotency_key", "must be printable ASCII")
+    return key
+
+
+def encode_json(field: str, value: Any) -> str:
+    """JSON text Postgres jsonb accepts, or InvalidJob: jsonb cannot hold NUL characters, and
+    JSON has no NaN or Infinity (the encoder would write them as null, silently)."""
+    try:
+        text = orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidJob(field, f"is not JSON Postgres can store ({exc})") from None
+    if "\\u0000" in text:
+        raise InvalidJob(field, "must not contain \\u0000 (NUL) characters")
+    # Only output with a null can hide a non-finite number: most values skip the walk.
+    if "null" in text and _has_non_finite(value):
+        raise InvalidJob(field, "must not contain NaN or Infinity (JSON has no such numbers)")
+    return text
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
+def validate(job: NewJob) -> NewJob:
+    """Return the job checked (naive run_at taken as UTC), or raise InvalidJob.
+
+    max_attempts stays None when not given: it is resolved when a worker claims the job, from
+    that worker's handler, whichever way the job was enqueued."""
+    _check_name("kind", job.kind)
+    _check_name("queue", job.queue)
+    if not isinstance(job.payload, dict):
+        raise InvalidJob("payload", "must be a JSON object")
+    if isinstance(job.priority, bool) or not isinstance(job.priority, int):
+        raise InvalidJob("priority", "must be an integer")
+    if not PRIORITY_MIN <= job.priority <= PRIORITY_MAX:
+        raise InvalidJob("priority", f"must be between {PRIORITY_MIN} and {PRIORITY_MAX}")
+    max_attempts = job.max_attempts
+    if max_attempts is not None:
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+            raise InvalidJob("max_attempts", "must be an integer")
+        if not MAX_ATTEMPTS_MIN <= max_attempts <= MAX_ATTEMPTS_MAX:
+            raise InvalidJob(
+                "max_attempts", f"must be between {MAX_ATTEMPTS_MIN} and {MAX_ATTEMPTS_MAX}"
+            )
+    run_at = job.run_at
+    if run_at is not None:
+        if run_at.tzinfo is None:
+            run_at = run_at.replace(tzinfo=UTC)  # naive times are UTC
+        # The driver reads the first and last representable instants as -/+infinity.
+        try:
+            in_range = RUN_AT_MIN < run_at.astimezone(UTC) < RUN_AT_MAX
+        except OverflowError:
+            in_range = False
+        if not in_range:
+            raise InvalidJob("run_at", "must be after 0001-01-01 and before 9999-12-31 (UTC)")
+    if job.idempotency_key is not None:
+        check_idempotency_key(job.idempotency_key)
+    if run_at is job.run_at:
+        return job
+    # The constructor, not dataclasses.replace: this runs once per job of a bulk enqueue.
+    return NewJob(
+        job.kind, job.payload, job.queue, job.priority, max_attempts, run_at, job.idempotency_key
+    )
+
+
+def fingerprint(job: NewJob) -> str:
+    """What makes two requests "the same" for idempotency: everything that defines the job."""
+    canonical = orjson.dumps(
+        {
+            "kind": job.kind,
+            "payload": job.payload,
+            "queue": job.queue,
+            "priority": job.priority,
+            "max_attempts": job.max_attempts,
+            # One instant, one fingerprint, whatever UTC offset the client wrote it in.
+            "run_at": job.run_at.astimezone(UTC).isoformat() if job.run_at else None,
+        },
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def clamp_limit(limit: int | None) -> int:
+    if limit is None:
+        return LIST_LIMIT_DEFAULT
+    return max(1, min(LIST_LIMIT_MAX, limit))
