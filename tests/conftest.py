@@ -17,7 +17,9 @@ from jobq import db, schema
 from jobq.embedded import TEST_SETTINGS, EmbeddedPostgres
 from jobq.queue import Queue
 
-TEMPLATE = "jobq_test_template"
+# Per run: suites of two checkouts may share one server (DATABASE_URL) at the same time, and
+# each must migrate its template with its own migrations.
+TEMPLATE = "jobq_test_template_" + uuid.uuid4().hex[:8]
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -41,7 +43,7 @@ def admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-async def template_dsn(admin_dsn: str) -> str:
+async def template_dsn(admin_dsn: str) -> AsyncIterator[str]:
     conn = await asyncpg.connect(admin_dsn)
     try:
         await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
@@ -54,7 +56,8 @@ async def template_dsn(admin_dsn: str) -> str:
         await schema.migrate(tconn)
     finally:
         await tconn.close()
-    return dsn
+    yield dsn
+    await drop_database(admin_dsn, TEMPLATE)
 
 
 async def create_database(

@@ -272,10 +272,17 @@ async def _prepare(dsn: str, n: int, rng: random.Random) -> None:
         await pool.close()
 
 
+# Every job, live or finished: a job is in exactly one of the two tables.
+_ALL_JOBS = """(
+    SELECT id, queue, status, attempts, errors FROM jobs
+    UNION ALL
+    SELECT id, queue, status, attempts, errors FROM jobs_history
+)"""
+
 _ANALYSIS = f"""
 WITH runs AS (
     SELECT r.job_id, r.attempt, r.pid, j.attempts AS final_attempt, j.errors
-    FROM {SIDE_TABLE} AS r JOIN jobs AS j ON j.id = r.job_id
+    FROM {SIDE_TABLE} AS r JOIN {_ALL_JOBS} AS j ON j.id = r.job_id
 ), earlier AS (
     -- Every execution but the one whose outcome stands.
     SELECT * FROM runs WHERE attempt < final_attempt
@@ -297,7 +304,9 @@ async def _analyse(dsn: str, report: ChaosReport, killed: set[int]) -> None:
     conn = await db.connect(dsn)
     try:
         rows = await conn.fetch(
-            "SELECT status, count(*)::int AS n FROM jobs WHERE queue = $1 GROUP BY status", QUEUE
+            f"SELECT status, count(*)::int AS n FROM {_ALL_JOBS} AS j WHERE queue = $1"
+            " GROUP BY status",
+            QUEUE,
         )
         report.statuses = {r["status"]: r["n"] for r in rows}
         total = sum(report.statuses.values())
