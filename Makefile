@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck unit browser pgbouncer bench bench-peers bench-storage chaos clean
+.PHONY: run test lint typecheck unit browser pgbouncer bench bench-peers bench-storage bench-soak chaos clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "jobq needs Python >= 3.11"'
@@ -75,6 +75,14 @@ STORAGE_ARGS ?=
 bench-storage: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.storage $(STORAGE_ARGS)
+
+## The long storage soak (opt-in, ~21 min): 1,000 jobs/s for 20 min with JOBQ_RETENTION=2m;
+## size over time into bench/results/soak.{jsonl,png}, the summary into storage-soak.jsonl.
+SOAK_ARGS ?=
+bench-soak: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.storage --only soak --rate 1000 --soak-seconds 20m --retention 2m \
+	  --out bench/results/storage-soak.jsonl $(SOAK_ARGS)
 
 ## jobq, PgQueuer and procrastinate side by side through ../shared/peers (RUNS=3).
 bench-peers: $(VENV)/.installed-dev

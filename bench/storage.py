@@ -34,6 +34,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from typing import Any
 import asyncpg
 
 from bench import store, suite
+from bench.recording import Recording
 from bench.suite import (
     BENCH_PG_SETTINGS,
     RECORDS,
@@ -61,7 +63,6 @@ from bench.suite import (
 )
 from jobq import NewJob, Queue, db
 from jobq import queue as queue_core
-from jobq.queue import views as queue_views
 
 # PostgreSQL's own defaults for what the suite turns off: jit, parallel workers.
 STORAGE_PG_SETTINGS = {
@@ -194,27 +195,92 @@ async def http_get_timings(port: int, path: str, n: int, warm: int) -> dict[str,
     }
 
 
+# What GET /stats (jobq.stats), GET /metrics (counts) and GET /jobs?status=succeeded&limit=50
+# (the list endpoint reads summaries) ask of the queue core, one call each.
+OPERATOR_CALLS: list[tuple[str, Callable[[Queue], Awaitable[Any]]]] = [
+    ("counts (GET /stats, GET /metrics, jobq status)", lambda q: q.counts()),
+    ("oldest due (GET /stats)", lambda q: q.oldest_due()),
+    ("finished per minute (GET /stats)", lambda q: q.finished_per_minute(15)),
+    ("failing kinds (GET /stats)", lambda q: q.failing_kinds(15, 5)),
+    ("unhandled (GET /stats)", lambda q: q.unhandled()),
+    (
+        "GET /jobs?status=succeeded&limit=50",
+        lambda q: q.list_summaries(status="succeeded", limit=50),
+    ),
+]
+CLAIM_BATCH = 250  # what a worker at concurrency >= 250 asks for at once; drain_loop's figure
+
+
+def _plan(rows: list[asyncpg.Record]) -> str:
+    return "\n".join(row[0] for row in rows)
+
+
 async def explain_operator_views(dsn: str) -> dict[str, str]:
-    """EXPLAIN (ANALYZE, BUFFERS) of each operator view's statement as the queue core has it."""
+    """EXPLAIN (ANALYZE, BUFFERS) of every statement each operator view runs, warm, and of a
+    worker's claim and completion of CLAIM_BATCH due jobs (in a transaction rolled back, so
+    the database is left as it was)."""
     plans: dict[str, str] = {}
-    statements = [
-        (name, getattr(queue_views, attr, None), args)
-        for name, attr, args in store.OPERATOR_STATEMENTS
-    ]
-    with contextlib.suppress(ImportError, AttributeError):
-        sql, args = store.list_succeeded_statement()
-        statements.append(("GET /jobs?status=succeeded&limit=50", sql, args))
     conn = await asyncpg.connect(dsn)
+    rec = Recording(conn)
+    queue = Queue(rec)  # type: ignore[arg-type]  # a connection that quacks like the pool
     try:
-        for name, sql, args in statements:
-            if sql is None:
-                plans[name] = "(statement not defined by jobq.queue any more)"
+        for name, call in OPERATOR_CALLS:
+            try:
+                await call(queue)  # warm: the figures are for a warm cache
+                rec.take()
+                await call(queue)
+            except Exception as exc:  # a view the queue core no longer has: say so, go on
+                plans[name] = f"(not measured: {exc.__class__.__name__}: {exc})"
+                rec.take()
                 continue
-            await conn.fetch(sql, *args)  # warm: the figures are for a warm cache
-            rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *args)
-            plans[name] = "\n".join(row[0] for row in rows)
+            parts = []
+            for i, (sql, args) in enumerate(rec.take(), start=1):
+                rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *args)
+                parts.append((f"-- statement {i}\n" if i > 1 else "") + _plan(rows))
+            plans[name] = "\n".join(parts) or "(no statement: answered without the database)"
+        plans.update(await explain_claim_and_complete(conn, queue, rec))
     finally:
         await conn.close()
+    return plans
+
+
+async def explain_claim_and_complete(
+    conn: asyncpg.Connection, queue: Queue, rec: Recording
+) -> dict[str, str]:
+    plans: dict[str, str] = {}
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        await queue.enqueue_many(
+            [NewJob("noop", {"explain": i}) for i in range(CLAIM_BATCH * 2)], connection=conn
+        )
+        await conn.execute("SAVEPOINT before_claim")
+        jobs = await queue.claim(
+            "explain",
+            ["noop"],
+            ["default"],
+            CLAIM_BATCH,
+            lease_seconds=30,
+            conn=rec,  # type: ignore[arg-type]
+        )
+        claim = rec.take()
+        await conn.execute("SAVEPOINT before_complete")
+        await queue.complete_many(
+            [(queue_core.lease_of(j), "null") for j in jobs],
+            conn=rec,  # type: ignore[arg-type]
+        )
+        complete = rec.take()
+        await conn.execute("ROLLBACK TO SAVEPOINT before_complete")
+        # The rows are running under the same leases again: the completion runs as it did.
+        plans[f"complete {len(jobs)} (worker)"] = "\n".join(
+            [_plan(await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q, *a)) for q, a in complete]
+        )
+        await conn.execute("ROLLBACK TO SAVEPOINT before_claim")
+        plans[f"claim {CLAIM_BATCH} of {CLAIM_BATCH * 2} due (worker)"] = "\n".join(
+            [_plan(await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + q, *a)) for q, a in claim]
+        )
+    finally:
+        await tr.rollback()
     return plans
 
 

@@ -2,63 +2,132 @@
 
 This is the only benchmark module that knows table and column names. Everything else goes
 through `schema.migrate`, `Queue` and real `jobq worker` / `jobq api` processes. When the
-storage layout changes (live table + history, see docs/storage.md), update the functions
-here, and `bench/sql/drain_loop.sql`, and every benchmark keeps measuring the same thing.
+storage layout changes, update the functions here, and `bench/sql_ceiling.sh`, and every
+benchmark keeps measuring the same thing.
 
-Written against schema v2: one `jobs` table holding live and finished jobs.
+Written for both layouts: schema v3 (one `jobs` table holding live and finished jobs) and
+the live + history layout of schema 4 on (docs/storage.md), where a finished job is in
+`jobs_history`, or still in `jobs` when a version-3 process finished it. Which one a
+database has is read from the catalog (`jobs_history` exists or not).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
+Conn = asyncpg.Connection | asyncpg.Pool
+
+# Seeded history lives in leaves as wide as jobq's default (`Queue(history_leaf_width=...)`).
+SEED_LEAF_WIDTH = timedelta(days=1)
+
+
+async def has_history(conn: Conn) -> bool:
+    """Whether finished jobs may live in `jobs_history` (schema 4 on)."""
+    return bool(await conn.fetchval("SELECT to_regclass('jobs_history') IS NOT NULL"))
+
+
+def created_at_of(job_id: uuid.UUID) -> datetime:
+    """The creation instant a UUIDv7 carries (its first 48 bits, milliseconds since 1970)."""
+    return datetime.fromtimestamp((job_id.int >> 80) / 1000, UTC)
+
+
 # -- drains -----------------------------------------------------------------------------------
 
+# Where the jobs of a drain are, wherever finished jobs are kept. The history branch is bounded
+# below by the earliest creation instant among the ids (no job finishes before it was
+# created), so that only the leaves of the drain's own time are probed, not every day of
+# seeded history.
+_OF_IDS_V3 = """
+SELECT status, attempts, started_at, finished_at FROM jobs WHERE id = ANY($1::uuid[])
+"""
+_OF_IDS = """
+SELECT status, attempts, started_at, finished_at FROM jobs WHERE id = ANY($1::uuid[])
+UNION ALL
+SELECT status, attempts, started_at, finished_at FROM jobs_history
+WHERE id = ANY($1::uuid[]) AND finished_at >= $2
+"""
 
-async def succeeded_count(conn: asyncpg.Connection | asyncpg.Pool, ids: list[uuid.UUID]) -> int:
+
+async def _of_ids(conn: Conn, ids: list[uuid.UUID]) -> tuple[str, tuple[Any, ...]]:
+    if not await has_history(conn):
+        return _OF_IDS_V3, (ids,)
+    since = min((created_at_of(i) for i in ids), default=datetime.now(UTC))
+    # A millisecond of slack: clock_timestamp() is truncated to the millisecond in the id.
+    return _OF_IDS, (ids, since - timedelta(milliseconds=1))
+
+
+async def succeeded_count(conn: Conn, ids: list[uuid.UUID]) -> int:
     """How many of these jobs have succeeded (wherever finished jobs are kept)."""
-    return int(
-        await conn.fetchval(
-            "SELECT count(*) FROM jobs WHERE id = ANY($1::uuid[]) AND status = 'succeeded'", ids
-        )
-    )
+    rows, args = await _of_ids(conn, ids)
+    sql = f"SELECT count(*) FROM ({rows}) AS j WHERE status = 'succeeded'"
+    return int(await conn.fetchval(sql, *args))
 
 
-async def drain_outcome(
-    conn: asyncpg.Connection | asyncpg.Pool, ids: list[uuid.UUID]
-) -> dict[str, Any]:
-    """once: succeeded on the first attempt; other: anything else; span: first start to last
-    finish, in seconds."""
+async def drain_outcome(conn: Conn, ids: list[uuid.UUID]) -> dict[str, Any]:
+    """once: succeeded on the first attempt; other: anything else (a job missing from both
+    tables, or present twice, counts as other); span: first start to last finish, in seconds."""
+    rows, args = await _of_ids(conn, ids)
     row = await conn.fetchrow(
-        """
+        f"""
         SELECT count(*) FILTER (WHERE status = 'succeeded' AND attempts = 1) AS once,
                count(*) FILTER (WHERE status <> 'succeeded' OR attempts <> 1) AS other,
+               count(*) AS found,
                extract(epoch FROM max(finished_at) - min(started_at))::float8 AS span
-        FROM jobs WHERE id = ANY($1::uuid[])
+        FROM ({rows}) AS j
         """,
-        ids,
+        *args,
     )
     assert row is not None
-    return {"once": row["once"], "other": row["other"], "span": float(row["span"] or 0.0)}
+    other = int(row["other"]) + abs(len(ids) - int(row["found"]))
+    return {"once": int(row["once"]), "other": other, "span": float(row["span"] or 0.0)}
 
 
-async def forget_succeeded(conn: asyncpg.Connection | asyncpg.Pool, kind: str) -> None:
+async def forget_succeeded(conn: Conn, kind: str) -> None:
     """Drop a drain's jobs again, so that the next round starts from the same state."""
     await conn.execute("DELETE FROM jobs WHERE kind = $1 AND status = 'succeeded'", kind)
+    if await has_history(conn):
+        await conn.execute(
+            "DELETE FROM jobs_history WHERE kind = $1 AND status = 'succeeded'", kind
+        )
+        await conn.execute("VACUUM ANALYZE jobs_history")
     await conn.execute("VACUUM ANALYZE jobs")
 
 
-async def analyze(conn: asyncpg.Connection | asyncpg.Pool) -> None:
+async def analyze(conn: Conn) -> None:
     await conn.execute("ANALYZE jobs")
 
 
-async def vacuum(conn: asyncpg.Connection | asyncpg.Pool) -> None:
+async def vacuum(conn: Conn) -> None:
     """VACUUM (no FULL) of every table that holds jobs: what autovacuum would do after a drain."""
     await conn.execute("VACUUM jobs")
+    if await has_history(conn):
+        await conn.execute("VACUUM jobs_history")
+
+
+async def succeeded_total(conn: Conn) -> int:
+    """Every succeeded job in the database, wherever it is kept."""
+    n = int(await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
+    if await has_history(conn):
+        n += int(
+            await conn.fetchval("SELECT count(*) FROM jobs_history WHERE status = 'succeeded'")
+        )
+    return n
+
+
+async def empty_all(conn: Conn) -> None:
+    """No job anywhere, and rollups that say so (TRUNCATE fires no trigger)."""
+    if not await has_history(conn):
+        await conn.execute("TRUNCATE jobs")
+        return
+    await conn.execute(
+        "TRUNCATE jobs, jobs_history, jobq_idempotency_keys, jobq_counts, jobq_count_deltas,"
+        " jobq_finished_minutes"
+    )
 
 
 # -- history ----------------------------------------------------------------------------------
@@ -67,10 +136,15 @@ async def vacuum(conn: asyncpg.Connection | asyncpg.Pool) -> None:
 # last 15 minutes hold their share, as on a busy system): 97 % succeeded, 2 % failed_permanent
 # after 3 attempts (with an error history), 1 % cancelled; 8 kinds, queues default and bulk.
 # One INSERT ... SELECT per chunk, server-side: no rows cross the wire.
-_SEED_HISTORY = """
-INSERT INTO jobs (kind, queue, payload, status, attempts, max_attempts, run_at, last_error,
-                  errors, result, created_at, updated_at, started_at, finished_at)
-SELECT 'hist_' || (g % 8), CASE WHEN g % 5 = 0 THEN 'bulk' ELSE 'default' END,
+_SEED_ROWS = """
+FROM generate_series($1::bigint, $2::bigint) AS g,
+     LATERAL (SELECT now() - make_interval(days => $4)
+                         + (g::float8 / $3) * make_interval(days => $4) - interval '1 second' AS t,
+                     CASE WHEN g % 100 < 2 THEN 'failed_permanent'
+                          WHEN g % 100 = 2 THEN 'cancelled' ELSE 'succeeded' END AS status) AS s
+"""
+_SEED_VALUES = """
+       'hist_' || (g % 8), CASE WHEN g % 5 = 0 THEN 'bulk' ELSE 'default' END,
        jsonb_build_object('i', g), s.status,
        CASE WHEN s.status = 'failed_permanent' THEN 3 ELSE 1 END, 3,
        s.t - interval '2 seconds',
@@ -79,12 +153,39 @@ SELECT 'hist_' || (g % 8), CASE WHEN g % 5 = 0 THEN 'bulk' ELSE 'default' END,
            jsonb_build_object('attempt', 3, 'error', 'ValueError: seeded failure', 'at', s.t))
             ELSE '[]'::jsonb END,
        CASE WHEN s.status = 'succeeded' THEN jsonb_build_object('ok', true) END,
-       s.t - interval '2 seconds', s.t, s.t - interval '1 second', s.t
-FROM generate_series($1::bigint, $2::bigint) AS g,
-     LATERAL (SELECT now() - make_interval(days => $4)
-                         + (g::float8 / $3) * make_interval(days => $4) - interval '1 second' AS t,
-                     CASE WHEN g % 100 < 2 THEN 'failed_permanent'
-                          WHEN g % 100 = 2 THEN 'cancelled' ELSE 'succeeded' END AS status) AS s
+       s.t - interval '2 seconds'
+"""
+
+# Schema v3: into the one table (its nine indexes maintained), ids made now by the default.
+_SEED_HISTORY_V3 = f"""
+INSERT INTO jobs (kind, queue, payload, status, attempts, max_attempts, run_at, last_error,
+                  errors, result, created_at, updated_at, started_at, finished_at)
+SELECT {_SEED_VALUES}, s.t, s.t - interval '1 second', s.t
+{_SEED_ROWS}
+"""
+
+# Live + history: into the partitioned history (its leaves' four indexes maintained, the
+# statement triggers counting the rows). Ids are UUIDv7 of the seeded creation time, as
+# jobq_uuid_v7() would have made them then: lists order by id and lookups bound the history
+# by the creation instant an id carries.
+_SEED_HISTORY = f"""
+INSERT INTO jobs_history (id, kind, queue, payload, status, attempts, max_attempts, run_at,
+                          last_error, errors, result, created_at, priority, cancel_requested,
+                          started_at, finished_at)
+SELECT encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing substring(int8send(
+           (extract(epoch FROM s.t - interval '2 seconds') * 1000)::bigint) FROM 3)
+           FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid,
+       {_SEED_VALUES}, 0, s.status = 'cancelled', s.t - interval '1 second', s.t
+{_SEED_ROWS}
+"""
+
+# Every leaf the seeded finish times need, both classes (created and attached by jobq's own
+# function, as the completion path does).
+_SEED_LEAVES = """
+SELECT jobq_history_ensure_partition(c.class, t, $2::interval)
+FROM (VALUES ('done'), ('failed')) AS c(class),
+     generate_series(now() - make_interval(days => $1) - $2::interval, now() + $2::interval,
+                     $2::interval) AS t
 """
 
 
@@ -97,23 +198,30 @@ async def seed_history(
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Insert `n` finished jobs as if they had run over the last `days` days."""
+    history = await has_history(conn)
+    if history:
+        await conn.execute(_SEED_LEAVES, days, SEED_LEAF_WIDTH)
     for start in range(1, n + 1, chunk):
         end = min(n, start + chunk - 1)
-        await conn.execute(_SEED_HISTORY, start, end, n, days)
+        await conn.execute(_SEED_HISTORY if history else _SEED_HISTORY_V3, start, end, n, days)
         if progress is not None:
             progress(end)
 
 
 async def forget_history(conn: asyncpg.Connection) -> None:
     await conn.execute("DELETE FROM jobs WHERE kind LIKE 'hist\\_%'")
+    if await has_history(conn):
+        await conn.execute("DELETE FROM jobs_history WHERE kind LIKE 'hist\\_%'")
 
 
 # -- retention emulation (for a schema without JOBQ_RETENTION) ------------------------------
 
-# The runbook's batched DELETE ("Deleting old finished jobs").
+# The runbook's batched DELETE ("Deleting old finished jobs"), on a schema-v3 database. From
+# schema 4 on, retention is jobq's own (JOBQ_RETENTION, leaves dropped whole); the DELETE
+# then reaches both tables, for comparison only.
 _PRUNE_BATCH = """
-DELETE FROM jobs WHERE id IN (
-    SELECT id FROM jobs
+DELETE FROM {table} WHERE id IN (
+    SELECT id FROM {table}
     WHERE finished_at < now() - make_interval(secs => $1)
       AND status IN ('succeeded', 'failed_permanent', 'cancelled')
     ORDER BY finished_at
@@ -123,12 +231,15 @@ DELETE FROM jobs WHERE id IN (
 
 async def prune_finished(conn: asyncpg.Connection, older_than_s: float, batch: int) -> int:
     total = 0
-    while True:
-        status = await conn.execute(_PRUNE_BATCH, older_than_s, batch)
-        n = int(status.split()[-1])
-        total += n
-        if n < batch:
-            return total
+    tables = ["jobs", "jobs_history"] if await has_history(conn) else ["jobs"]
+    for table in tables:
+        while True:
+            status = await conn.execute(_PRUNE_BATCH.format(table=table), older_than_s, batch)
+            n = int(status.split()[-1])
+            total += n
+            if n < batch:
+                break
+    return total
 
 
 # -- sizes (schema-agnostic: every table and partition in jobq's schema) ------------------
@@ -161,37 +272,19 @@ async def index_sizes(conn: asyncpg.Connection) -> dict[str, int]:
 
 
 async def tuple_counts(conn: asyncpg.Connection) -> dict[str, int]:
-    """Live and dead tuples by the statistics collector (cheap, approximate)."""
+    """Live and dead tuples by the statistics collector (cheap, approximate), and how many
+    history leaves exist (0 on schema v3)."""
     row = await conn.fetchrow(
         """
         SELECT coalesce(sum(n_live_tup), 0)::bigint AS live,
-               coalesce(sum(n_dead_tup), 0)::bigint AS dead
+               coalesce(sum(n_dead_tup), 0)::bigint AS dead,
+               count(*) FILTER (WHERE relname LIKE 'jobs\\_history\\_%\\_%')::int AS leaves
         FROM pg_stat_user_tables WHERE schemaname = current_schema()
         """
     )
     assert row is not None
-    return {"live_tuples": int(row["live"]), "dead_tuples": int(row["dead"])}
-
-
-# -- the operator views' statements, for EXPLAIN -----------------------------------------
-
-# (name, attribute of jobq.queue holding the SQL, arguments). A name the queue core no longer
-# defines is reported as missing, not an error: the redesign names its statements anew.
-OPERATOR_STATEMENTS: list[tuple[str, str, tuple[Any, ...]]] = [
-    ("counts (GET /stats, GET /metrics, jobq status)", "_COUNTS", ()),
-    ("finished per minute (GET /stats)", "_FINISHED_PER_MINUTE", (15,)),
-    ("failing kinds (GET /stats)", "_FAILING_KINDS", (15, 5)),
-    ("oldest due (GET /stats)", "_OLDEST_DUE", ()),
-    ("unhandled (GET /stats)", "_UNHANDLED", ()),
-]
-
-
-def list_succeeded_statement() -> tuple[str, tuple[Any, ...]]:
-    """What `GET /jobs?status=succeeded&limit=50` runs (the list endpoint builds it)."""
-    from jobq.queue.model import _JOB_COLUMNS
-
-    return (
-        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = $1"
-        " ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
-        ("succeeded", 50, 0),
-    )
+    return {
+        "live_tuples": int(row["live"]),
+        "dead_tuples": int(row["dead"]),
+        "history_leaves": int(row["leaves"]),
+    }
