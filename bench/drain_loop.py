@@ -54,17 +54,20 @@ def substitute(sql: str, args: tuple[Any, ...], named: dict[int, str]) -> str:
 async def script(dsn: str) -> str:
     conn = await asyncpg.connect(dsn)
     rec = Recording(conn)
-    queue = Queue(rec)  # type: ignore[arg-type]
+    as_pool: Any = rec  # quacks like the pool and the connection the queue core takes
+    queue = Queue(as_pool)
     tr = conn.transaction()
     await tr.start()
     try:
-        jobs = await queue.claim("pgbench", ["noop"], ["default"], BATCH, lease_seconds=30, conn=rec)  # type: ignore[arg-type]
+        jobs = await queue.claim(
+            "pgbench", ["noop"], ["default"], BATCH, lease_seconds=30, conn=as_pool
+        )
         claim = rec.take()
         if len(jobs) < BATCH:
             raise SystemExit(f"need {BATCH} due noop jobs on the default queue, found {len(jobs)}")
         ids = {j.id for j in jobs}
         tokens = {lease_of(j).token for j in jobs}
-        await queue.complete_many([(lease_of(j), "null") for j in jobs], conn=rec)  # type: ignore[arg-type]
+        await queue.complete_many([(lease_of(j), "null") for j in jobs], conn=as_pool)
         complete = rec.take()
     finally:
         await tr.rollback()

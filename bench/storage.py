@@ -222,7 +222,8 @@ async def explain_operator_views(dsn: str) -> dict[str, str]:
     plans: dict[str, str] = {}
     conn = await asyncpg.connect(dsn)
     rec = Recording(conn)
-    queue = Queue(rec)  # type: ignore[arg-type]  # a connection that quacks like the pool
+    as_pool: Any = rec  # quacks like the pool and the connection the queue core takes
+    queue = Queue(as_pool)
     try:
         for name, call in OPERATOR_CALLS:
             try:
@@ -247,6 +248,7 @@ async def explain_operator_views(dsn: str) -> dict[str, str]:
 async def explain_claim_and_complete(
     conn: asyncpg.Connection, queue: Queue, rec: Recording
 ) -> dict[str, str]:
+    as_pool: Any = rec
     plans: dict[str, str] = {}
     tr = conn.transaction()
     await tr.start()
@@ -261,13 +263,13 @@ async def explain_claim_and_complete(
             ["default"],
             CLAIM_BATCH,
             lease_seconds=30,
-            conn=rec,  # type: ignore[arg-type]
+            conn=as_pool,
         )
         claim = rec.take()
         await conn.execute("SAVEPOINT before_complete")
         await queue.complete_many(
             [(queue_core.lease_of(j), "null") for j in jobs],
-            conn=rec,  # type: ignore[arg-type]
+            conn=as_pool,
         )
         complete = rec.take()
         await conn.execute("ROLLBACK TO SAVEPOINT before_complete")

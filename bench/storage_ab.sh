@@ -22,7 +22,7 @@ run() {  # label run-number [bench.storage args]
     (cd "$tree" && PYTHONPATH="$tree/src:$tree" "$PY" -m bench.storage "$@" \
         --out "$OUT/$label-$n.jsonl" --soak-out "$OUT/$label-$n-soak.jsonl" \
         --soak-plot "$OUT/$label-$n-soak.png") >&2  # stdout: the table only
-    for f in "$tree"/bench/results/storage-explain-*.txt; do  # the tree goes at exit
+    for f in "$tree"/bench/results/storage-explain-{empty,large}.txt; do  # the tree goes at exit
         if [ -e "$f" ]; then cp "$f" "$OUT/$label-$n-$(basename "$f")"; fi
     done
 }
