@@ -34,7 +34,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,9 @@ from bench.suite import (
     start_worker,
     stop_workers,
     wait_until,
+    with_database,
 )
-from jobq import NewJob, Queue, db
+from jobq import NewJob, Queue, db, schema
 from jobq import queue as queue_core
 
 # PostgreSQL's own defaults for what the suite turns off: jit, parallel workers.
@@ -368,53 +369,121 @@ HISTORY_PATHS = ("/stats", "/metrics", "/jobs?status=succeeded&limit=50")
 
 
 async def bench_history(admin: str, a: argparse.Namespace) -> None:
-    async with fresh_db(admin, "history") as dsn, api_process(dsn, API_PORT):
-        results: dict[str, dict[str, Any]] = {}
-        for label in ("empty", "large"):
-            if label == "large":
-                await seed(dsn, a)
-            http = {
-                p: await http_get_timings(API_PORT, p, a.requests, a.warm) for p in HISTORY_PATHS
-            }
-            drains = [await drain_once(dsn, a.n, a.procs, a.concurrency) for _ in range(a.rounds)]
-            sizes = await _sizes(dsn)
-            rate = statistics.median(d["jobs_per_s"] or 0.0 for d in drains)
-            rec = {
-                "bench": "storage_history",
-                "state": label,
-                "finished": a.finished if label == "large" else 0,
-                "future": a.future if label == "large" else 0,
-                "http": http,
-                "drain_jobs_per_s": r(rate),
-                "drain_rounds": [d["jobs_per_s"] for d in drains],
-                "total_relation_mb": r(sum(sizes.values()) / 2**20),
-                "ok": all(d["ok"] for d in drains) and all(h["ok"] for h in http.values()),
-            }
-            results[label] = rec
-            emit(rec)
-            plans = await explain_operator_views(dsn)
-            path = RESULTS / f"storage-explain-{label}.txt"
-            path.write_text(
-                "".join(f"-- {name}\n{plan}\n\n" for name, plan in plans.items()), encoding="utf-8"
-            )
-            log(f"history: EXPLAINs with the {label} database -> {path}")
-        empty, large = results["empty"], results["large"]
-        ratio = large["drain_jobs_per_s"] / empty["drain_jobs_per_s"]
-        emit(
-            {
-                "bench": "storage_history",
-                "state": "ratio",
-                "drain_large_over_empty": r(ratio, 3),
-                "p99_ms_large": {p: large["http"][p]["p99_ms"] for p in HISTORY_PATHS},
-                "ok": True,
-            }
-        )
+    results: dict[str, dict[str, Any]] = {}
+    async with fresh_db(admin, "history") as dsn:
+        results["empty"] = await history_state(dsn, "empty", a)
+        if a.history_db:
+            async with kept_db(admin, a.history_db) as large_dsn:
+                await seed(large_dsn, a)
+                results["large"] = await history_state(large_dsn, "large", a)
+                interleaved = await interleaved_drains(admin, large_dsn, a) if a.interleave else {}
+        else:
+            await seed(dsn, a)
+            results["large"] = await history_state(dsn, "large", a)
+            interleaved = await interleaved_drains(admin, dsn, a) if a.interleave else {}
+    empty, large = results["empty"], results["large"]
+    ratio = large["drain_jobs_per_s"] / empty["drain_jobs_per_s"]
+    emit(
+        {
+            "bench": "storage_history",
+            "state": "ratio",
+            "drain_large_over_empty": r(ratio, 3),
+            **interleaved,
+            "p99_ms_large": {p: large["http"][p]["p99_ms"] for p in HISTORY_PATHS},
+            "ok": True,
+        }
+    )
+
+
+async def history_state(dsn: str, label: str, a: argparse.Namespace) -> dict[str, Any]:
+    """The routes' timings through a real `jobq api`, the drains, the sizes and the EXPLAINs
+    of one database in one state."""
+    async with api_process(dsn, API_PORT):
+        http = {p: await http_get_timings(API_PORT, p, a.requests, a.warm) for p in HISTORY_PATHS}
+    drains = [await drain_once(dsn, a.n, a.procs, a.concurrency) for _ in range(a.rounds)]
+    sizes = await _sizes(dsn)
+    rate = statistics.median(d["jobs_per_s"] or 0.0 for d in drains)
+    rec = {
+        "bench": "storage_history",
+        "state": label,
+        "finished": a.finished if label == "large" else 0,
+        "future": a.future if label == "large" else 0,
+        "http": http,
+        "drain_jobs_per_s": r(rate),
+        "drain_rounds": [d["jobs_per_s"] for d in drains],
+        "total_relation_mb": r(sum(sizes.values()) / 2**20),
+        "ok": all(d["ok"] for d in drains) and all(h["ok"] for h in http.values()),
+    }
+    emit(rec)
+    plans = await explain_operator_views(dsn)
+    path = RESULTS / f"storage-explain-{label}.txt"
+    path.write_text(
+        "".join(f"-- {name}\n{plan}\n\n" for name, plan in plans.items()), encoding="utf-8"
+    )
+    log(f"history: EXPLAINs with the {label} database -> {path}")
+    return rec
+
+
+async def bench_seed(admin: str, a: argparse.Namespace) -> None:
+    """Only seed --history-db (for a later `--only history --history-db` run)."""
+    if not a.history_db:
+        raise SystemExit("--only seed needs --history-db NAME")
+    async with kept_db(admin, a.history_db) as dsn:
+        await seed(dsn, a)
+
+
+@contextlib.asynccontextmanager
+async def kept_db(admin: str, name: str) -> AsyncIterator[str]:
+    """A database of this name, created and migrated if need be, kept afterwards: seeding
+    10M jobs takes long, so a later run (of later code) can measure the same history."""
+    conn = await asyncpg.connect(admin)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    dsn = with_database(admin, name)
+    c = await db.connect(dsn)
+    try:
+        await schema.migrate(c)
+    finally:
+        await c.close()
+    yield dsn
+
+
+async def interleaved_drains(admin: str, large_dsn: str, a: argparse.Namespace) -> dict[str, Any]:
+    """Drains of the large database and of a fresh empty one on the same server, alternating
+    (large first in odd rounds): the "empty" and "large" states above are minutes apart, and
+    on a shared machine the load changes in between; alternating rounds share it."""
+    async with fresh_db(admin, "history_empty") as empty_dsn:
+        rates: dict[str, list[float]] = {"large": [], "empty": []}
+        for i in range(a.rounds):
+            order = ("large", "empty") if i % 2 == 0 else ("empty", "large")
+            for label in order:
+                d = await drain_once(
+                    large_dsn if label == "large" else empty_dsn, a.n, a.procs, a.concurrency
+                )
+                if not d["ok"]:
+                    raise RuntimeError(f"interleaved drain of the {label} database: {d}")
+                rates[label].append(d["jobs_per_s"] or 0.0)
+    med_large, med_empty = statistics.median(rates["large"]), statistics.median(rates["empty"])
+    return {
+        "interleaved_drain_rounds": rates,
+        "interleaved_drain_large_over_empty": r(med_large / med_empty, 3),
+    }
 
 
 async def seed(dsn: str, a: argparse.Namespace) -> None:
     conn = await asyncpg.connect(dsn)
     pool = await db.create_pool(dsn, min_size=1, max_size=2)
     try:
+        finished, future = await store.seeded(conn)
+        if (finished, future) == (a.finished, a.future):
+            log(f"history: {finished:,} finished and {future:,} future jobs already there")
+            await conn.execute("VACUUM ANALYZE")
+            return
+        if finished or future:
+            raise RuntimeError(f"{dsn} holds {finished} seeded and {future} future jobs")
         t0 = time.monotonic()
 
         def progress(done: int) -> None:
@@ -643,6 +712,7 @@ async def bench_layouts(admin: str, a: argparse.Namespace) -> None:
 BENCHES = {
     "wal": bench_wal,
     "history": bench_history,
+    "seed": bench_seed,
     "soak": bench_soak,
     "layouts": bench_layouts,
 }
@@ -657,7 +727,7 @@ def duration(text: str) -> float:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", default="wal,history", help="wal,history,soak,layouts")
+    p.add_argument("--only", default="wal,history", help="wal,history,soak,layouts,seed")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--n", type=int, default=20000, help="jobs per drain")
     p.add_argument("--procs", type=int, default=2, help="worker processes")
@@ -667,6 +737,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--future", type=int, default=1_000_000, help="history: future-scheduled jobs")
     p.add_argument("--history-days", type=int, default=3, help="history: finish times span")
     p.add_argument("--requests", type=int, default=200, help="history: requests per route")
+    p.add_argument(
+        "--history-db",
+        default="",
+        help="history: seed this database (kept; a later run reuses what it holds)",
+    )
+    p.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="history: also alternate drains of the large and a fresh empty database",
+    )
     p.add_argument("--warm", type=int, default=20, help="history: unmeasured requests first")
     p.add_argument("--rate", type=int, default=1000, help="soak: jobs/s")
     p.add_argument("--soak-seconds", type=duration, default=1200.0, help="soak: e.g. 20m")

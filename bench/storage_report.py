@@ -53,6 +53,9 @@ def figures(recs: list[dict[str, Any]]) -> dict[str, float | None]:
         f[f"total relation size MB, {state}"] = h["total_relation_mb"]
     if "ratio" in hist:
         f["drain large / empty"] = hist["ratio"]["drain_large_over_empty"]
+        f["drain large / empty, interleaved rounds"] = hist["ratio"].get(
+            "interleaved_drain_large_over_empty"
+        )
     soak = [x for x in recs if x.get("bench") == "storage_soak"]
     if soak:
         s = soak[-1]

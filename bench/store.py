@@ -208,6 +208,22 @@ async def seed_history(
             progress(end)
 
 
+async def seeded(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(seeded finished jobs, future-scheduled jobs) a database holds already."""
+    tables = ["jobs", "jobs_history"] if await has_history(conn) else ["jobs"]
+    finished = 0
+    for table in tables:
+        finished += int(
+            await conn.fetchval(f"SELECT count(*) FROM {table} WHERE kind LIKE 'hist\\_%'")
+        )
+    future = int(
+        await conn.fetchval(
+            "SELECT count(*) FROM jobs WHERE kind = 'noop' AND run_at > now() + interval '1 day'"
+        )
+    )
+    return finished, future
+
+
 async def forget_history(conn: asyncpg.Connection) -> None:
     await conn.execute("DELETE FROM jobs WHERE kind LIKE 'hist\\_%'")
     if await has_history(conn):
