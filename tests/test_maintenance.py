@@ -14,7 +14,7 @@ from jobq.backoff import Backoff
 from jobq.maintenance import Rescuer
 from jobq.queue import NewJob, Queue
 from jobq.settings import Settings
-from jobq.worker import run_service
+from jobq.worker.maintenance import run_service
 from tests.helpers import wait_for
 
 

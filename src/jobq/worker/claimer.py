@@ -1,0 +1,78 @@
+"""The claim loop: keeps up to `concurrency` jobs in flight.
+
+It claims batches sized to the free slots (at most `batch_size`), and sleeps until a NOTIFY, a
+freed slot or the poll interval: delayed and retrying jobs have no NOTIFY when they fall due.
+It stops claiming while too many successes wait to be written (the database is away), so a
+worker never runs far ahead of what it can record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from jobq import db, metrics
+from jobq.queue import Queue
+from jobq.worker.completions import MAX_COMPLETION_BATCH
+from jobq.worker.execution import JobRunner
+from jobq.worker.state import Retrying, WorkerState
+
+log = logging.getLogger("jobq.worker")
+
+MAX_CLAIM_BATCH = 500
+
+
+class Claimer:
+    def __init__(
+        self,
+        state: WorkerState,
+        queue: Queue,
+        runner: JobRunner,
+        *,
+        batch_size: int,
+        max_attempts: Mapping[str, int],
+    ) -> None:
+        self.state = state
+        self.queue = queue
+        self.runner = runner
+        self.batch_size = batch_size
+        # What a job enqueued without max_attempts gets when this worker claims it.
+        self.max_attempts = max_attempts
+
+    async def loop(self) -> None:
+        """Until a stop is requested."""
+        state = self.state
+        settings = state.settings
+        retry = Retrying()
+        while not state.stopping.is_set():
+            free = state.concurrency - len(state.runs)
+            # Back-pressure: do not pile up unwritten completions while the database is away.
+            if free <= 0 or len(state.pending) >= MAX_COMPLETION_BATCH:
+                state.slot_freed.clear()
+                await state.wait_any(state.slot_freed, timeout=settings.poll_interval_seconds)
+                continue
+            want = min(free, self.batch_size)
+            state.wake.clear()
+            try:
+                jobs = await self.queue.claim(
+                    state.worker_id,
+                    state.kinds,
+                    state.queues,
+                    want,
+                    lease_seconds=settings.lease_seconds,
+                    max_attempts=self.max_attempts,
+                )
+            except Exception as exc:
+                if not db.is_unavailable(exc):
+                    log.exception("claim failed", extra={"worker_id": state.worker_id})
+                else:
+                    log.warning("database unavailable while claiming: %s", exc)
+                await retry.sleep()
+                continue
+            retry.reset()
+            if jobs:
+                metrics.WORKER_IN_FLIGHT.inc(len(jobs))
+            for job in jobs:
+                self.runner.start(job)
+            if len(jobs) < want:
+                await state.wait_any(state.wake, timeout=settings.poll_interval_seconds)
