@@ -200,15 +200,28 @@ async def _connect(
 
 
 async def _check_schema(conn: asyncpg.Connection, *, migrate: bool) -> None:
-    """Apply pending migrations (the embedded database), or refuse to run on a stale schema."""
+    """Apply pending migrations (the embedded database), or refuse to run on a schema that
+    lacks a pre-deploy step (pending post-deploy steps are fine: see `schema`)."""
     if migrate:
         await schema.migrate(conn)  # logs each migration it applies
         return
-    pending = {m.version for m in schema.available()} - await schema.applied(conn)
-    if pending:
+    done = await schema.applied(conn)
+    missing = schema.pending_required(done)
+    if missing:
+        first_post = next(
+            (m.version for m in schema.available() if m.post_deploy and m.version not in done),
+            None,
+        )
+        # `--pre-deploy` stops at the first pending post-deploy step: a pre-deploy step after
+        # it needs the whole of `jobq migrate` (the previous upgrade's post-deploy step first).
+        command = (
+            "jobq migrate --pre-deploy"
+            if first_post is None or all(m.version < first_post for m in missing)
+            else "jobq migrate"
+        )
         _fail(
-            f"the database schema is not up to date ({len(pending)} migration(s) pending); "
-            "run `jobq migrate`",
+            f"the database schema is not up to date ({len(missing)} migration(s) pending:"
+            f" {', '.join(m.label for m in missing)}); run `{command}`",
             EXIT_ENVIRONMENT,
         )
 
@@ -238,29 +251,82 @@ def _on_signals(handler: Callable[[], None]) -> None:
 
 
 @app.command()
-def migrate() -> None:
-    """Apply pending database migrations."""
+def migrate(
+    pre_deploy: Annotated[
+        bool,
+        typer.Option(
+            "--pre-deploy",
+            help="Stop before the first post-deploy step: run this before deploying a new"
+            " version, and `jobq migrate` once every process runs it.",
+        ),
+    ] = False,
+    show_status: Annotated[
+        bool,
+        typer.Option("--status", help="Print each migration, its kind and whether it is applied."),
+    ] = False,
+) -> None:
+    """Apply pending database migrations (docs/upgrade.md)."""
     settings = _settings()
 
     async def go(dsn: str) -> list[int]:
         conn = await _connect(dsn, wait=False)
         assert conn is not None
         try:
-            total = len({m.version for m in schema.available()} - await schema.applied(conn))
+            done = await schema.applied(conn)
+            steps = []
+            for m in schema.available():
+                if pre_deploy and m.post_deploy and m.version not in done:
+                    break
+                if m.version not in done:
+                    steps.append(m)
+            total = len(steps)
             step = iter(range(1, total + 1))
 
             def progress(m: schema.Migration) -> None:
-                typer.echo(f"[{next(step, total)}/{total}] applying {m.version:04d}_{m.name} …")
+                typer.echo(f"[{next(step, total)}/{total}] applying {m.label} …")
+
+            def notice(m: schema.Migration, message: str) -> None:
+                typer.echo(f"      {message}")
 
             # A second connection holds the lock for steps that run outside a transaction:
             # sound through a transaction pooler too.
-            return await schema.migrate(conn, progress=progress, connect=lambda: db.connect(dsn))
+            return await schema.migrate(
+                conn,
+                progress=progress,
+                connect=lambda: db.connect(dsn),
+                pre_deploy=pre_deploy,
+                notice=notice,
+            )
         finally:
             await conn.close()
 
     with _database(settings) as dsn:
-        applied = _run_against(dsn, go(dsn))
-    typer.echo(f"applied {len(applied)} migration(s)" if applied else "schema is up to date")
+        if show_status:
+            for m, done in _run_against(dsn, _status(dsn)):
+                kind = "post-deploy" if m.post_deploy else "pre-deploy"
+                typer.echo(f"{m.label:<32} {kind:<12} {'applied' if done else 'pending'}")
+            return
+        try:
+            applied = _run_against(dsn, go(dsn))
+        except schema.MigrationError as exc:
+            _fail(str(exc), EXIT_ENVIRONMENT)
+        typer.echo(f"applied {len(applied)} migration(s)" if applied else "schema is up to date")
+        if pre_deploy:
+            later = [m.label for m, done in _run_against(dsn, _status(dsn)) if not done]
+            if later:
+                typer.echo(
+                    "left for once every process runs this version (`jobq migrate`):"
+                    f" {', '.join(later)}"
+                )
+
+
+async def _status(dsn: str) -> list[tuple[schema.Migration, bool]]:
+    conn = await _connect(dsn, wait=False)
+    assert conn is not None
+    try:
+        return await schema.status(conn)
+    finally:
+        await conn.close()
 
 
 def _uvicorn_server(asgi: Any, host: str, port: int) -> Any:

@@ -86,6 +86,9 @@ class Connection(asyncpg.Connection):
 
     # Set (by `_Setup`) when the session default is another level and cannot be changed.
     _jobq_wrap_statements = False
+    # The pooler mode it was opened with: under transaction pooling no session setting may
+    # be left behind (the migration runner reads it).
+    _jobq_pooler = "none"
 
     def transaction(
         self,
@@ -173,6 +176,7 @@ class _Setup:
                 )
         if isinstance(conn, Connection):
             conn._jobq_wrap_statements = self.wrap
+            conn._jobq_pooler = self.pooler
 
 
 async def connect(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -26,10 +27,25 @@ CREATE TABLE IF NOT EXISTS jobq_schema_migrations (
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
-# A migration whose first line is this runs outside a transaction, one statement at a time
-# (`CREATE INDEX CONCURRENTLY` cannot run in one). Its statements end with `;` at the end of a
-# line and must be safe to run again: a crash can leave it half applied.
-_OUTSIDE_TRANSACTION = "-- jobq:outside-transaction"
+# A migration declares how it runs in `-- jobq:...` lines at the top of its file:
+# - `outside-transaction`: its statements run one at a time, outside a transaction
+#   (`CREATE INDEX CONCURRENTLY` cannot run in one). They must be safe to run again: a crash
+#   can leave the step half applied.
+# - `post-deploy`: it removes or moves what only the previous version of jobq needs, so it
+#   runs once every process runs this version (`jobq migrate`, not `jobq migrate
+#   --pre-deploy`). Every other step is pre-deploy: additive, safe while the previous
+#   version runs, and required by this version before it starts.
+# - `lock-timeout <duration>` (with outside-transaction): every statement waits at most that
+#   long for a lock (see `_run_statement`).
+_DIRECTIVE = re.compile(r"^--\s*jobq:(\S+)(?:\s+(\S+))?\s*$")
+_OUTSIDE_TRANSACTION = "outside-transaction"
+_POST_DEPLOY = "post-deploy"
+_LOCK_TIMEOUT = "lock-timeout"
+
+# Statements PostgreSQL refuses in a transaction block (or, for CALL of a procedure that
+# commits, whose transaction control needs the top level).
+_TOP_LEVEL_ONLY = re.compile(r"\bCONCURRENTLY\b|^\s*(CALL|VACUUM)\b", re.I)
+_DOLLAR_QUOTE = re.compile(r"\$[A-Za-z_][A-Za-z_0-9]*\$|\$\$")
 
 
 @dataclass(frozen=True)
@@ -38,16 +54,60 @@ class Migration:
     name: str
     sql: str
 
+    def _directives(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for line in self.sql.splitlines():
+            if not line.startswith("--"):
+                break
+            match = _DIRECTIVE.match(line)
+            if match:
+                found[match[1]] = match[2] or ""
+        return found
+
     @property
     def outside_transaction(self) -> bool:
-        return self.sql.startswith(_OUTSIDE_TRANSACTION)
+        return _OUTSIDE_TRANSACTION in self._directives()
+
+    @property
+    def post_deploy(self) -> bool:
+        return _POST_DEPLOY in self._directives()
+
+    @property
+    def lock_timeout(self) -> str | None:
+        """The lock timeout every statement runs with, as PostgreSQL reads it (`2s`)."""
+        return self._directives().get(_LOCK_TIMEOUT) or None
+
+    @property
+    def label(self) -> str:
+        return f"{self.version:04d}_{self.name}"
 
     def statements(self) -> list[str]:
-        """The statements of the migration, without comment-only lines."""
-        code = "\n".join(
-            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
-        )
-        return [part.strip() for part in re.split(r";\s*$", code, flags=re.M) if part.strip()]
+        """The statements of the migration, without comment-only lines.
+
+        A statement ends with `;` at the end of a line, outside dollar quotes (a function
+        body's statements end with `;` too).
+        """
+        statements: list[str] = []
+        current: list[str] = []
+        quote: str | None = None
+        for line in self.sql.splitlines():
+            if quote is None and line.lstrip().startswith("--"):
+                continue
+            current.append(line)
+            for match in _DOLLAR_QUOTE.finditer(line):
+                if quote is None:
+                    quote = match[0]
+                elif match[0] == quote:
+                    quote = None
+            if quote is None and line.rstrip().endswith(";"):
+                statement = "\n".join(current).strip().removesuffix(";").strip()
+                if statement:
+                    statements.append(statement)
+                current = []
+        rest = "\n".join(current).strip()
+        if rest:
+            statements.append(rest)
+        return statements
 
 
 def available() -> list[Migration]:
@@ -66,13 +126,41 @@ async def applied(conn: asyncpg.Connection) -> set[int]:
     return {r["version"] for r in await conn.fetch("SELECT version FROM jobq_schema_migrations")}
 
 
+class MigrationError(Exception):
+    """A step could not be applied for a reason the operator can act on (its message says)."""
+
+
+def pending_required(applied_versions: set[int]) -> list[Migration]:
+    """The steps this version of jobq needs before it starts: every pending pre-deploy step.
+
+    Pending post-deploy steps are fine (the code works before and after them), unless a
+    pre-deploy step comes after one: that step belongs to a later release, which needs the
+    earlier release's upgrade finished first.
+    """
+    return [m for m in available() if m.version not in applied_versions and not m.post_deploy]
+
+
+async def status(conn: asyncpg.Connection) -> list[tuple[Migration, bool]]:
+    """Every migration this version ships, with whether it is applied."""
+    done = await applied(conn)
+    return [(m, m.version in done) for m in available()]
+
+
 async def migrate(
     conn: asyncpg.Connection,
     *,
     progress: Callable[[Migration], None] | None = None,
     connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
+    pre_deploy: bool = False,
+    target: int | None = None,
+    notice: Callable[[Migration, str], None] | None = None,
 ) -> list[int]:
     """Apply pending migrations; return the versions applied by this call.
+
+    With `pre_deploy`, stop before the first post-deploy step not yet applied (run the rest
+    once every process runs this version); with `target`, apply no version above it (tests
+    build older schemas so). `notice` receives what a step reports as it runs (the NOTICEs
+    of its statements: a long data move prints its progress); without it they are logged.
 
     Safe when many processes migrate at once, directly or through any pooler: a step runs in
     one transaction holding a transaction-scoped advisory lock, so each version is applied
@@ -85,13 +173,19 @@ async def migrate(
     """
     done: list[int] = []
     for migration in available():
+        if target is not None and migration.version > target:
+            break
+        if pre_deploy and migration.post_deploy and migration.version not in await applied(conn):
+            break
         if migration.outside_transaction:
-            applied_now = await _apply_outside_transaction(conn, migration, progress, connect)
+            applied_now = await _apply_outside_transaction(
+                conn, migration, progress, connect, notice
+            )
         else:
             applied_now = await _apply_in_transaction(conn, migration, progress)
         if applied_now:
             if progress is None:  # a caller with a progress callback reports each step itself
-                log.info("applied migration %04d_%s", migration.version, migration.name)
+                log.info("applied migration %s", migration.label)
             done.append(migration.version)
     return done
 
@@ -167,6 +261,7 @@ async def _apply_outside_transaction(
     migration: Migration,
     progress: Callable[[Migration], None] | None,
     connect: Callable[[], Awaitable[asyncpg.Connection]] | None,
+    notice: Callable[[Migration, str], None] | None,
 ) -> bool:
     while True:
         if not await _locked(conn, migration):
@@ -180,6 +275,13 @@ async def _apply_outside_transaction(
                 migration.version,
                 _CLAIM_STALE_SECONDS,
             )
+            # The insert may have waited for the claimant's own transaction, which recorded
+            # the step and removed its claim: this statement's snapshot sees that record.
+            if claimed and await conn.fetchval(
+                "SELECT true FROM jobq_schema_migrations WHERE version = $1", migration.version
+            ):
+                await conn.execute("ROLLBACK")
+                return False
         except BaseException:
             if not conn.is_closed():
                 await conn.execute("ROLLBACK")
@@ -192,10 +294,29 @@ async def _apply_outside_transaction(
         progress(migration)
     guard = await connect() if connect is not None else None
     renewing = asyncio.ensure_future(_renew(guard, migration)) if guard is not None else None
+
+    def forward(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
+        text = str(message.message)
+        if notice is not None:
+            notice(migration, text)
+        else:
+            log.info("%s: %s", migration.label, text)
+
+    conn.add_log_listener(forward)
     try:
         for statement in migration.statements():
-            await conn.execute(statement)
+            await _run_statement(conn, migration, statement)
+    except MigrationError:
+        # Gave up waiting, with nothing half done that another run could not redo: the
+        # next `jobq migrate` may claim the step at once, not after the claim went stale.
+        with contextlib.suppress(Exception):
+            await conn.execute(
+                "DELETE FROM jobq_schema_claims WHERE version = $1", migration.version
+            )
+        raise
     finally:
+        if not conn.is_closed():
+            conn.remove_log_listener(forward)
         if renewing is not None:
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
@@ -205,6 +326,47 @@ async def _apply_outside_transaction(
         await _record(conn, migration)
         await conn.execute("DELETE FROM jobq_schema_claims WHERE version = $1", migration.version)
     return True
+
+
+_DURATION = re.compile(r"^\d+(ms|s|min)$")
+
+
+async def _run_statement(conn: asyncpg.Connection, migration: Migration, statement: str) -> None:
+    """Run one statement of a step outside a transaction, within its lock timeout if any.
+
+    A statement that may run in a transaction gets its own, with `SET LOCAL lock_timeout`
+    (sound through any pooler). One that may not (`... CONCURRENTLY`, `CALL`) gets a session
+    `SET lock_timeout` for its duration, unless the connection goes through a transaction
+    pooler, where a session setting would stay behind on a server connection another client
+    gets next: there it runs without one (such statements take at most SHARE UPDATE
+    EXCLUSIVE, which no reader or writer of jobs waits for; a procedure sets its own).
+    """
+    timeout = migration.lock_timeout
+    if timeout is None:
+        await conn.execute(statement)
+        return
+    if not _DURATION.match(timeout):
+        raise MigrationError(f"{migration.label}: lock-timeout {timeout!r} is not like 2s")
+    try:
+        if not _TOP_LEVEL_ONLY.search(statement):
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{timeout}'")
+                await conn.execute(statement)
+        elif getattr(conn, "_jobq_pooler", "none") == "transaction":
+            await conn.execute(statement)
+        else:
+            await conn.execute(f"SET lock_timeout = '{timeout}'")
+            try:
+                await conn.execute(statement)
+            finally:
+                if not conn.is_closed():
+                    await conn.execute("RESET lock_timeout")
+    except asyncpg.LockNotAvailableError as exc:
+        raise MigrationError(
+            f"{migration.label} waited {timeout} for a lock another transaction holds, and"
+            f" gave up so as not to hold others up ({exc}); nothing is lost: run `jobq"
+            " migrate` again once that transaction has ended"
+        ) from exc
 
 
 async def _renew(guard: asyncpg.Connection, migration: Migration) -> None:
