@@ -128,7 +128,11 @@ class JobqAdapter(common.Adapter):  # type: ignore[misc]
         await self.queue.enqueue(NewJob(KIND, payload))
 
     async def count_done(self) -> int:
-        n = await self.pool.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+        # Finished jobs are in jobs_history (schema 4 on); rows version 3 finished stay in jobs.
+        n = await self.pool.fetchval(
+            "SELECT (SELECT count(*) FROM jobs WHERE status = 'succeeded')"
+            " + (SELECT count(*) FROM jobs_history WHERE status = 'succeeded')"
+        )
         return int(n)
 
     async def analyze(self) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 from tests.realparts import pgbouncer, tcp_dsn, tcp_server
 
-from bench import suite
+from bench import store, suite
 from jobq import NewJob, Queue, db, schema
 
 DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
@@ -75,8 +75,7 @@ async def _latency_once(dsn: str, n: int, rate: float) -> list[float]:
             await queue.enqueue(NewJob("noop", {"i": i}))
 
         async def warm() -> bool:
-            c = await pool.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
-            return bool(c >= 20)
+            return await store.succeeded_total(pool) >= 20
 
         await suite.wait_until(warm, 60)
         await asyncio.sleep(0.5)  # the listener's self-check is done
@@ -88,20 +87,14 @@ async def _latency_once(dsn: str, n: int, rate: float) -> list[float]:
             await queue.enqueue(NewJob("latency", {"t0": time.monotonic(), "i": i}))
 
         async def done() -> bool:
-            c = await pool.fetchval(
-                "SELECT count(*) FROM jobs WHERE kind = 'latency' AND status = 'succeeded'"
-            )
-            return bool(c >= n)
+            return await store.succeeded_of_kind(pool, "latency") >= n
 
         await suite.wait_until(done, 60)
-        rows = await pool.fetch(
-            "SELECT (result->>'lat_ms')::float8 AS ms FROM jobs WHERE kind = 'latency'"
-            " AND status = 'succeeded'"
-        )
+        latencies = await store.results_of_kind(pool, "latency", "lat_ms")
     finally:
         await pool.close()
         suite.stop_workers([worker])
-    return [r["ms"] for r in rows]
+    return latencies
 
 
 async def bench_pooler(_admin: str, a: argparse.Namespace) -> None:

@@ -119,6 +119,41 @@ async def succeeded_total(conn: Conn) -> int:
     return n
 
 
+async def _all_jobs(conn: Conn) -> str:
+    """Every job's row source, live and finished."""
+    if not await has_history(conn):
+        return "jobs"
+    return (
+        "(SELECT kind, status, result FROM jobs"
+        " UNION ALL SELECT kind, status, result FROM jobs_history)"
+    )
+
+
+async def succeeded_of_kind(conn: Conn, kind: str) -> int:
+    """Succeeded jobs of one kind, wherever they are kept."""
+    source = await _all_jobs(conn)
+    sql = f"SELECT count(*) FROM {source} AS j WHERE kind = $1 AND status = 'succeeded'"
+    return int(await conn.fetchval(sql, kind))
+
+
+async def stored_of_kind(conn: Conn, kind: str) -> int:
+    """Jobs of one kind in any state, wherever they are kept."""
+    source = await _all_jobs(conn)
+    return int(await conn.fetchval(f"SELECT count(*) FROM {source} AS j WHERE kind = $1", kind))
+
+
+async def results_of_kind(conn: Conn, kind: str, field: str) -> list[float]:
+    """One numeric field of the results of a kind's succeeded jobs."""
+    source = await _all_jobs(conn)
+    rows = await conn.fetch(
+        f"SELECT (result->>$2)::float8 AS v FROM {source} AS j"
+        " WHERE kind = $1 AND status = 'succeeded'",
+        kind,
+        field,
+    )
+    return [float(r["v"]) for r in rows]
+
+
 async def empty_all(conn: Conn) -> None:
     """No job anywhere, and rollups that say so (TRUNCATE fires no trigger)."""
     if not await has_history(conn):

@@ -438,7 +438,7 @@ async def bench_http(dsn: str, a: argparse.Namespace) -> None:
         rec = json.loads(out.stdout.strip().splitlines()[-1])
     conn = await asyncpg.connect(dsn)
     try:
-        stored = await conn.fetchval("SELECT count(*) FROM jobs WHERE kind = 'http'")
+        stored = await store.stored_of_kind(conn, "http")
     finally:
         await conn.close()
     rec["stored"] = stored
@@ -460,8 +460,7 @@ async def bench_latency(admin: str, a: argparse.Namespace) -> None:
                     await queue.enqueue(NewJob("noop", {"i": i}))
 
                 async def warm(pool: asyncpg.Pool = pool) -> bool:
-                    c = await pool.fetchval("SELECT count(*) FROM jobs WHERE status='succeeded'")
-                    return bool(c >= 20)
+                    return await store.succeeded_total(pool) >= 20
 
                 await wait_until(warm, 60)
                 await asyncio.sleep(0.5)
@@ -477,20 +476,13 @@ async def bench_latency(admin: str, a: argparse.Namespace) -> None:
                     calls.append(time.monotonic() - t0)
 
                 async def all_done(pool: asyncpg.Pool = pool, n: int = n) -> bool:
-                    c = await pool.fetchval(
-                        "SELECT count(*) FROM jobs WHERE kind='latency' AND status='succeeded'"
-                    )
-                    return bool(c >= n)
+                    return await store.succeeded_of_kind(pool, "latency") >= n
 
                 ok = await wait_until(all_done, 60)
-                rows = await pool.fetch(
-                    "SELECT (result->>'lat_ms')::float8 AS ms FROM jobs WHERE kind='latency'"
-                    " AND status = 'succeeded'"
-                )
+                lat = await store.results_of_kind(pool, "latency", "lat_ms")
             finally:
                 await pool.close()
                 stop_workers([worker])
-        lat = [row["ms"] for row in rows]
         emit(
             {
                 "bench": "latency",
