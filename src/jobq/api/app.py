@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -29,6 +30,7 @@ from jobq.api.auth import require_token
 from jobq.api.problems import Problem, ProblemError, openapi_problem, problem_response
 from jobq.api.schemas import Health, create_body_schema
 from jobq.api.server import SERVER_ANSWERED
+from jobq.maintenance import rollups
 from jobq.queue import IdempotencyConflict, InvalidJob, InvalidTransition, JobNotFound, Queue
 from jobq.registry import Registry
 from jobq.settings import Settings
@@ -361,9 +363,13 @@ def create_app(
                 pooler=settings.pooler,
             )
         app.state.read_queue = app.state.queue if reads is None else Queue(reads)
+        # Keeps the operator views' rollups small while no worker runs (primary only).
+        compactor = asyncio.create_task(rollups.compact_forever(the_pool), name="jobq-rollups")
         try:
             yield
         finally:
+            compactor.cancel()
+            await asyncio.gather(compactor, return_exceptions=True)
             if own_read_pool and reads is not None:
                 await reads.close()
             if own_pool:

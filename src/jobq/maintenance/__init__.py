@@ -12,6 +12,7 @@ from typing import Protocol
 
 from jobq.backoff import Backoff
 from jobq.maintenance.rescuer import Rescuer
+from jobq.maintenance.rollups import RollupCompactor
 from jobq.queue import Queue
 from jobq.settings import Settings
 
@@ -29,7 +30,8 @@ def services(
     """Every service a worker runs. `backoffs`: the worker's handlers', by kind."""
     return [
         Rescuer(queue, settings, backoffs=backoffs),
+        RollupCompactor(queue.pool),
     ]
 
 
-__all__ = ["Rescuer", "Service", "services"]
+__all__ = ["Rescuer", "RollupCompactor", "Service", "services"]

@@ -218,10 +218,11 @@ CREATE TRIGGER jobs_history_count_delete AFTER DELETE ON jobs_history
 CREATE FUNCTION jobq_counts_rebuild() RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('jobq_counts'));
+    -- A statement of its own: one that deletes a key cannot insert it again (unique index).
+    -- Only compaction writes here, and it waits for this lock.
+    DELETE FROM jobq_counts;
     WITH cleared AS (
         DELETE FROM jobq_count_deltas
-    ), reset AS (
-        DELETE FROM jobq_counts
     )
     INSERT INTO jobq_counts (queue, kind, status, n)
     SELECT queue, kind, status, count(*)
