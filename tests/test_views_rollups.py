@@ -310,6 +310,21 @@ async def test_the_compaction_loop_folds_deltas_until_cancelled(queue: Queue) ->
     assert await queue.counts() == [("default", "queued", 3)]
 
 
+async def test_the_api_compacts_the_rollups_on_its_primary(
+    queue: Queue, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rollups, "INTERVAL_SECONDS", 0.05)
+    await queue.enqueue_many([NewJob(kind="echo") for _ in range(2)])
+    app = create_app(Settings(), dsn=dsn)
+
+    async def folded() -> bool:
+        return bool(await queue.pool.fetchval("SELECT count(*) = 0 FROM jobq_count_deltas"))
+
+    async with app.router.lifespan_context(app):
+        await wait_for(folded)
+    assert await queue.counts() == [("default", "queued", 2)]
+
+
 def test_workers_run_rollup_compaction_as_a_maintenance_service(queue: Queue) -> None:
     names = [s.name for s in services(queue, Settings())]
     assert "rollups" in names

@@ -98,12 +98,12 @@ class RollupCompactor:
         await compact(self.pool)
 
 
-async def compact_forever(pool: asyncpg.Pool, *, interval: float = INTERVAL_SECONDS) -> None:
+async def compact_forever(pool: asyncpg.Pool, *, interval: float | None = None) -> None:
     """Compact every `interval` seconds until cancelled (the API's loop; workers run the
     service). A pass that fails is logged, unless the database is unreachable, which the
     API's requests report already; the next pass comes on time."""
     while True:
-        await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+        await asyncio.sleep((interval or INTERVAL_SECONDS) * random.uniform(0.9, 1.1))
         try:
             await compact(pool)
         except Exception as exc:
