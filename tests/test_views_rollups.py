@@ -14,10 +14,12 @@ import asyncpg
 import httpx
 import pytest
 
+from jobq import db, schema
 from jobq.api import create_app
 from jobq.maintenance import rollups, services
 from jobq.queue import Job, NewJob, Queue, lease_of
 from jobq.settings import Settings
+from tests.conftest import create_database, drop_database, with_database
 from tests.helpers import wait_for
 
 Counts = dict[tuple[str, str, str], int]
@@ -390,20 +392,35 @@ async def test_failing_kinds_skip_a_kind_whose_failed_jobs_are_gone(queue: Queue
     assert [(f.kind, f.last_error) for f in failing] == [("kept", "y")]
 
 
-async def test_failing_kinds_read_failed_rows_version_3_left_in_jobs(queue: Queue) -> None:
-    # A version-3 worker ends a job in place: the row stays in `jobs` until the upgrade moves it.
-    await queue.enqueue(NewJob(kind="v3", max_attempts=1))
-    (job,) = await claim(queue, ["v3"], ["default"], 1)
-    await queue.pool.execute(
-        "UPDATE jobs SET status = 'failed_permanent', last_error = 'v3 says no',"
-        " finished_at = now(), updated_at = now(), lease_token = NULL WHERE id = $1",
-        job.id,
-    )
-
-    failing = await queue.failing_kinds(15, 5)
+async def test_failing_kinds_read_failed_rows_version_3_left_in_jobs(admin_dsn: str) -> None:
+    # During the deploy (pre-deploy steps only) a version-3 worker ends a job in place: the row
+    # stays in `jobs` until the post-deploy move, and the update trigger counts it as finished.
+    name = await create_database(admin_dsn, "views_v3", template="template0")
+    try:
+        conn = await db.connect(with_database(admin_dsn, name))
+        try:
+            await schema.migrate(conn, target=5)
+            job_id = await conn.fetchval(
+                "INSERT INTO jobs (kind, max_attempts) VALUES ('v3', 1) RETURNING id"
+            )
+            await conn.execute(
+                "UPDATE jobs SET status = 'failed_permanent', attempts = 1,"
+                " last_error = 'v3 says no', finished_at = now(), updated_at = now()"
+                " WHERE id = $1",
+                job_id,
+            )
+            pool = await db.create_pool(with_database(admin_dsn, name), min_size=1, max_size=2)
+            try:
+                failing = await Queue(pool).failing_kinds(15, 5)
+            finally:
+                await pool.close()
+        finally:
+            await conn.close()
+    finally:
+        await drop_database(admin_dsn, name)
 
     assert [(f.kind, f.failed, f.last_error, f.last_job_id) for f in failing] == [
-        ("v3", 1, "v3 says no", job.id)
+        ("v3", 1, "v3 says no", job_id)
     ]
 
 
