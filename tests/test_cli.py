@@ -240,7 +240,17 @@ async def test_enqueue_takes_a_run_at_with_an_offset_as_that_instant(
 
 # -- help and output -----------------------------------------------------------------------
 
-COMMANDS = ["migrate", "api", "worker", "dev", "enqueue", "enqueue-file", "status", "chaos"]
+COMMANDS = [
+    "migrate",
+    "api",
+    "worker",
+    "dev",
+    "enqueue",
+    "enqueue-file",
+    "status",
+    "prune",
+    "chaos",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

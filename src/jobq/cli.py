@@ -1,4 +1,4 @@
-"""The `jobq` command: migrate, api, worker, dev, enqueue, enqueue-file, status."""
+"""The `jobq` command: migrate, api, worker, dev, enqueue, enqueue-file, status, prune."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,9 +22,17 @@ import typer
 
 from jobq import db, logs, schema, wire
 from jobq.api.schemas import job_to_dict
-from jobq.queue import BulkEnqueued, IdempotencyConflict, InvalidJob, NewJob, Queue, validate
+from jobq.queue import (
+    BulkEnqueued,
+    IdempotencyConflict,
+    InvalidJob,
+    NewJob,
+    Queue,
+    history,
+    validate,
+)
 from jobq.registry import PayloadInvalid, Registry
-from jobq.settings import Settings, SettingsError
+from jobq.settings import Settings, SettingsError, parse_duration
 
 log = logging.getLogger("jobq.cli")
 
@@ -239,7 +248,12 @@ async def _prepare(dsn: str, *, migrate: bool) -> None:
 async def _queue(dsn: str, settings: Settings, *, max_size: int = 1) -> AsyncIterator[Queue]:
     pool = await db.create_pool(dsn, min_size=1, max_size=max_size)
     try:
-        yield Queue(pool, default_max_attempts=settings.default_max_attempts)
+        yield Queue(
+            pool,
+            default_max_attempts=settings.default_max_attempts,
+            history_leaf_width=settings.history_leaf_width,
+            idempotency_window=settings.idempotency_window,
+        )
     finally:
         await pool.close()
 
@@ -766,6 +780,123 @@ def status(
 
         with contextlib.suppress(KeyboardInterrupt):
             _run_against(dsn, go())
+
+
+# How long `jobq prune` waits for a pass of a worker's cleaner (or another prune) to end.
+PRUNE_LOCK_WAIT_SECONDS = 60.0
+
+
+def _utc(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _prune_lines(report: history.Report) -> list[str]:
+    dry = report.dry_run
+    lines = []
+    for removed in report.leaves:
+        leaf = removed.leaf
+        rows = f"~{removed.rows:,} rows (estimated)" if dry else f"{removed.rows:,} rows"
+        what = ", ".join(leaf.statuses)
+        lines.append(
+            f"{'would remove' if dry else 'removed'} {leaf.name} ({what} finished "
+            f"{_utc(leaf.lower)} to {_utc(leaf.upper)}): {rows}, {removed.bytes / 1e6:,.1f} MB"
+        )
+    for d in report.deleted:
+        batches = f"in {d.batches} batch(es) of at most {history.BATCH_SIZE:,}"
+        lines.append(
+            f"{'would delete' if dry else 'deleted'} {d.rows:,} {'/'.join(d.statuses)} rows "
+            f"finished before {_utc(d.horizon)} from {d.leaf.name}, {batches}"
+        )
+    if report.keys:
+        lines.append(
+            f"{'would remove' if dry else 'removed'} {report.keys:,} idempotency key(s) past "
+            "their window whose job is gone"
+        )
+    total = f"{len(report.leaves)} leaf(s), {report.rows:,} row(s), {report.bytes / 1e6:,.1f} MB"
+    if dry:
+        lines.append(f"dry run: would remove {total}; nothing was changed")
+    else:
+        lines.append(f"removed {total}" if report.removed_anything else "nothing to remove")
+    return lines
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DURATION",
+            help="Remove jobs that finished longer ago than this (90s, 15m, 12h, 7d); "
+            "default: JOBQ_RETENTION, and JOBQ_RETENTION_FAILED for failed_permanent.",
+        ),
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            metavar="STATUS",
+            help="Only jobs that ended so: succeeded, cancelled or failed_permanent.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be removed; change nothing.")
+    ] = False,
+) -> None:
+    """Remove finished jobs past retention (or --older-than), and idempotency keys past
+    their window whose job is gone. Whole history leaves go at once (detached without
+    blocking writers, then dropped); the rest of a leaf the horizon cuts through is deleted in
+    batches of 10,000 rows. Prints what it removed, or with --dry-run would remove."""
+    settings = _settings()
+    keep = None
+    if older_than is not None:
+        try:
+            keep = parse_duration(older_than)
+        except ValueError as exc:
+            _fail(f"--older-than: {exc}")
+    if status is not None and status not in history.CLASS_OF_STATUS:
+        _fail(
+            f"--status must be one of {', '.join(history.CLASS_OF_STATUS)} (only finished jobs "
+            f"are pruned), got {status!r}"
+        )
+    retention = {
+        "done": keep or settings.retention,
+        "failed": keep or settings.retention_failed,
+    }
+    with _database(settings) as dsn:
+
+        async def go() -> tuple[history.Report, list[history.Target]]:
+            await _prepare(dsn, migrate=settings.database_url is None)
+            # Two connections: the retention lock's and the one that detaches.
+            async with _queue(dsn, settings, max_size=2) as q:
+                retention_run = history.Retention(q.pool)
+                targets = history.retention_targets(
+                    await retention_run.now(),
+                    retention,
+                    statuses=None if status is None else [status],
+                )
+                deadline = time.monotonic() + PRUNE_LOCK_WAIT_SECONDS
+                while True:
+                    report = await retention_run.run(targets, cut=True, dry_run=dry_run)
+                    if report is not None:
+                        return report, targets
+                    if time.monotonic() > deadline:
+                        _fail(
+                            f"another session held the retention lock for "
+                            f"{PRUNE_LOCK_WAIT_SECONDS:g}s (a worker's cleaner, or another "
+                            "jobq prune); try again",
+                            EXIT_ENVIRONMENT,
+                        )
+                    await asyncio.sleep(0.5)
+
+        report, targets = _run_against(dsn, go())
+    if not targets:
+        typer.echo(
+            "JOBQ_RETENTION and JOBQ_RETENTION_FAILED are off"
+            if status is None
+            else f"retention is off for {status}"
+        )
+        typer.echo("history is kept forever; give --older-than to remove some")
+    for line in _prune_lines(report):
+        typer.echo(line)
 
 
 @app.command()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 
@@ -42,6 +44,59 @@ def _bool(name: str, default: bool) -> bool:
     if raw is None or raw == "":
         return default
     return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+_DURATION = re.compile(r"([0-9]+)([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+DURATION_HINT = "a duration such as 90s, 15m, 12h or 7d"
+
+
+def parse_duration(raw: str) -> timedelta:
+    """`90s`, `15m`, `12h`, `7d`: a positive whole number and one unit. ValueError otherwise."""
+    match = _DURATION.fullmatch(raw.strip().lower())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"expected {DURATION_HINT}, got {raw!r}")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _duration(name: str, default: timedelta) -> timedelta:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be {DURATION_HINT}, got {raw!r}") from None
+
+
+def _retention(name: str, default: timedelta) -> timedelta | None:
+    """A retention setting: a duration, or `off` to keep history forever (None)."""
+    raw = os.environ.get(name, "").strip()
+    if raw.lower() == "off":
+        return None
+    try:
+        return _duration(name, default)
+    except SettingsError:
+        raise SettingsError(f"{name} must be {DURATION_HINT}, or off, got {raw!r}") from None
+
+
+# Widths a history leaf may have when retention is shorter than two days, widest first.
+_SHORT_LEAF_WIDTHS = (
+    timedelta(hours=1),
+    timedelta(minutes=15),
+    timedelta(minutes=5),
+    timedelta(minutes=1),
+)
+
+
+def leaf_width(retention: timedelta | None) -> timedelta:
+    """How much finish time one history leaf covers, for a class kept `retention` (None:
+    forever). A day; with retention under two days a quarter of it, rounded down to 1 h, 15 m,
+    5 m or 1 m (at least 1 m), so that history is kept for retention plus at most a quarter."""
+    if retention is None or retention >= timedelta(days=2):
+        return timedelta(days=1)
+    quarter = retention / 4
+    return next((w for w in _SHORT_LEAF_WIDTHS if w <= quarter), _SHORT_LEAF_WIDTHS[-1])
 
 
 # How jobq reaches PostgreSQL: directly, or through a pooler such as PgBouncer in session or
@@ -94,6 +149,27 @@ class Settings:
     protect_metrics: bool = False
     log_format: str = "auto"
     log_level: str = "INFO"
+    # History: succeeded and cancelled jobs are kept `retention`, failed_permanent ones
+    # `retention_failed`; None keeps them forever (JOBQ_RETENTION=off).
+    retention: timedelta | None = timedelta(days=7)
+    retention_failed: timedelta | None = timedelta(days=30)
+    # An idempotency key is remembered at least this long after its job was created.
+    idempotency_window: timedelta = timedelta(hours=24)
+
+    @property
+    def leaf_width_done(self) -> timedelta:
+        return leaf_width(self.retention)
+
+    @property
+    def leaf_width_failed(self) -> timedelta:
+        return leaf_width(self.retention_failed)
+
+    @property
+    def history_leaf_width(self) -> timedelta:
+        """The width a job's completion uses when it has to create a leaf itself (the
+        partitioner keeps them ahead): the narrower class's, so no leaf outlives retention by
+        more than its class allows."""
+        return min(self.leaf_width_done, self.leaf_width_failed)
 
     def __post_init__(self) -> None:
         # A heartbeat must land before the lease it extends runs out, or every lease expires.
@@ -146,4 +222,7 @@ class Settings:
             protect_metrics=_bool("JOBQ_PROTECT_METRICS", False),
             log_format=log_format,
             log_level=os.environ.get("JOBQ_LOG_LEVEL", "INFO").upper(),
+            retention=_retention("JOBQ_RETENTION", timedelta(days=7)),
+            retention_failed=_retention("JOBQ_RETENTION_FAILED", timedelta(days=30)),
+            idempotency_window=_duration("JOBQ_IDEMPOTENCY_WINDOW", timedelta(hours=24)),
         )

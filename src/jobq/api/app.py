@@ -352,7 +352,12 @@ def create_app(
             dsn or "", min_size=0, max_size=settings.pool_max_size, pooler=settings.pooler
         )
         app.state.pool = the_pool
-        app.state.queue = Queue(the_pool, default_max_attempts=settings.default_max_attempts)
+        app.state.queue = Queue(
+            the_pool,
+            default_max_attempts=settings.default_max_attempts,
+            history_leaf_width=settings.history_leaf_width,
+            idempotency_window=settings.idempotency_window,
+        )
         own_read_pool = read_pool is None and settings.read_database_url is not None
         reads = read_pool
         if own_read_pool:
@@ -391,7 +396,12 @@ def create_app(
     app.state.registry = registry
     if pool is not None:
         app.state.pool = pool
-        app.state.queue = Queue(pool, default_max_attempts=settings.default_max_attempts)
+        app.state.queue = Queue(
+            pool,
+            default_max_attempts=settings.default_max_attempts,
+            history_leaf_width=settings.history_leaf_width,
+            idempotency_window=settings.idempotency_window,
+        )
         app.state.read_queue = app.state.queue if read_pool is None else Queue(read_pool)
     # Starlette's slash redirect builds its Location from the Host header: see _slash_redirect.
     app.router.redirect_slashes = False

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from jobq.backoff import Backoff
+from jobq.maintenance.cleaner import Cleaner
+from jobq.maintenance.partitioner import Partitioner
 from jobq.maintenance.rescuer import Rescuer
 from jobq.maintenance.rollups import RollupCompactor
 from jobq.queue import Queue
@@ -31,7 +33,9 @@ def services(
     return [
         Rescuer(queue, settings, backoffs=backoffs),
         RollupCompactor(queue.pool),
+        Partitioner(queue, settings),
+        Cleaner(queue, settings),
     ]
 
 
-__all__ = ["Rescuer", "RollupCompactor", "Service", "services"]
+__all__ = ["Cleaner", "Partitioner", "Rescuer", "RollupCompactor", "Service", "services"]

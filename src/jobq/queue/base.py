@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import asyncpg
 
 from jobq.backoff import Backoff
@@ -15,3 +17,7 @@ class QueueBase:
     # For a job claimed with no max_attempts of its own and none from its handler.
     default_max_attempts: int
     default_backoff: Backoff
+    # The width of a history leaf a completion creates when its finish time has none.
+    history_leaf_width: timedelta
+    # How long after its job's creation an idempotency key is remembered at least.
+    idempotency_window: timedelta

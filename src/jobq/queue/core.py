@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import asyncpg
 
 from jobq.backoff import Backoff
@@ -23,8 +25,12 @@ class Queue(Enqueue, Operator, Lookup, Leases, Views, Presence):
         default_max_attempts: int = 3,
         default_backoff: Backoff | None = None,
         notify_window: float = 0.002,
+        history_leaf_width: timedelta = timedelta(days=1),
+        idempotency_window: timedelta = timedelta(hours=24),
     ) -> None:
         self.pool = pool
         self.default_max_attempts = default_max_attempts
         self.default_backoff = default_backoff or Backoff()
+        self.history_leaf_width = history_leaf_width
+        self.idempotency_window = idempotency_window
         self._wake_ups = WakeUps(pool, notify_window)

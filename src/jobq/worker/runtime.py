@@ -137,6 +137,8 @@ class Worker:
             pool,
             default_max_attempts=self.settings.default_max_attempts,
             default_backoff=self._backoff,
+            history_leaf_width=self.settings.history_leaf_width,
+            idempotency_window=self.settings.idempotency_window,
         )
         runner = JobRunner(
             state, queue, self.registry, threads=self._threads, backoffs=self._backoffs
