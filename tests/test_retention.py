@@ -287,3 +287,56 @@ async def test_a_pass_that_removed_something_logs_one_line_with_leaves_rows_and_
     assert "1 history leaf" in line.getMessage() and "3 row(s)" in line.getMessage()
     assert (line.leaves, line.rows) == (old, 3)  # type: ignore[attr-defined]
     assert line.bytes > 0  # type: ignore[attr-defined]
+
+
+async def test_a_dropped_leaf_takes_the_expired_keys_of_its_jobs_with_it(
+    db: asyncpg.Pool,
+) -> None:
+    t = await now(db)
+    await make_leaf(db, "done", t - 10 * DAY)
+    await db.execute(INSERT_HISTORY, "echo", "succeeded", t - 10 * DAY, 2)
+    ids = [r["id"] for r in await db.fetch("SELECT id FROM jobs_history ORDER BY id")]
+    await db.execute(
+        "UPDATE jobs_history SET idempotency_key = 'key-' || id WHERE id = ANY($1)", ids
+    )
+    await db.execute("DELETE FROM jobq_idempotency_keys")
+    await db.executemany(
+        "INSERT INTO jobq_idempotency_keys (key, job_id, fingerprint, created_at, expires_at)"
+        " VALUES ($1, $2, 'fp', $3, $4)",
+        [(f"key-{ids[0]}", ids[0], t - 11 * DAY, t - 10 * DAY),
+         (f"key-{ids[1]}", ids[1], t - 11 * DAY, t + DAY)],
+    )  # fmt: skip
+
+    report = await cleaner(db, retention=7 * DAY).clean()
+
+    assert report is not None and report.keys == 1
+    kept = [r["key"] for r in await db.fetch("SELECT key FROM jobq_idempotency_keys")]
+    assert kept == [f"key-{ids[1]}"]  # its window is not over: it stays until then
+
+
+async def test_a_cleaner_scans_expired_keys_on_from_where_its_last_pass_stopped(
+    db: asyncpg.Pool,
+) -> None:
+    t = await now(db)
+    await db.execute(
+        "INSERT INTO jobq_idempotency_keys (key, job_id, fingerprint, created_at, expires_at)"
+        " SELECT 'k' || lpad(i::text, 6, '0'), jobq_uuid_v7(), 'fp', $1, $2"
+        " FROM generate_series(1, $3) AS i",
+        t - 2 * DAY,
+        t - DAY,
+        history.BATCH_SIZE + 1,
+    )
+    cursor = history.KeyCursor()
+    assert await history.expire_keys(db, cursor, max_batches=1) == history.BATCH_SIZE
+    assert not cursor.caught_up
+    assert await history.expire_keys(db, cursor, max_batches=1) == 1
+    assert cursor.caught_up
+    # A key that expires later is found by the next pass of the same cursor.
+    await db.execute(
+        "INSERT INTO jobq_idempotency_keys (key, job_id, fingerprint, created_at, expires_at)"
+        " VALUES ('later', jobq_uuid_v7(), 'fp', $1, $2)",
+        t - DAY,
+        t - timedelta(seconds=1),
+    )
+    assert await history.expire_keys(db, cursor, max_batches=1) == 1
+    assert await db.fetchval("SELECT count(*) FROM jobq_idempotency_keys") == 0

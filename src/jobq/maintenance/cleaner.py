@@ -40,11 +40,14 @@ class Cleaner:
     def __init__(self, queue: Queue, settings: Settings) -> None:
         self.retention = history.Retention(queue.pool)
         self.keep = {"done": settings.retention, "failed": settings.retention_failed}
+        # Where this process's scan for expired keys stands: each pass goes on from there.
+        self.keys = history.KeyCursor()
 
     async def clean(self) -> history.Report | None:
         """One pass; None when another worker holds the retention lock."""
         now = await self.retention.now()
-        report = await self.retention.run(history.retention_targets(now, self.keep))
+        targets = history.retention_targets(now, self.keep)
+        report = await self.retention.run(targets, keys=self.keys)
         if report is not None and report.removed_anything:
             log.info(
                 describe(report),

@@ -117,9 +117,16 @@ WITH batch AS (
     USING batch
     WHERE h.id = batch.id AND h.finished_at >= $1 AND h.finished_at < $2
       AND h.status = ANY($3::text[]) AND h.finished_at < $4
-    RETURNING h.id
+    RETURNING h.id, h.idempotency_key
+), keys AS (
+    DELETE FROM jobq_idempotency_keys AS k
+    USING gone
+    WHERE gone.idempotency_key IS NOT NULL AND k.key = gone.idempotency_key
+      AND k.job_id = gone.id AND k.expires_at <= now()
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone) AS deleted,
+       (SELECT count(*) FROM keys) AS keys,
        (SELECT count(*) FROM batch) AS seen,
        (SELECT id FROM batch ORDER BY id DESC LIMIT 1) AS last_id
 """
@@ -131,20 +138,22 @@ WHERE finished_at >= $1 AND finished_at < $2 AND status = ANY($3::text[]) AND fi
 
 # Keys past their window whose job exists in neither table. A key row is written with its job
 # (or copied from it), so the job cannot have finished before the key's created_at: that
-# bound prunes the history probe to the leaves it could be in. Candidates are walked in
-# (expires_at, key) order, so keys kept for a job that still exists do not hide later ones.
-_KEY_CANDIDATES = f"""
-SELECT expires_at, key FROM jobq_idempotency_keys
-WHERE expires_at <= now() AND ($1::timestamptz IS NULL OR (expires_at, key) > ($1, $2))
-ORDER BY expires_at, key
-LIMIT {BATCH_SIZE}
-"""
-
+# bound prunes the history probe to the leaves it could be in (a subquery with LIMIT, so that
+# it runs per key with run-time pruning rather than as a join over all of history).
 _EXPIRED_KEY = """
 k.expires_at <= now()
 AND NOT EXISTS (SELECT 1 FROM jobs AS j WHERE j.id = k.job_id)
-AND NOT EXISTS (SELECT 1 FROM jobs_history AS h
-                WHERE h.id = k.job_id AND h.finished_at >= k.created_at)
+AND (SELECT 1 FROM jobs_history AS h
+     WHERE h.id = k.job_id AND h.finished_at >= k.created_at LIMIT 1) IS NULL
+"""
+
+# Candidates in (expires_at, key) order from a cursor, so that keys kept for a job that still
+# exists do not hide later ones, and a pass can stop and the next go on.
+_KEY_CANDIDATES = f"""
+SELECT expires_at, key FROM jobq_idempotency_keys
+WHERE expires_at <= now() AND ($1::timestamptz IS NULL OR (expires_at, key) > ($1, $2::text))
+ORDER BY expires_at, key
+LIMIT {BATCH_SIZE}
 """
 
 _DELETE_KEYS = f"""
@@ -164,6 +173,36 @@ _COUNT_KEYS = f"""
 SELECT count(*) FROM jobq_idempotency_keys AS k
 WHERE k.key = ANY($1::text[]) AND {_EXPIRED_KEY}
 """
+
+# Keys of the jobs in a leaf being dropped that are past their window: they go with the leaf,
+# found by their primary key from the key each history row keeps.
+_FORGET_KEYS_OF_LEAF = """
+WITH gone AS (
+    DELETE FROM jobq_idempotency_keys AS k
+    USING {leaf} AS h
+    WHERE h.idempotency_key IS NOT NULL AND k.key = h.idempotency_key AND k.job_id = h.id
+      AND k.expires_at <= now()
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+# Keys that expired while their job still existed and are not freed with it (a job deleted by
+# hand) wait for a full scan; a scan that caught up re-reads this much before its cursor, for
+# keys written by transactions that committed late.
+KEY_SCAN_OVERLAP = timedelta(minutes=2)
+# Batches of candidate keys one cleaner pass reads at most; the next pass goes on from there.
+KEY_BATCHES_PER_PASS = 10
+
+
+@dataclass
+class KeyCursor:
+    """How far a cleaner's scan for expired keys got: keys up to (`expires_at`, `key`) were
+    checked; `caught_up` once it reached the keys expiring now."""
+
+    expires_at: datetime | None = None
+    key: str = ""
+    caught_up: bool = False
 
 
 def _ident(name: str) -> str:
@@ -219,6 +258,7 @@ class DeletedRows:
     horizon: datetime
     rows: int
     batches: int
+    keys: int = 0  # their expired idempotency keys, deleted with them
 
 
 @dataclass
@@ -320,9 +360,9 @@ async def finalize(conn: Connection, leaf: Leaf) -> None:
     )
 
 
-async def drop_detached(conn: Connection, leaf: Leaf) -> tuple[int, int]:
-    """Drop a detached leaf, its rows out of the counts, its registry row gone: one
-    transaction. Returns (rows, bytes)."""
+async def drop_detached(conn: Connection, leaf: Leaf) -> tuple[int, int, int]:
+    """Drop a detached leaf, its rows out of the counts, its expired keys and its registry row
+    gone: one transaction. Returns (rows, bytes, keys)."""
     async with conn.transaction():
         if not await conn.fetchval(_STILL_DETACHED, leaf.name):
             raise RuntimeError(f"history leaf {leaf.name} is attached again; not dropped")
@@ -330,19 +370,20 @@ async def drop_detached(conn: Connection, leaf: Leaf) -> tuple[int, int]:
         await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
         size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", table)
         rows = await conn.fetchval(_SUBTRACT_COUNTS.format(leaf=table))
+        keys = await conn.fetchval(_FORGET_KEYS_OF_LEAF.format(leaf=table))
         await conn.execute(f"DROP TABLE {table}")
         await conn.execute(_FORGET_LEAF, leaf.name)
-    return int(rows), int(size)
+    return int(rows), int(size), int(keys)
 
 
-async def remove_leaf(conn: Connection, leaf: Leaf) -> tuple[int, int]:
-    """Detach (or finish detaching) and drop `leaf`; (rows, bytes). A leaf dropped by hand
-    only loses its registry row."""
+async def remove_leaf(conn: Connection, leaf: Leaf) -> tuple[int, int, int]:
+    """Detach (or finish detaching) and drop `leaf`; (rows, bytes, keys). A leaf dropped by
+    hand only loses its registry row."""
     if leaf.state == "missing":
         await conn.execute(_FORGET_LEAF, leaf.name)
         log.warning("history leaf %s was dropped outside jobq; its rows may still be counted",
                     leaf.name)  # fmt: skip
-        return 0, 0
+        return 0, 0, 0
     if leaf.state == "attached":
         await detach(conn, leaf)
     elif leaf.state == "detaching":
@@ -356,7 +397,7 @@ async def delete_rows(
     """Delete the rows of `leaf` with one of `statuses` that finished before `horizon`,
     `BATCH_SIZE` rows per transaction."""
     statuses = tuple(s for s in statuses if s in leaf.statuses)
-    deleted = batches = 0
+    deleted = batches = keys = 0
     last: object = None
     while True:
         row = await conn.fetchrow(
@@ -366,11 +407,12 @@ async def delete_rows(
         if row["seen"] == 0:
             break
         deleted += row["deleted"]
+        keys += row["keys"]
         batches += 1
         last = row["last_id"]
         if row["seen"] < BATCH_SIZE:
             break
-    return DeletedRows(leaf, statuses, horizon, deleted, batches)
+    return DeletedRows(leaf, statuses, horizon, deleted, batches, keys)
 
 
 async def count_rows(
@@ -380,20 +422,38 @@ async def count_rows(
     return int(await conn.fetchval(_COUNT_ROWS, leaf.lower, leaf.upper, list(statuses), horizon))
 
 
-async def expire_keys(conn: Connection, *, dry_run: bool = False) -> int:
+async def expire_keys(
+    conn: Connection,
+    cursor: KeyCursor | None = None,
+    *,
+    max_batches: int | None = None,
+    dry_run: bool = False,
+) -> int:
     """Delete (or count) idempotency keys past their window whose job exists in neither
-    table, `BATCH_SIZE` candidates per transaction."""
-    removed = 0
-    after: tuple[object, object] = (None, None)
+    table, `BATCH_SIZE` candidates per transaction: all of them, or with `cursor`, from where
+    it stands, at most `max_batches` batches, moving it on."""
+    cursor = cursor or KeyCursor()
+    after, after_key = cursor.expires_at, cursor.key
+    if cursor.caught_up and after is not None:
+        # Keys whose job exists at expiry go with their leaf (`drop_detached`).
+        after, after_key = after - KEY_SCAN_OVERLAP, ""
+    removed = batches = 0
     while True:
-        candidates = await conn.fetch(_KEY_CANDIDATES, *after)
-        if not candidates:
-            return removed
-        keys = [c["key"] for c in candidates]
-        removed += int(await conn.fetchval(_COUNT_KEYS if dry_run else _DELETE_KEYS, keys))
+        if max_batches is not None and batches >= max_batches:
+            cursor.caught_up = False
+            break
+        candidates = await conn.fetch(_KEY_CANDIDATES, after, after_key)
+        batches += 1
+        if candidates:
+            keys = [c["key"] for c in candidates]
+            removed += int(await conn.fetchval(_COUNT_KEYS if dry_run else _DELETE_KEYS, keys))
+            after, after_key = candidates[-1]["expires_at"], candidates[-1]["key"]
+            if cursor.expires_at is None or (after, after_key) > (cursor.expires_at, cursor.key):
+                cursor.expires_at, cursor.key = after, after_key
         if len(candidates) < BATCH_SIZE:
-            return removed
-        after = (candidates[-1]["expires_at"], candidates[-1]["key"])
+            cursor.caught_up = True
+            break
+    return removed
 
 
 def retention_targets(
@@ -447,11 +507,17 @@ class Retention:
         return value
 
     async def run(
-        self, targets: list[Target], *, cut: bool = False, dry_run: bool = False
+        self,
+        targets: list[Target],
+        *,
+        cut: bool = False,
+        dry_run: bool = False,
+        keys: KeyCursor | None = None,
     ) -> Report | None:
         """Remove the leaves `targets` name, expired keys, and whatever an earlier pass left
-        half done; with `cut`, also the rows past a horizon in leaves that stay. None when
-        another session holds the retention lock (nothing was done)."""
+        half done; with `cut`, also the rows past a horizon in leaves that stay. Keys are all
+        scanned, or with `keys` (a cleaner's cursor) `KEY_BATCHES_PER_PASS` batches on from
+        it. None when another session holds the retention lock (nothing was done)."""
         if dry_run:
             async with self.pool.acquire() as conn:
                 return await self._dry_run(conn, targets, cut=cut)
@@ -461,15 +527,23 @@ class Retention:
             if lock_conn is None:
                 return None
             async with self.pool.acquire() as conn:
-                return await self._run(lock_conn, conn, targets, cut=cut)
+                return await self._run(lock_conn, conn, targets, cut=cut, keys=keys)
 
     async def _run(
-        self, lock_conn: Connection, conn: Connection, targets: list[Target], *, cut: bool
+        self,
+        lock_conn: Connection,
+        conn: Connection,
+        targets: list[Target],
+        *,
+        cut: bool,
+        keys: KeyCursor | None,
     ) -> Report:
         report = Report()
         # Keys and rows first: they need no lock but this pass's, and leaves hold the counts
         # lock until the pass ends.
-        report.keys = await expire_keys(conn)
+        report.keys = await expire_keys(
+            conn, keys, max_batches=None if keys is None else KEY_BATCHES_PER_PASS
+        )
         by_class = {t.cls: t for t in targets}
         whole, partial = plan(await leaves(conn), targets)
         for leaf in partial if cut else []:
@@ -477,11 +551,13 @@ class Retention:
             deleted = await delete_rows(conn, leaf, target.statuses, target.horizon)
             if deleted.rows:
                 report.deleted.append(deleted)
+                report.keys += deleted.keys
         if whole:
             await lock_conn.execute(_COUNTS_LOCK)
         for leaf in whole:
-            rows, size = await remove_leaf(conn, leaf)
+            rows, size, leaf_keys = await remove_leaf(conn, leaf)
             report.leaves.append(RemovedLeaf(leaf, rows, size))
+            report.keys += leaf_keys
         return report
 
     async def _dry_run(self, conn: Connection, targets: list[Target], *, cut: bool) -> Report:
