@@ -237,6 +237,36 @@ async def test_short_retention_gets_one_minute_leaves_and_frequent_passes(
     assert partitioner.interval <= 15
 
 
+SHORT = Settings(retention=timedelta(minutes=2), retention_failed=timedelta(minutes=2))
+
+
+async def test_empty_day_wide_leaves_are_replaced_by_narrow_ones_when_retention_is_short(
+    db: asyncpg.Pool,
+) -> None:
+    t = await now(db)
+    for cls in ("done", "failed"):  # what `jobq migrate` makes on a fresh install
+        for days in range(3):
+            await make_leaf(db, cls, t + days * DAY)
+    await Partitioner(Queue(db), SHORT).create_ahead()
+    widths = await db.fetch(
+        "SELECT class, upper_bound - lower_bound AS width, upper_bound FROM jobq_history_partitions"
+        " WHERE upper_bound <= now() + interval '3 minutes'"
+    )
+    assert {w["class"] for w in widths} == {"done", "failed"}
+    assert {w["width"] for w in widths} == {timedelta(minutes=1)}
+
+
+async def test_a_wide_leaf_that_holds_rows_is_kept_when_retention_is_short(
+    db: asyncpg.Pool,
+) -> None:
+    t = await now(db)
+    wide = await make_leaf(db, "done", t)
+    await add_history(db, "succeeded", t)
+    await Partitioner(Queue(db), SHORT).create_ahead()
+    assert await exists(db, wide)
+    assert await db.fetchval("SELECT count(*) FROM jobs_history") == 1
+
+
 async def test_the_partitioner_and_the_cleaner_are_services(queue: Queue) -> None:
     services = maintenance.services(queue, Settings())
     names = {s.name: s.interval for s in services}

@@ -5,7 +5,8 @@ its completion fails and must create one first. So every worker runs this pass: 
 from now to two widths ahead exist for both classes, created by
 `jobq_history_ensure_partition` (no lock that stops completions or readers). One worker at a
 time does it (a transaction-scoped try-lock; the others skip the pass), often enough that even
-1-minute leaves are always there ahead.
+1-minute leaves are always there ahead. Empty leaves wider than the width (made before it
+was narrowed: a fresh install's day-wide leaves, then a retention of minutes) are replaced.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ class Partitioner:
                 "SELECT pg_try_advisory_xact_lock(hashtext($1))", history.PARTITIONER_LOCK
             ):
                 return []
+            replaced = await history.replace_wide_empty(conn, self.widths)
             made = await history.ensure_ahead(conn, self.widths)
+        if replaced:
+            log.info("replaced %d empty history leaves wider than the leaf width", len(replaced),
+                     extra={"service": self.name, "leaves": ",".join(replaced)})  # fmt: skip
         if made:
             log.info("created %d history leaves ahead", len(made),
                      extra={"service": self.name, "leaves": ",".join(made)})  # fmt: skip

@@ -81,6 +81,17 @@ ORDER BY c.class, a.at
 
 _ENSURE = "SELECT jobq_history_ensure_partition($1, $2, $3)"
 
+# Attached leaves not yet past that are wider than their class's width now is: made before the
+# width was narrowed (a fresh install's day-wide leaves, then JOBQ_RETENTION=2m).
+_TOO_WIDE = """
+SELECT p.name, p.class
+FROM jobq_history_partitions AS p
+JOIN unnest($1::text[], $2::interval[]) AS c(class, width) ON c.class = p.class
+WHERE p.upper_bound > now() AND p.upper_bound - p.lower_bound > c.width
+  AND to_regclass(quote_ident(p.name)) IS NOT NULL
+ORDER BY p.class, p.lower_bound
+"""
+
 _NOW = "SELECT now()"
 
 # Counts of a detached leaf leave the rollup as one negative delta per (queue, kind,
@@ -325,6 +336,44 @@ async def leaves(conn: Connection) -> list[Leaf]:
         )
         for r in await conn.fetch(_LEAVES)
     ]
+
+
+async def replace_wide_empty(conn: Connection, widths: Mapping[str, timedelta]) -> list[str]:
+    """Drop the leaves that are wider than their class's width and hold no row, so that
+    `ensure_ahead` makes narrow ones in their place; the names dropped. Within the caller's
+    transaction: the class table is locked (ACCESS EXCLUSIVE, at most the lock_timeout of 2 s
+    spent waiting) until it commits, so no completion can land in a leaf between the check
+    that it is empty and its drop. Only the first time after a width is narrowed has any
+    work; a leaf that holds rows stays and expires whole as before."""
+    classes = sorted(widths)
+    wide = await conn.fetch(_TOO_WIDE, classes, [widths[c] for c in classes])
+    dropped: list[str] = []
+    locked: set[str] = set()
+    for row in wide:
+        cls, table = row["class"], _ident(row["name"])
+        try:
+            async with conn.transaction():
+                if cls not in locked:
+                    # The order jobq_history_ensure_partition takes its locks in: no deadlock
+                    # with a completion creating a leaf meanwhile.
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext('jobq_history_partitions'))"
+                    )
+                    await conn.execute("SELECT set_config('lock_timeout', '2s', true)")
+                    await conn.execute(
+                        f"LOCK TABLE ONLY {class_table(cls)} IN ACCESS EXCLUSIVE MODE"
+                    )
+                    locked.add(cls)
+                if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
+                    continue
+                await conn.execute(f"DROP TABLE {table}")
+                await conn.execute(_FORGET_LEAF, row["name"])
+                dropped.append(row["name"])
+        except asyncpg.exceptions.LockNotAvailableError:
+            log.warning("wide history leaf not replaced: its class table is busy; next pass"
+                        " retries", extra={"class": cls})  # fmt: skip
+            return dropped
+    return dropped
 
 
 async def ensure_ahead(conn: Connection, widths: Mapping[str, timedelta]) -> list[str]:
