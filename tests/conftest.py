@@ -105,9 +105,10 @@ async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture
 async def queue(pool: asyncpg.Pool) -> Queue:
-    """The queue core over no jobs: live, history and the rollups counting them (TRUNCATE
-    fires no row or statement trigger, so the rollups are emptied with the jobs)."""
+    """The queue core over no jobs: live, history, their keys and the rollups counting them
+    (TRUNCATE fires no row or statement trigger, so the rollups are emptied with the jobs)."""
     await pool.execute(
-        "TRUNCATE jobs, jobs_history, jobq_counts, jobq_count_deltas, jobq_finished_minutes"
+        "TRUNCATE jobs, jobs_history, jobq_idempotency_keys, jobq_counts, jobq_count_deltas,"
+        " jobq_finished_minutes"
     )
     return Queue(pool)

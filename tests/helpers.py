@@ -14,6 +14,20 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every job, live or in history (a job is in exactly one of the two tables), for tests that
+# read jobs in SQL: f"SELECT status, count(*) FROM {ALL_JOBS} GROUP BY status".
+_BOTH = (
+    "id, kind, queue, payload, status, priority, attempts, max_attempts, run_at,"
+    " idempotency_key, cancel_requested, lease_owner, last_error, errors, result, created_at,"
+    " started_at, finished_at"
+)
+ALL_JOBS = f"(SELECT {_BOTH} FROM jobs UNION ALL SELECT {_BOTH} FROM jobs_history) AS all_jobs"
+# No jobs, live or finished, nor their keys and counts (TRUNCATE fires no trigger).
+NO_JOBS = (
+    "TRUNCATE jobs, jobs_history, jobq_idempotency_keys, jobq_counts, jobq_count_deltas,"
+    " jobq_finished_minutes"
+)
+
 
 async def wait_for(
     predicate: Callable[[], Awaitable[T]], timeout: float = 15.0, interval: float = 0.02

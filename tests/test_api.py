@@ -16,6 +16,7 @@ from jobq.api import create_app
 from jobq.examples import registry as examples
 from jobq.queue import NewJob, Queue, lease_of
 from jobq.settings import Settings
+from tests.helpers import ALL_JOBS
 
 PROBLEM = "application/problem+json"
 
@@ -50,7 +51,7 @@ def assert_problem(response: httpx.Response, status: int, error: str) -> dict[st
 
 
 async def count_jobs(queue: Queue) -> int:
-    return int(await queue.pool.fetchval("SELECT count(*) FROM jobs"))
+    return int(await queue.pool.fetchval(f"SELECT count(*) FROM {ALL_JOBS}"))
 
 
 # -- POST /jobs ------------------------------------------------------------------------

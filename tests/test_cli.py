@@ -16,7 +16,7 @@ import pytest
 
 from jobq.embedded import EmbeddedPostgres
 from jobq.queue import Queue
-from tests.helpers import ROOT, wait_for
+from tests.helpers import ALL_JOBS, ROOT, wait_for
 from tests.servers import wait_ready
 
 
@@ -332,7 +332,7 @@ async def test_ctrl_c_on_dev_lets_running_jobs_finish_and_stops_the_database_las
     server = EmbeddedPostgres(data_dir)
     conn = await asyncpg.connect(server.start())
     try:
-        row = await conn.fetchrow("SELECT status, attempts FROM jobs WHERE id = $1", job_id)
+        row = await conn.fetchrow(f"SELECT status, attempts FROM {ALL_JOBS} WHERE id = $1", job_id)
     finally:
         await conn.close()
         server.stop()

@@ -19,7 +19,7 @@ from jobq import chaos
 from jobq.api import create_app
 from jobq.queue import NewJob, Queue
 from jobq.settings import Settings
-from tests.helpers import wait_for, worker_process
+from tests.helpers import ALL_JOBS, wait_for, worker_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,7 +44,7 @@ def _stop(*procs: subprocess.Popen[bytes]) -> None:
 
 
 async def _statuses(pool: asyncpg.Pool) -> dict[str, int]:
-    rows = await pool.fetch("SELECT status, count(*)::int AS n FROM jobs GROUP BY status")
+    rows = await pool.fetch(f"SELECT status, count(*)::int AS n FROM {ALL_JOBS} GROUP BY status")
     return {r["status"]: r["n"] for r in rows}
 
 
@@ -109,7 +109,7 @@ async def test_three_workers_of_sixteen_run_each_of_five_thousand_jobs_exactly_o
     assert runs is not None
     assert (runs["n"], runs["jobs"]) == (5000, 5000)
     assert runs["pids"] == 3  # every worker took part
-    assert await queue.pool.fetchval("SELECT max(attempts) FROM jobs") == 1
+    assert await queue.pool.fetchval(f"SELECT max(attempts) FROM {ALL_JOBS}") == 1
 
 
 async def test_a_cancel_storm_ends_with_every_job_succeeded_or_cancelled(
@@ -146,9 +146,8 @@ async def test_a_cancel_storm_ends_with_every_job_succeeded_or_cancelled(
     assert set(final) <= {"succeeded", "cancelled"}, final
     assert sum(final.values()) == 600
     assert "pending" in outcomes, "no running job was cancelled: the storm missed its target"
-    cancelled = {
-        r["id"] for r in await queue.pool.fetch("SELECT id FROM jobs WHERE status = 'cancelled'")
-    }
+    rows = await queue.pool.fetch(f"SELECT id FROM {ALL_JOBS} WHERE status = 'cancelled'")
+    cancelled = {r["id"] for r in rows}
     assert cancelled <= set(to_cancel), "a job nobody cancelled ended cancelled"
 
 
@@ -173,7 +172,7 @@ async def test_a_worker_claims_by_priority_then_due_time(queue: Queue, dsn: str)
         await wait_for(all_done, timeout=60)
     finally:
         _stop(proc)
-    rows = await queue.pool.fetch("SELECT priority, run_at FROM jobs ORDER BY started_at")
+    rows = await queue.pool.fetch(f"SELECT priority, run_at FROM {ALL_JOBS} ORDER BY started_at")
     order = [(r["priority"], r["run_at"]) for r in rows]
     assert order == sorted(order)
 
@@ -184,7 +183,7 @@ LEASE = {**FAST, "JOBQ_LEASE_SECONDS": "1"}
 
 
 async def _row(pool: asyncpg.Pool, job_id: object) -> dict[str, object]:
-    row = await pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id)
+    row = await pool.fetchrow(f"SELECT * FROM {ALL_JOBS} WHERE id = $1", job_id)
     assert row is not None
     return dict(row)
 

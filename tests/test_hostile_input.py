@@ -16,6 +16,7 @@ import pytest
 
 from jobq.api import create_app
 from jobq.settings import Settings
+from tests.helpers import NO_JOBS
 
 PROBLEM = "application/problem+json"
 JSON_CT = {"content-type": "application/json"}
@@ -253,7 +254,7 @@ async def client(pool: asyncpg.Pool) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(scope="module")
 async def seeded(pool: asyncpg.Pool) -> str:
     """A few jobs; returns a snapshot of the table that no hostile request may change."""
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     await pool.execute(
         "INSERT INTO jobs (kind, payload) SELECT 'echo', jsonb_build_object('i', i)"
         " FROM generate_series(1, 5) AS i"
@@ -319,7 +320,7 @@ async def test_out_of_range_integer_limits_are_clamped(
 async def test_sql_looking_strings_are_stored_verbatim_and_never_executed(
     client: httpx.AsyncClient, pool: asyncpg.Pool, where: str
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     body: dict[str, object] = {"kind": "echo"}
     headers = dict(JSON_CT)
     if where == "kind":
@@ -345,7 +346,7 @@ async def test_sql_looking_strings_are_stored_verbatim_and_never_executed(
 async def test_sql_looking_list_filters_match_only_literally(
     client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     await client.post("/jobs", json={"kind": "echo"})
     for param in ("kind", "queue"):
         response = await client.get("/jobs", params={param: "x' OR '1'='1"})
@@ -368,7 +369,7 @@ async def test_sql_looking_list_filters_match_only_literally(
 async def test_numbers_a_64_bit_integer_or_float_holds_are_stored_exactly(
     client: httpx.AsyncClient, pool: asyncpg.Pool, sent: bytes, stored: object
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     created = await client.post("/jobs", content=ECHO % sent, headers=JSON_CT)
     assert created.status_code == 201, created.text
     job = (await client.get(f"/jobs/{created.json()['id']}")).json()
@@ -388,7 +389,7 @@ async def test_numbers_a_64_bit_integer_or_float_holds_are_stored_exactly(
 async def test_rfc_3339_run_at_with_an_offset_is_the_instant_it_names(
     client: httpx.AsyncClient, pool: asyncpg.Pool, sent: str, instant: str
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     created = await client.post("/jobs", json={"kind": "echo", "run_at": sent})
     assert created.status_code == 201, created.text
     stored = await pool.fetchval("SELECT run_at FROM jobs")
@@ -403,7 +404,7 @@ async def test_rfc_3339_run_at_with_an_offset_is_the_instant_it_names(
 async def test_a_utf_8_charset_parameter_is_accepted(
     client: httpx.AsyncClient, pool: asyncpg.Pool, content_type: str
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     created = await client.post(
         "/jobs", content=b'{"kind": "echo"}', headers={"content-type": content_type}
     )
@@ -413,7 +414,7 @@ async def test_a_utf_8_charset_parameter_is_accepted(
 async def test_identity_content_encoding_is_accepted(
     client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     created = await client.post(
         "/jobs", content=b'{"kind": "echo"}', headers={**JSON_CT, "content-encoding": "identity"}
     )
@@ -423,7 +424,7 @@ async def test_identity_content_encoding_is_accepted(
 async def test_a_cursor_this_api_issued_pages_on(
     client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     for _ in range(3):
         await client.post("/jobs", json={"kind": "echo"})
     first = (await client.get("/jobs?limit=2")).json()

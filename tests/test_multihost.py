@@ -24,7 +24,7 @@ import pytest
 
 from jobq import db, schema
 from jobq.queue import NewJob, Queue
-from tests.helpers import ROOT, wait_for
+from tests.helpers import ALL_JOBS, ROOT, wait_for
 from tests.realparts import tcp_server
 from tests.servers import stop
 
@@ -127,7 +127,8 @@ async def test_three_workers_on_three_hosts_run_each_of_20000_jobs_exactly_once(
                     )
 
                 async def drained() -> bool:
-                    n = await pool.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+                    sql = f"SELECT count(*) FROM {ALL_JOBS} WHERE status = 'succeeded'"
+                    n = await pool.fetchval(sql)
                     return bool(n == JOBS)
 
                 await wait_for(drained, timeout=240, interval=0.25)

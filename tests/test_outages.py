@@ -23,7 +23,7 @@ from jobq.queue import NewJob, Queue
 from jobq.settings import Settings
 from jobq.worker import Worker
 from tests import owned_postgres
-from tests.helpers import wait_for, worker_process
+from tests.helpers import ALL_JOBS, NO_JOBS, wait_for, worker_process
 
 own_server = owned_postgres.own_server
 own_dsn = owned_postgres.own_dsn
@@ -171,7 +171,7 @@ FAST_LEASES = {
 async def queue(own_dsn: str) -> AsyncIterator[Queue]:
     pool = await db.create_pool(own_dsn, min_size=0, max_size=4)
     try:
-        await pool.execute("TRUNCATE jobs")
+        await pool.execute(NO_JOBS)
         yield Queue(pool)
     finally:
         await pool.close()
@@ -188,7 +188,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 async def _statuses(queue: Queue) -> dict[str, int]:
     async def read() -> list[asyncpg.Record]:
-        return await queue.pool.fetch("SELECT status, count(*)::int AS n FROM jobs GROUP BY 1")
+        sql = f"SELECT status, count(*)::int AS n FROM {ALL_JOBS} GROUP BY 1"
+        return await queue.pool.fetch(sql)
 
     try:
         rows = await read()

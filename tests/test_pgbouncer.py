@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from jobq import db, schema
-from tests.helpers import ROOT, wait_for, worker_process
+from tests.helpers import ALL_JOBS, ROOT, wait_for, worker_process
 from tests.realparts import pgbouncer, require_pgbouncer, tcp_dsn, tcp_server
 from tests.registries import EXECUTIONS_DDL
 from tests.servers import start_api, stop, wait_ready
@@ -125,7 +125,7 @@ async def test_api_worker_and_cli_run_jobs_through_transaction_pooling(
         assert cli.returncode == 0, cli.stderr.decode()
 
         async def all_done() -> bool:
-            n = await check.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+            n = await check.fetchval(f"SELECT count(*) FROM {ALL_JOBS} WHERE status = 'succeeded'")
             return bool(n == 301)
 
         await wait_for(all_done, timeout=60)
@@ -252,7 +252,9 @@ async def test_a_worker_whose_listen_cannot_receive_warns_once_and_polls(
 
         async def done() -> bool:
             return bool(
-                await check.fetchval("SELECT status = 'succeeded' FROM jobs WHERE id = $1", job)
+                await check.fetchval(
+                    f"SELECT status = 'succeeded' FROM {ALL_JOBS} WHERE id = $1", job
+                )
             )
 
         await wait_for(done, timeout=15)

@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 
 from jobq.queue import NewJob, Queue
-from tests.helpers import wait_for, worker_process
+from tests.helpers import ALL_JOBS, wait_for, worker_process
 from tests.registries import EXECUTIONS_DDL
 
 FAST_ENV = {
@@ -22,7 +22,7 @@ FAST_ENV = {
 
 
 async def _succeeded(pool: asyncpg.Pool) -> int:
-    return int(await pool.fetchval("SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
+    return int(await pool.fetchval(f"SELECT count(*) FROM {ALL_JOBS} WHERE status = 'succeeded'"))
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> list[int]:

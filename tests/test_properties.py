@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from jobq.backoff import Backoff
 from jobq.queue import NewJob, Queue
+from tests.helpers import ALL_JOBS, NO_JOBS
 
 seconds = st.floats(min_value=0, max_value=3600, allow_nan=False, allow_infinity=False)
 
@@ -73,10 +74,10 @@ def test_raising_the_cap_never_shortens_a_delay(
 async def test_cursor_pages_partition_the_jobs_with_no_duplicates_or_gaps_under_inserts(
     pool: asyncpg.Pool, initial: int, limit: int, inserts: list[int]
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     queue = Queue(pool)
     await queue.enqueue_many([NewJob(kind="page", payload={"i": i}) for i in range(initial)])
-    existing = {r["id"] for r in await pool.fetch("SELECT id FROM jobs")}
+    existing = {r["id"] for r in await pool.fetch(f"SELECT id FROM {ALL_JOBS}")}
 
     seen: list[tuple[object, object]] = []
     cursor: str | None = None

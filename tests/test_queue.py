@@ -25,6 +25,7 @@ from jobq.queue import (
     lease_of,
 )
 from jobq.queue.leases import _CLAIM as CLAIM  # the statement itself, for its plan
+from tests.helpers import NO_JOBS
 
 KINDS = ["echo", "other"]
 QUEUES = ["default"]
@@ -543,7 +544,7 @@ async def test_a_rescued_job_is_retried_after_its_kinds_backoff_not_at_once(queu
 async def test_a_rescued_job_of_another_kind_is_retried_after_the_default_backoff(
     pool: asyncpg.Pool,
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     queue = Queue(pool, default_backoff=Backoff(30, 30))
     await queue.enqueue(NewJob(kind="other", max_attempts=3))
     job = await claim_one(queue)
@@ -644,7 +645,7 @@ async def test_a_job_enqueued_without_max_attempts_takes_the_handlers_value_when
 async def test_a_job_without_max_attempts_whose_handler_sets_none_gets_the_default(
     pool: asyncpg.Pool,
 ) -> None:
-    await pool.execute("TRUNCATE jobs")
+    await pool.execute(NO_JOBS)
     queue = Queue(pool, default_max_attempts=5)
     await queue.enqueue(NewJob(kind="other"))
     (job,) = await queue.claim("w", KINDS, QUEUES, 1, lease_seconds=30, max_attempts={"echo": 7})

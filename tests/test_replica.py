@@ -15,7 +15,7 @@ from jobq import db, schema
 from jobq.api import create_app
 from jobq.embedded import TEST_SETTINGS, EmbeddedPostgres
 from jobq.settings import Settings
-from tests.helpers import wait_for, worker_process
+from tests.helpers import ALL_JOBS, wait_for, worker_process
 from tests.realparts import streaming_replica
 from tests.servers import stop
 
@@ -150,7 +150,7 @@ async def test_a_worker_pointed_at_a_standby_says_so_once_and_waits_for_the_prom
 
                 async def ran() -> bool:
                     return bool(
-                        await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job)
+                        await conn.fetchval(f"SELECT status FROM {ALL_JOBS} WHERE id = $1", job)
                         == "succeeded"
                     )
 

@@ -22,7 +22,7 @@ from jobq.queue import Job, NewJob, Queue
 from jobq.registry import JobContext, Registry
 from jobq.settings import Settings
 from jobq.worker import Worker
-from tests.helpers import wait_for
+from tests.helpers import ALL_JOBS, wait_for
 
 
 class Point(BaseModel):
@@ -117,7 +117,9 @@ async def test_sync_handlers_run_up_to_concurrency_at_once(queue: Queue, dsn: st
     await queue.enqueue_many([NewJob(kind="blocking") for _ in range(12)])
     async with running(dsn, registry, concurrency=12):
         await wait_for(
-            lambda: queue.pool.fetchval("SELECT count(*) = 12 FROM jobs WHERE status='succeeded'")
+            lambda: queue.pool.fetchval(
+                f"SELECT count(*) = 12 FROM {ALL_JOBS} WHERE status='succeeded'"
+            )
         )
     assert peak == 12
 
@@ -332,11 +334,11 @@ async def test_bursts_of_concurrent_enqueues_wake_the_worker_for_every_job(
             )
             await wait_for(
                 lambda: queue.pool.fetchval(
-                    "SELECT count(*) = 0 FROM jobs WHERE status <> 'succeeded'"
+                    f"SELECT count(*) = 0 FROM {ALL_JOBS} WHERE status <> 'succeeded'"
                 ),
                 timeout=15,
             )
-    assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 120
+    assert await queue.pool.fetchval(f"SELECT count(*) FROM {ALL_JOBS}") == 120
 
 
 async def test_concurrency_limits_jobs_in_flight(queue: Queue, dsn: str) -> None:
@@ -355,7 +357,9 @@ async def test_concurrency_limits_jobs_in_flight(queue: Queue, dsn: str) -> None
     await queue.enqueue_many([NewJob(kind="busy") for _ in range(60)])
     async with running(dsn, registry, concurrency=4):
         await wait_for(
-            lambda: queue.pool.fetchval("SELECT count(*) = 60 FROM jobs WHERE status='succeeded'")
+            lambda: queue.pool.fetchval(
+                f"SELECT count(*) = 60 FROM {ALL_JOBS} WHERE status='succeeded'"
+            )
         )
     assert peak == 4
 

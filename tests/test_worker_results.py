@@ -3,6 +3,7 @@ cannot be stored."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,8 +14,8 @@ from jobq import db, schema
 from jobq.queue import NewJob, Queue, lease_of
 from jobq.registry import JobContext, Registry
 from tests.conftest import create_database, drop_database, with_database
-from tests.helpers import wait_for, worker_process
-from tests.test_worker import finished, running
+from tests.helpers import NO_JOBS, wait_for, worker_process
+from tests.test_worker import FAST, finished, running
 
 
 async def test_a_handlers_return_value_is_stored_as_that_json_value(queue: Queue, dsn: str) -> None:
@@ -72,6 +73,26 @@ async def test_a_result_that_cannot_be_stored_fails_its_job_once_permanently_wit
         assert job.result is None
 
 
+async def test_a_result_larger_than_the_payload_bound_fails_its_job_once_permanently(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.handler("large")
+    async def large(ctx: JobContext, payload: dict[str, Any]) -> str:
+        runs.append(1)
+        return "x" * 5000
+
+    job = (await queue.enqueue(NewJob(kind="large", max_attempts=3))).job
+    settings = dataclasses.replace(FAST, max_payload_bytes=4096)
+    async with running(dsn, registry, settings):
+        done = await finished(queue, job.id)
+    assert runs == [1]
+    assert (done.status, done.attempts, done.result) == ("failed_permanent", 1, None)
+    assert (done.last_error or "").startswith("result not stored: the result is 5002 bytes")
+
+
 # -- a result the database itself refuses --------------------------------------------------
 
 
@@ -98,7 +119,7 @@ async def latin1_dsn(admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
 async def latin1_queue(latin1_dsn: str) -> AsyncIterator[Queue]:
     pool = await db.create_pool(latin1_dsn, min_size=1, max_size=4)
     try:
-        await pool.execute("TRUNCATE jobs")
+        await pool.execute(NO_JOBS)
         yield Queue(pool)
     finally:
         await pool.close()

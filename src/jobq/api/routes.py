@@ -255,7 +255,9 @@ async def enqueue(
         Header(
             alias="Idempotency-Key",
             description="Makes retries of this request safe: 1-255 printable ASCII characters,"
-            " optionally in double quotes; spaces and tabs around the value are trimmed.",
+            " optionally in double quotes; spaces and tabs around the value are trimmed. A key"
+            " is remembered for at least JOBQ_IDEMPOTENCY_WINDOW (default 24h) after its job"
+            " was created, and as long as the job exists; after that it may be used again.",
             pattern=IDEMPOTENCY_HEADER_PATTERN,
         ),
     ] = None,

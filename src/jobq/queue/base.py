@@ -21,3 +21,5 @@ class QueueBase:
     history_leaf_width: timedelta
     # How long after its job's creation an idempotency key is remembered at least.
     idempotency_window: timedelta
+    # The largest result stored, as JSON text in UTF-8 (JOBQ_MAX_PAYLOAD_BYTES).
+    max_result_bytes: int

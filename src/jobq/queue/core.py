@@ -27,10 +27,12 @@ class Queue(Enqueue, Operator, Lookup, Leases, Views, Presence):
         notify_window: float = 0.002,
         history_leaf_width: timedelta = timedelta(days=1),
         idempotency_window: timedelta = timedelta(hours=24),
+        max_result_bytes: int = 1024 * 1024,
     ) -> None:
         self.pool = pool
         self.default_max_attempts = default_max_attempts
         self.default_backoff = default_backoff or Backoff()
         self.history_leaf_width = history_leaf_width
         self.idempotency_window = idempotency_window
+        self.max_result_bytes = max_result_bytes
         self._wake_ups = WakeUps(pool, notify_window)

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
 
-from jobq.queue.base import Connection, QueueBase
+from jobq.queue.base import Connection
+from jobq.queue.lookup import Lookup
 from jobq.queue.model import (
     _JOB_COLUMNS,
     NEW_JOB_CHANNEL,
@@ -19,43 +20,123 @@ from jobq.queue.model import (
     EnqueueResult,
     IdempotencyConflict,
     Job,
+    JobNotFound,
     NewJob,
     _FirstUse,
 )
 from jobq.queue.validation import encode_json, fingerprint, validate
 
-_INSERT_QUIET = f"""
-INSERT INTO jobs (kind, queue, payload, priority, max_attempts, run_at,
-                  idempotency_key, request_fingerprint)
-VALUES ($1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), $7, $8)
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+_INSERT_COLUMNS = """kind, queue, payload, priority, max_attempts, run_at, idempotency_key,
+                  request_fingerprint"""
+# What an insert of one job returns: the job; or the job and the NOTIFY that wakes workers
+# when it commits.
+_QUIET = "SELECT * FROM ins"
+_WAKING = f"SELECT ins.*, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified FROM ins"
+
+# A job's id: a UUIDv7 whose 12 bits after the version carry the time within the millisecond
+# (RFC 9562, method 3), so that jobs enqueued one after another in the same millisecond still
+# sort by creation: lists are newest first by id. jobq_uuid_v7() (the column default) puts
+# random bits there. One reading of the clock, so that the millisecond and the fraction agree.
+_NEW_ID = """(
+    SELECT encode(overlay(overlay(uuid_send(gen_random_uuid())
+                                  placing substring(int8send(t.us / 1000) FROM 3) FROM 1 FOR 6)
+                          placing int2send((28672 + t.us % 1000 * 4096 / 1000)::smallint)
+                          FROM 7 FOR 2), 'hex')::uuid
+    FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us) AS t
+)"""
+
+_INSERT_UNKEYED_QUIET = f"""
+INSERT INTO jobs (id, {_INSERT_COLUMNS})
+VALUES ({_NEW_ID}, $1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), NULL, NULL)
 RETURNING {_JOB_COLUMNS}
 """
+_INSERT_UNKEYED = f"WITH ins AS ({_INSERT_UNKEYED_QUIET}) {_WAKING}"
 
-# The same insert, waking workers when it commits.
-_INSERT = f"""
-WITH ins AS ({_INSERT_QUIET})
-SELECT ins.*, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified FROM ins
+# A key is taken by inserting its row; the job is inserted in the same statement, only when
+# the key was taken. Concurrent inserts of one key wait on each other in the key's primary
+# key index: exactly one inserts. A key is taken over only once it has expired and its job no
+# longer exists anywhere; the first of concurrent takers locks the key row and renews it, the
+# others then re-check the renewed row, which no longer qualifies (docs/storage.md).
+_TAKE_KEYS = """
+    INSERT INTO jobq_idempotency_keys AS held (key, job_id, fingerprint, expires_at)
+    SELECT key, job_id, fingerprint, now() + $9::interval FROM firsts
+    ON CONFLICT (key) DO UPDATE
+        SET job_id = excluded.job_id, fingerprint = excluded.fingerprint, created_at = now(),
+            expires_at = excluded.expires_at
+        WHERE held.expires_at <= now()
+          AND NOT EXISTS (SELECT FROM jobs WHERE id = held.job_id)
+          AND NOT EXISTS (SELECT FROM jobs_history WHERE id = held.job_id)
+    RETURNING key
 """
 
-_SELECT_BY_KEY = f"""
-SELECT {_JOB_COLUMNS}, request_fingerprint FROM jobs WHERE idempotency_key = $1
+_KEYED = f"""
+WITH firsts AS (
+    SELECT $7::text AS key, {_NEW_ID} AS job_id, $8::text AS fingerprint
+), taken AS ({_TAKE_KEYS}), ins AS (
+    INSERT INTO jobs (id, {_INSERT_COLUMNS})
+    SELECT firsts.job_id, $1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), $7, $8
+    FROM firsts JOIN taken USING (key)
+    RETURNING {_JOB_COLUMNS}
+)
 """
 
+_INSERT_KEYED_QUIET = _KEYED + _QUIET
+_INSERT_KEYED = _KEYED + _WAKING
+
+_SELECT_KEY = "SELECT job_id, fingerprint FROM jobq_idempotency_keys WHERE key = $1"
+_SELECT_KEYS = (
+    "SELECT key, job_id, fingerprint FROM jobq_idempotency_keys WHERE key = ANY($1::text[])"
+)
+
+# Many jobs in one statement, in input order. A key's first use in the input takes the key (and
+# creates its job, when taken); its later uses and keys held already create nothing.
 _INSERT_MANY = f"""
-WITH ins AS (
-    INSERT INTO jobs (kind, queue, payload, priority, max_attempts, run_at,
-                      idempotency_key, request_fingerprint)
-    SELECT k, q, p::jsonb, pr, ma, coalesce(ra, now()), ik, fp
+WITH input AS (
+    SELECT *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
-                $6::timestamptz[], $7::text[], $8::text[]) AS t(k, q, p, pr, ma, ra, ik, fp)
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                $6::timestamptz[], $7::text[], $8::text[])
+         WITH ORDINALITY AS t(k, q, p, pr, ma, ra, ik, fp, n)
+), firsts AS (
+    SELECT DISTINCT ON (ik) ik AS key, n, jobq_uuid_v7() AS job_id, fp AS fingerprint
+    FROM input WHERE ik IS NOT NULL
+    ORDER BY ik, n
+), taken AS ({_TAKE_KEYS}), ins AS (
+    INSERT INTO jobs (id, {_INSERT_COLUMNS})
+    SELECT coalesce(f.job_id, jobq_uuid_v7()), i.k, i.q, i.p::jsonb, i.pr, i.ma,
+           coalesce(i.ra, now()), i.ik, i.fp
+    FROM input AS i LEFT JOIN firsts AS f ON f.n = i.n
+    WHERE i.ik IS NULL OR f.key IN (SELECT key FROM taken)
+    ORDER BY i.n
     RETURNING id, queue, idempotency_key
 ), notified AS (
     SELECT pg_notify('{NEW_JOB_CHANNEL}', q) FROM (SELECT DISTINCT queue AS q FROM ins) AS qs
 )
 SELECT id, idempotency_key, (SELECT count(*) FROM notified) AS _n FROM ins
 """
+
+
+# The same without keys: no key to take, so no join to make.
+_INSERT_MANY_UNKEYED = f"""
+WITH ins AS (
+    INSERT INTO jobs (id, {_INSERT_COLUMNS})
+    SELECT jobq_uuid_v7(), k, q, p::jsonb, pr, ma, coalesce(ra, now()), NULL, NULL
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
+                $6::timestamptz[]) AS t(k, q, p, pr, ma, ra)
+    RETURNING id, queue, idempotency_key
+), notified AS (
+    SELECT pg_notify('{NEW_JOB_CHANNEL}', q) FROM (SELECT DISTINCT queue AS q FROM ins) AS qs
+)
+SELECT id, idempotency_key, (SELECT count(*) FROM notified) AS _n FROM ins
+"""
+
+
+def _held_by_version_3(exc: BaseException) -> bool:
+    """A version 3 process inserted a job with this key in `jobs` meanwhile (its unique index
+    on jobs.idempotency_key exists until the post-deploy migration): the key is held."""
+    return (
+        isinstance(exc, asyncpg.UniqueViolationError)
+        and getattr(exc, "constraint_name", None) == "jobs_idempotency_key_idx"
+    ) or isinstance(exc, asyncpg.DeadlockDetectedError)
 
 
 class WakeUps:
@@ -107,7 +188,7 @@ class WakeUps:
                 )
 
 
-class Enqueue(QueueBase):
+class Enqueue(Lookup):
     _wake_ups: WakeUps
 
     # -- producers ---------------------------------------------------------------------
@@ -115,38 +196,61 @@ class Enqueue(QueueBase):
     async def enqueue(self, new: NewJob) -> EnqueueResult:
         """Insert a job; with an idempotency key, return the existing job for the same request.
 
-        Race-safe: concurrent inserts with one key wait on each other in the unique index, and
-        exactly one creates the row.
+        Race-safe: concurrent inserts with one key wait on each other in the key table's
+        primary key, and exactly one creates the job. A key is remembered for at least
+        `idempotency_window` after its job's creation, and as long as the job exists.
         """
         job = validate(new)
         payload = encode_json("payload", job.payload)
-        fp = fingerprint(job) if job.idempotency_key is not None else None
-        args = (
+        args: tuple[object, ...] = (
             job.kind,
             job.queue,
             payload,
             job.priority,
             job.max_attempts,
             job.run_at,
-            job.idempotency_key,
-            fp,
         )
-        async with self.pool.acquire() as conn:
-            for _ in range(3):
-                inline = self._wake_ups.claim_inline(job.queue)
-                row = await conn.fetchrow(_INSERT if inline else _INSERT_QUIET, *args)
-                if row is not None:
-                    if not inline:
-                        self._wake_ups.committed_quietly(job.queue)
-                    return EnqueueResult(Job.from_record(row), created=True)
-                # The key exists. A fresh statement sees the committed row.
-                existing = await conn.fetchrow(_SELECT_BY_KEY, job.idempotency_key)
-                if existing is None:
-                    continue  # deleted in between: try the insert again
-                if existing["request_fingerprint"] != fp:
-                    raise IdempotencyConflict(job.idempotency_key or "", existing["id"])
-                return EnqueueResult(Job.from_record(existing), created=False)
+        key = job.idempotency_key
+        if key is None:
+            row = await self._insert_one(_INSERT_UNKEYED, _INSERT_UNKEYED_QUIET, job.queue, args)
+            assert row is not None
+            return EnqueueResult(Job.from_record(row), created=True)
+        fp = fingerprint(job)
+        for _ in range(3):
+            try:
+                row = await self._insert_one(
+                    _INSERT_KEYED,
+                    _INSERT_KEYED_QUIET,
+                    job.queue,
+                    (*args, key, fp, self.idempotency_window),
+                )
+            except asyncpg.PostgresError as exc:
+                if not _held_by_version_3(exc):
+                    raise
+                row = None
+            if row is not None:
+                return EnqueueResult(Job.from_record(row), created=True)
+            # The key is held. A fresh statement sees the committed key row.
+            held = await self.pool.fetchrow(_SELECT_KEY, key)
+            if held is None:
+                continue  # released in between: try to take it again
+            if held["fingerprint"] != fp:
+                raise IdempotencyConflict(key, held["job_id"])
+            try:
+                return EnqueueResult(await self.get(held["job_id"]), created=False)
+            except JobNotFound:
+                raise IdempotencyConflict(key, held["job_id"], gone=True) from None
         raise RuntimeError("idempotent insert did not settle")  # pragma: no cover
+
+    async def _insert_one(
+        self, waking: str, quiet: str, queue: str, args: tuple[object, ...]
+    ) -> asyncpg.Record | None:
+        """One insert, carrying the NOTIFY itself when the debounce window says so."""
+        inline = self._wake_ups.claim_inline(queue)
+        row = await self.pool.fetchrow(waking if inline else quiet, *args)
+        if row is not None and not inline:
+            self._wake_ups.committed_quietly(queue)
+        return row
 
     async def enqueue_many(
         self, jobs: Sequence[NewJob], *, connection: Connection | None = None
@@ -199,37 +303,32 @@ class Enqueue(QueueBase):
         before it."""
         payloads = [encode_json("payload", j.payload) for j in checked]
         fps = [fingerprint(j) if j.idempotency_key is not None else None for j in checked]
-        rows = await conn.fetch(
-            _INSERT_MANY,
-            [j.kind for j in checked],
-            [j.queue for j in checked],
-            payloads,
-            [j.priority for j in checked],
-            [j.max_attempts for j in checked],
-            [j.run_at for j in checked],
-            [j.idempotency_key for j in checked],
-            fps,
-        )
+        rows = await self._insert_rows(conn, checked, payloads, fps)
         if all(j.idempotency_key is None for j in checked):
             return [BulkEnqueued(r["id"], True) for r in rows]
         created = {r["idempotency_key"]: r["id"] for r in rows if r["idempotency_key"] is not None}
-        missing = {
-            j.idempotency_key
-            for j in checked
-            if j.idempotency_key and j.idempotency_key not in created
-            and j.idempotency_key not in first_uses
-        }  # fmt: skip
-        if missing:
-            for r in await conn.fetch(
-                "SELECT id, idempotency_key, request_fingerprint FROM jobs"
-                " WHERE idempotency_key = ANY($1::text[])",
-                list(missing),
-            ):
-                first_uses[r["idempotency_key"]] = _FirstUse(
-                    r["id"], r["request_fingerprint"], index=None
-                )
+        unkeyed = iter([r["id"] for r in rows if r["idempotency_key"] is None])
+        firsts: dict[str, int] = {}  # key: position in `checked` of its first use
+        for i, j in enumerate(checked):
+            if j.idempotency_key is not None:
+                firsts.setdefault(j.idempotency_key, i)
+        for _ in range(3):
+            missing = [k for k in firsts if k not in created and k not in first_uses]
+            if not missing:
+                break
+            for r in await conn.fetch(_SELECT_KEYS, missing):
+                first_uses[r["key"]] = _FirstUse(r["job_id"], r["fingerprint"], index=None)
+            # Keys released between the insert and the read: their first uses try again.
+            again = [firsts[k] for k in missing if k not in first_uses]
+            if again:
+                retried = await self._insert_rows(
+                    conn, [checked[i] for i in again], [payloads[i] for i in again],
+                    [fps[i] for i in again],
+                )  # fmt: skip
+                created.update((r["idempotency_key"], r["id"]) for r in retried)
+        else:  # pragma: no cover
+            raise RuntimeError("idempotent insert did not settle")
         out: list[BulkEnqueued] = []
-        unkeyed = iter(r["id"] for r in rows if r["idempotency_key"] is None)
         for i, (j, fp) in enumerate(zip(checked, fps, strict=True), start=offset):
             key = j.idempotency_key
             if key is None:
@@ -246,6 +345,35 @@ class Enqueue(QueueBase):
                 raise IdempotencyConflict(key, None, index=i, first_index=first.index)
             out.append(BulkEnqueued(first.job_id, False))
         return out
+
+    async def _insert_rows(
+        self,
+        conn: Connection,
+        jobs: Sequence[NewJob],
+        payloads: Sequence[str],
+        fps: Sequence[str | None],
+    ) -> list[asyncpg.Record]:
+        args: tuple[object, ...] = (
+            [j.kind for j in jobs],
+            [j.queue for j in jobs],
+            payloads,
+            [j.priority for j in jobs],
+            [j.max_attempts for j in jobs],
+            [j.run_at for j in jobs],
+        )
+        if all(fp is None for fp in fps):  # no key: nothing a version 3 process can hold
+            return list(await conn.fetch(_INSERT_MANY_UNKEYED, *args))
+        args += ([j.idempotency_key for j in jobs], fps, self.idempotency_window)
+        for _ in range(3):
+            try:
+                # A savepoint: a key taken meanwhile by a version 3 process fails the statement,
+                # not the caller's transaction; the statement is then run again.
+                async with conn.transaction():
+                    return list(await conn.fetch(_INSERT_MANY, *args))
+            except asyncpg.PostgresError as exc:
+                if not _held_by_version_3(exc):
+                    raise
+        raise RuntimeError("bulk insert kept meeting keys of version 3")  # pragma: no cover
 
     @contextlib.asynccontextmanager
     async def _connection(self, conn: Connection | None) -> AsyncIterator[Connection]:

@@ -15,13 +15,14 @@ rescued, cancelled or finished elsewhere, a late answer from the old run changes
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import asyncpg
 
 from jobq.backoff import Backoff
-from jobq.queue.base import QueueBase
+from jobq.queue.base import Connection, QueueBase
 from jobq.queue.model import (
     _JOB_FIELDS,
     MAX_ERROR_HISTORY,
@@ -33,6 +34,7 @@ from jobq.queue.model import (
     Job,
     Lease,
     Rescued,
+    into_history,
 )
 from jobq.queue.validation import encode_json
 
@@ -125,70 +127,112 @@ WHERE j.id = picked.id
 RETURNING {_CLAIM_RETURNING}
 """
 
-_COMPLETE_MANY = """
-UPDATE jobs AS j
-SET status = 'succeeded',
-    result = r.result::jsonb,
-    finished_at = now(),
-    updated_at = now(),
-    lease_token = NULL,
-    lease_expires_at = NULL
-FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS r(id, token, result)
-WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
-RETURNING j.id
+# A run that succeeded leaves the live table for history in one statement, fenced as every
+# write of a worker is (id + lease token + running). Callers pass the ids sorted, so that two
+# statements over the same rows (a completion and a heartbeat) lock them in the same order:
+# they deadlocked on PostgreSQL 15 when they did not (docs/storage.md).
+_COMPLETE_MANY = f"""
+WITH done AS (
+    DELETE FROM jobs AS j
+    USING unnest($1::uuid[], $2::uuid[], $3::text[]) AS r(id, token, result)
+    WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
+    RETURNING j.*, r.result AS new_result
+)
+{into_history("done", status="'succeeded'", result="done.new_result::jsonb", finished_at="now()")}
+RETURNING id
 """
 
 # A failed attempt retries only when attempts are left and nobody asked to cancel: after a
-# cancel request (202) a failing or timed-out attempt ends the job cancelled. The condition is
-# repeated inline, not computed in a CTE: SET sees the row as locked, after any cancel request
-# that committed while this statement waited for the row.
-_RETRIES = "(NOT $5 AND NOT cancel_requested AND attempts < max_attempts)"
+# cancel request (202) a failing or timed-out attempt ends the job cancelled. A retry stays in
+# `jobs` (updated in place); an end moves the job to history. Which one is decided on the row
+# as locked by `cur`, after any cancel request that committed while this statement waited for
+# it: deciding in the UPDATE's and the DELETE's own WHERE would read the row as of the
+# statement's start in one of them, and a concurrent cancel could then make neither match.
 _FAIL = f"""
-UPDATE jobs
-SET status = CASE WHEN {_RETRIES} THEN 'retrying'
-                  WHEN cancel_requested THEN 'cancelled'
-                  ELSE 'failed_permanent' END,
-    run_at = CASE WHEN {_RETRIES} THEN now() + make_interval(secs => $4) ELSE run_at END,
-    retry_delay_seconds = CASE WHEN {_RETRIES} THEN $4 ELSE retry_delay_seconds END,
-    finished_at = CASE WHEN {_RETRIES} THEN NULL ELSE now() END,
-    last_error = $3,
-    errors = {_append_error("errors", "attempts", "$3::text")},
-    updated_at = now(),
-    lease_token = NULL,
-    lease_expires_at = NULL
-WHERE id = $1 AND lease_token = $2 AND status = 'running'
-RETURNING status
+WITH cur AS (
+    SELECT id, (NOT $5 AND NOT cancel_requested
+                AND coalesce(attempts < max_attempts, false)) AS retries
+    FROM jobs
+    WHERE id = $1 AND lease_token = $2 AND status = 'running'
+    FOR UPDATE
+), retried AS (
+    UPDATE jobs AS j
+    SET status = 'retrying',
+        run_at = now() + make_interval(secs => $4),
+        retry_delay_seconds = $4,
+        finished_at = NULL,
+        last_error = $3,
+        errors = {_append_error("j.errors", "j.attempts", "$3::text")},
+        updated_at = now(),
+        lease_token = NULL,
+        lease_expires_at = NULL
+    FROM cur
+    WHERE j.id = cur.id AND cur.retries
+    RETURNING j.status
+), ended AS (
+    DELETE FROM jobs AS j USING cur WHERE j.id = cur.id AND NOT cur.retries RETURNING j.*
+), moved AS (
+    {
+    into_history(
+        "ended",
+        status="CASE WHEN ended.cancel_requested THEN 'cancelled' ELSE 'failed_permanent' END",
+        last_error="$3",
+        errors=_append_error("ended.errors", "ended.attempts", "$3::text"),
+        finished_at="now()",
+    )
+}
+    RETURNING status
+)
+SELECT status FROM retried UNION ALL SELECT status FROM moved
 """
 
 _CANCELLED_BY_WORKER = f"""
-UPDATE jobs
-SET status = 'cancelled',
-    last_error = $3,
-    errors = {_append_error("errors", "attempts", "$3::text")},
-    finished_at = now(),
-    updated_at = now(),
-    lease_token = NULL,
-    lease_expires_at = NULL
-WHERE id = $1 AND lease_token = $2 AND status = 'running'
+WITH ended AS (
+    DELETE FROM jobs WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *
+)
+{
+    into_history(
+        "ended",
+        status="'cancelled'",
+        last_error="$3",
+        errors=_append_error("ended.errors", "ended.attempts", "$3::text"),
+        finished_at="now()",
+    )
+}
 RETURNING status
 """
 
-# Graceful shutdown: the interrupted run does not count as an attempt.
-_RELEASE = """
-UPDATE jobs AS j
-SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
-                  WHEN j.attempts <= 1 THEN 'queued' ELSE 'retrying' END,
-    attempts = CASE WHEN j.cancel_requested THEN j.attempts ELSE j.attempts - 1 END,
-    finished_at = CASE WHEN j.cancel_requested THEN now() END,
-    started_at = CASE WHEN j.cancel_requested THEN j.started_at END,
-    run_at = now(),
-    updated_at = now(),
-    lease_owner = NULL,
-    lease_token = NULL,
-    lease_expires_at = NULL
-FROM unnest($1::uuid[], $2::uuid[]) AS r(id, token)
-WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
-RETURNING j.id, j.queue
+# Graceful shutdown: the interrupted run does not count as an attempt, and the job waits again;
+# one whose cancel was requested ends cancelled instead (decided on the locked row, see _FAIL).
+_RELEASE = f"""
+WITH cur AS (
+    SELECT j.id, j.cancel_requested AS cancelled
+    FROM jobs AS j
+    JOIN unnest($1::uuid[], $2::uuid[]) AS r(id, token) ON j.id = r.id AND j.lease_token = r.token
+    WHERE j.status = 'running'
+    ORDER BY j.id
+    FOR UPDATE OF j
+), released AS (
+    UPDATE jobs AS j
+    SET status = CASE WHEN j.attempts <= 1 THEN 'queued' ELSE 'retrying' END,
+        attempts = j.attempts - 1,
+        finished_at = NULL,
+        started_at = NULL,
+        run_at = now(),
+        updated_at = now(),
+        lease_owner = NULL,
+        lease_token = NULL,
+        lease_expires_at = NULL
+    FROM cur
+    WHERE j.id = cur.id AND NOT cur.cancelled
+    RETURNING j.id, j.queue, j.status
+), ended AS (
+    DELETE FROM jobs AS j USING cur WHERE j.id = cur.id AND cur.cancelled RETURNING j.*
+), moved AS (
+    {into_history("ended", status="'cancelled'", lease_owner="NULL", finished_at="now()")}
+    RETURNING id, queue, status
+)
+SELECT id, queue, status FROM released UNION ALL SELECT id, queue, status FROM moved
 """
 
 # Extends the leases a worker still holds. A row locked by someone else (an operator's
@@ -207,6 +251,7 @@ WITH r AS (
     SELECT j.id
     FROM jobs AS j JOIN r ON j.id = r.id AND j.lease_token = r.token
     WHERE j.status = 'running'
+    ORDER BY j.id
     FOR UPDATE OF j SKIP LOCKED
 ), extended AS (
     UPDATE jobs AS j
@@ -225,9 +270,11 @@ WHERE id NOT IN (SELECT id FROM extended)
 # every worker can run this at any time. The retry waits the job's backoff, drawn as
 # `Backoff.next_delay` draws it: a job that takes its worker down (OOM, segfault) must not take
 # the next one down at once. Bounds per kind come in $2..$4; other kinds get $5, $6.
+_LOST_ERROR = "'worker lost: lease held by ' || coalesce(j.lease_owner, '?') || ' expired'"
 _RESCUE = f"""
 WITH lost AS (
     SELECT j.id,
+           NOT j.cancel_requested AND coalesce(j.attempts < j.max_attempts, false) AS retries,
            least(b.cap, b.base + random() * (greatest(b.base,
                  coalesce(j.retry_delay_seconds, b.base) * 3) - b.base)) AS delay
     FROM jobs AS j
@@ -240,32 +287,37 @@ WITH lost AS (
     ORDER BY j.lease_expires_at
     LIMIT $1
     FOR UPDATE OF j SKIP LOCKED
-)
-UPDATE jobs AS j
-SET status = CASE WHEN j.cancel_requested THEN 'cancelled'
-                  WHEN j.attempts < j.max_attempts THEN 'retrying'
-                  ELSE 'failed_permanent' END,
-    last_error = 'worker lost: lease held by ' || coalesce(j.lease_owner, '?')
-                 || ' expired at ' || j.lease_expires_at::text,
-    errors = {
-    _append_error(
-        "j.errors",
-        "j.attempts",
-        "'worker lost: lease held by ' || coalesce(j.lease_owner, '?') || ' expired'",
+), retried AS (
+    UPDATE jobs AS j
+    SET status = 'retrying',
+        last_error = 'worker lost: lease held by ' || coalesce(j.lease_owner, '?')
+                     || ' expired at ' || j.lease_expires_at::text,
+        errors = {_append_error("j.errors", "j.attempts", _LOST_ERROR)},
+        run_at = now() + make_interval(secs => lost.delay),
+        retry_delay_seconds = lost.delay,
+        finished_at = NULL,
+        updated_at = now(),
+        lease_token = NULL,
+        lease_expires_at = NULL
+    FROM lost
+    WHERE j.id = lost.id AND lost.retries
+    RETURNING j.id, j.kind, j.status, j.queue
+), ended AS (
+    DELETE FROM jobs AS j USING lost WHERE j.id = lost.id AND NOT lost.retries RETURNING j.*
+), moved AS (
+    {
+    into_history(
+        "ended",
+        status="CASE WHEN ended.cancel_requested THEN 'cancelled' ELSE 'failed_permanent' END",
+        last_error="'worker lost: lease held by ' || coalesce(ended.lease_owner, '?')"
+        " || ' expired at ' || ended.lease_expires_at::text",
+        errors=_append_error("ended.errors", "ended.attempts", _LOST_ERROR.replace("j.", "ended.")),
+        finished_at="now()",
     )
-},
-    run_at = CASE WHEN NOT j.cancel_requested AND j.attempts < j.max_attempts
-                  THEN now() + make_interval(secs => lost.delay) ELSE j.run_at END,
-    retry_delay_seconds = CASE WHEN NOT j.cancel_requested AND j.attempts < j.max_attempts
-                               THEN lost.delay ELSE j.retry_delay_seconds END,
-    finished_at = CASE WHEN j.cancel_requested OR j.attempts >= j.max_attempts
-                       THEN now() END,
-    updated_at = now(),
-    lease_token = NULL,
-    lease_expires_at = NULL
-FROM lost
-WHERE j.id = lost.id
-RETURNING j.id, j.kind, j.status, j.queue
+}
+    RETURNING id, kind, status, queue
+)
+SELECT id, kind, status, queue FROM retried UNION ALL SELECT id, kind, status, queue FROM moved
 """
 
 
@@ -315,14 +367,27 @@ class Leases(QueueBase):
     ) -> Completions:
         """Mark runs succeeded, in as few statements as the database allows.
 
-        Results come as JSON text from `encode_json`. A result the database still refuses
+        Results come as JSON text from `encode_json`. One larger than `max_result_bytes` is
+        refused without a statement (per-job state is bounded). A result the database refuses
         (a character the database encoding cannot represent, a value past a jsonb limit)
         must fail only its own job: a refused batch is split in halves until the rows it
         refuses stand alone, and every other row is written. The caller fails the refused.
         """
-        batch = list(done)
         completions = Completions(set(), {})
-        await self._complete(batch, completions, conn)
+        batch = []
+        for lease, result in sorted(done, key=lambda d: d[0].job_id):  # lock order
+            if (size := _size_beyond(result, self.max_result_bytes)) is not None:
+                completions.refused[lease.job_id] = (
+                    f"the result is {size} bytes of JSON, more than the bound of"
+                    f" {self.max_result_bytes} (JOBQ_MAX_PAYLOAD_BYTES)"
+                )
+            else:
+                batch.append((lease, result))
+        await with_history_leaves(
+            conn or self.pool,
+            self.history_leaf_width,
+            lambda: self._complete(batch, completions, conn),
+        )
         return completions
 
     async def _complete(
@@ -363,9 +428,7 @@ class Leases(QueueBase):
     async def fail_permanently(self, lease: Lease, error: str) -> str | None:
         """End a run failed for good (or cancelled, when a cancel was requested), attempts
         left or not; None when the lease was lost."""
-        row = await self.pool.fetchrow(
-            _FAIL, lease.job_id, lease.token, _truncate(error), 0.0, True
-        )
+        row = await self._write(_FAIL, lease.job_id, lease.token, _truncate(error), 0.0, True)
         return None if row is None else str(row["status"])
 
     async def fail(
@@ -382,28 +445,37 @@ class Leases(QueueBase):
         """
         assert job.lease_token is not None, "fail() needs a claimed job"
         delay = (backoff or self.default_backoff).next_delay(job.retry_delay_seconds)
-        row = await self.pool.fetchrow(
+        row = await self._write(
             _FAIL, job.id, job.lease_token, _truncate(error), float(delay), permanent
         )
         return None if row is None else str(row["status"])
 
     async def mark_cancelled(self, lease: Lease, reason: str = "cancelled on request") -> bool:
         """The handler stopped for a cancel request: the run ends cancelled."""
-        row = await self.pool.fetchrow(
-            _CANCELLED_BY_WORKER, lease.job_id, lease.token, _truncate(reason)
-        )
+        row = await self._write(_CANCELLED_BY_WORKER, lease.job_id, lease.token, _truncate(reason))
         return row is not None
+
+    async def _write(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        """One statement that may move a job to history, run on the pool."""
+        return await with_history_leaves(
+            self.pool, self.history_leaf_width, lambda: self.pool.fetchrow(sql, *args)
+        )
 
     async def release(self, leases: Sequence[Lease]) -> list[uuid.UUID]:
         """Give running jobs back without counting the attempt (worker shutting down)."""
         if not leases:
             return []
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                _RELEASE, [lease.job_id for lease in leases], [lease.token for lease in leases]
-            )
-            for q in {r["queue"] for r in rows}:
-                await conn.execute("SELECT pg_notify($1, $2)", NEW_JOB_CHANNEL, q)
+        ids = [lease.job_id for lease in leases]
+        tokens = [lease.token for lease in leases]
+
+        async def release() -> list[asyncpg.Record]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(_RELEASE, ids, tokens)
+                for q in {r["queue"] for r in rows if r["status"] != "cancelled"}:
+                    await conn.execute("SELECT pg_notify($1, $2)", NEW_JOB_CHANNEL, q)
+            return list(rows)
+
+        rows = await with_history_leaves(self.pool, self.history_leaf_width, release)
         return [r["id"] for r in rows]
 
     async def heartbeat(
@@ -418,10 +490,11 @@ class Leases(QueueBase):
         runs whose row was locked by someone else (held, but not extended this time)."""
         if not leases:
             return HeartbeatResult(frozenset(), frozenset())
+        ordered = sorted(leases, key=lambda lease: lease.job_id)  # lock order: _COMPLETE_MANY
         rows = await (conn or self.pool).fetch(
             _HEARTBEAT,
-            [lease.job_id for lease in leases],
-            [lease.token for lease in leases],
+            [lease.job_id for lease in ordered],
+            [lease.token for lease in ordered],
             float(lease_seconds),
             timeout=timeout,
         )
@@ -449,11 +522,58 @@ class Leases(QueueBase):
             self.default_backoff.base,
             self.default_backoff.cap,
         )
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_RESCUE, limit, *args)
-            for q in {r["queue"] for r in rows if r["status"] == "retrying"}:
-                await conn.execute("SELECT pg_notify($1, $2)", NEW_JOB_CHANNEL, q)
+
+        async def rescue() -> list[asyncpg.Record]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(_RESCUE, limit, *args)
+                for q in {r["queue"] for r in rows if r["status"] == "retrying"}:
+                    await conn.execute("SELECT pg_notify($1, $2)", NEW_JOB_CHANNEL, q)
+            return list(rows)
+
+        rows = await with_history_leaves(self.pool, self.history_leaf_width, rescue)
         return [Rescued(r["id"], r["kind"], r["status"]) for r in rows]
+
+
+_T = TypeVar("_T")
+
+# Leaves of history are made ahead by maintenance; one missing (maintenance not running yet,
+# or a clock far ahead) must not fail the statements that end jobs.
+_ENSURE_LEAVES = """
+SELECT jobq_history_ensure_partition(c, now(), $2) FROM unnest($1::text[]) AS c
+"""
+
+
+async def with_history_leaves(
+    db: Connection | asyncpg.Pool, width: timedelta, run: Callable[[], Awaitable[_T]]
+) -> _T:
+    """`run()`; when it found no leaf of history for a row (SQLSTATE 23514), the leaf is made
+    and `run()` is tried once more. `run` must be a whole transaction (or one statement)."""
+    try:
+        return await run()
+    except asyncpg.PostgresError as exc:
+        classes = _missing_leaves(exc)
+        if classes is None:
+            raise
+    await db.execute(_ENSURE_LEAVES, classes, width)
+    return await run()
+
+
+def _missing_leaves(exc: asyncpg.PostgresError) -> list[str] | None:
+    """The history classes with no leaf for a row, from "no partition of relation
+    "jobs_history_done" found for row"; None for any other error."""
+    message = str(getattr(exc, "message", None) or exc)
+    if getattr(exc, "sqlstate", None) != "23514" or "no partition of relation" not in message:
+        return None
+    classes = [c for c in ("done", "failed") if f'"jobs_history_{c}"' in message]
+    return classes or ["done", "failed"]
+
+
+def _size_beyond(text: str, bound: int) -> int | None:
+    """The size of `text` in UTF-8 when above `bound`; else None (most texts are not encoded)."""
+    if len(text) * 4 <= bound:
+        return None
+    size = len(text.encode())
+    return size if size > bound else None
 
 
 def _refuses_a_value(exc: asyncpg.PostgresError) -> bool:

@@ -52,7 +52,8 @@ class IdempotencyConflict(JobqError):
 
     From a bulk enqueue, `index` is the conflicting job's position in the input; when the
     key's first use is in the same input (so no job was stored), `job_id` is None and
-    `first_index` names that first use.
+    `first_index` names that first use. `gone`: the same request, but its job was removed
+    (by retention) while the key is still remembered, so there is no job to return.
     """
 
     def __init__(
@@ -62,12 +63,23 @@ class IdempotencyConflict(JobqError):
         *,
         index: int | None = None,
         first_index: int | None = None,
+        gone: bool = False,
     ) -> None:
-        if job_id is not None:
-            message = f"idempotency key {key!r} was already used for job {job_id}"
+        if gone:
+            message = (
+                f"idempotency key {key!r} was used for job {job_id}, which no longer exists;"
+                " the key is remembered for the idempotency window after the job's creation"
+            )
+        elif job_id is not None:
+            message = (
+                f"idempotency key {key!r} was already used for job {job_id}"
+                " with a different request"
+            )
         else:
-            message = f"idempotency key {key!r} is given to two different jobs"
-        super().__init__(f"{message} with a different request")
+            message = (
+                f"idempotency key {key!r} is given to two different jobs with a different request"
+            )
+        super().__init__(message)
         self.key = key
         self.job_id = job_id
         self.index = index
@@ -156,6 +168,31 @@ class JobSummary:
 
 _SUMMARY_FIELDS = tuple(f.name for f in dataclasses.fields(JobSummary))
 _SUMMARY_COLUMNS = ", ".join(_SUMMARY_FIELDS)
+
+# The columns of `jobs_history`, where a job goes when it ends (docs/storage.md). It keeps no
+# lease and no retry delay (a job that ended holds neither), and its updated_at is finished_at.
+_HISTORY_FIELDS = (
+    "id", "kind", "queue", "payload", "status", "priority", "attempts", "max_attempts", "run_at",
+    "idempotency_key", "cancel_requested", "lease_owner", "last_error", "errors", "result",
+    "created_at", "started_at", "finished_at",
+)  # fmt: skip
+_HISTORY_COLUMNS = ", ".join(_HISTORY_FIELDS)
+_NOT_IN_HISTORY = {
+    "lease_token": "NULL::uuid AS lease_token",
+    "lease_expires_at": "NULL::timestamptz AS lease_expires_at",
+    "retry_delay_seconds": "NULL::float8 AS retry_delay_seconds",
+    "updated_at": "finished_at AS updated_at",
+}
+# A history row read as a `Job` / a `JobSummary`, so that it unions with rows of `jobs`.
+_HISTORY_AS_JOB = ", ".join(_NOT_IN_HISTORY.get(f, f) for f in _JOB_FIELDS)
+_HISTORY_AS_SUMMARY = ", ".join(_NOT_IN_HISTORY.get(f, f) for f in _SUMMARY_FIELDS)
+
+
+def into_history(source: str, **changed: str) -> str:
+    """SQL: insert the rows of `source` (a CTE of `jobs` rows, e.g. from DELETE ... RETURNING)
+    into `jobs_history`, every column as it is unless `changed` gives its new value."""
+    values = ", ".join(changed.get(c, f"{source}.{c}") for c in _HISTORY_FIELDS)
+    return f"INSERT INTO jobs_history ({_HISTORY_COLUMNS})\n    SELECT {values} FROM {source}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from jobq.queue.lookup import _GET, Lookup
+from jobq.queue.leases import with_history_leaves
+from jobq.queue.lookup import Lookup, finished_not_before
 from jobq.queue.model import (
+    _HISTORY_AS_JOB,
     _JOB_COLUMNS,
     CANCEL_CHANNEL,
     NEW_JOB_CHANNEL,
@@ -15,22 +17,61 @@ from jobq.queue.model import (
     InvalidTransition,
     Job,
     JobNotFound,
+    into_history,
 )
 
+_LOCK_LIVE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
+
+_ASK_TO_CANCEL = f"""
+UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1
+RETURNING {_JOB_COLUMNS}
+"""
+
+# A waiting job cancelled ends at once: it moves to history.
+_CANCEL_WAITING = f"""
+WITH ended AS (
+    DELETE FROM jobs WHERE id = $1 AND status IN ('queued', 'retrying') RETURNING *
+)
+{into_history("ended", status="'cancelled'", cancel_requested="true", finished_at="now()")}
+RETURNING {_HISTORY_AS_JOB}
+"""
+
+# Back from history to the live table in one statement: of two concurrent retries, one
+# deletes the row and the other finds nothing to delete. A finished row that version 3 left
+# in `jobs` is queued again in place.
+_RETRIED = """'queued' AS status, 0 AS attempts, false AS cancel_requested, now() AS run_at,
+           NULL::jsonb AS result, NULL::timestamptz AS started_at,
+           NULL::timestamptz AS finished_at, NULL::text AS lease_owner, now() AS updated_at"""
 _RETRY = f"""
-UPDATE jobs
-SET status = 'queued',
-    attempts = 0,
-    cancel_requested = false,
-    run_at = now(),
-    retry_delay_seconds = NULL,
-    result = NULL,
-    started_at = NULL,
-    finished_at = NULL,
-    lease_owner = NULL,
-    updated_at = now()
-WHERE id = $1 AND status IN ('failed_permanent', 'cancelled')
-RETURNING {_JOB_COLUMNS}, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified
+WITH moved AS (
+    DELETE FROM jobs_history
+    WHERE id = $1 AND finished_at >= $2 AND status IN ('failed_permanent', 'cancelled')
+    RETURNING *
+), requeued AS (
+    INSERT INTO jobs (id, kind, queue, payload, priority, max_attempts, idempotency_key,
+                      last_error, errors, created_at, status, attempts, cancel_requested,
+                      run_at, result, started_at, finished_at, lease_owner, updated_at)
+    SELECT id, kind, queue, payload, priority, max_attempts, idempotency_key,
+           last_error, errors, created_at, {_RETRIED}
+    FROM moved
+    RETURNING {_JOB_COLUMNS}
+), in_place AS (
+    UPDATE jobs
+    SET status = 'queued',
+        attempts = 0,
+        cancel_requested = false,
+        run_at = now(),
+        retry_delay_seconds = NULL,
+        result = NULL,
+        started_at = NULL,
+        finished_at = NULL,
+        lease_owner = NULL,
+        updated_at = now()
+    WHERE id = $1 AND status IN ('failed_permanent', 'cancelled')
+    RETURNING {_JOB_COLUMNS}
+)
+SELECT r.*, pg_notify('{NEW_JOB_CHANNEL}', r.queue)::text AS _notified
+FROM (SELECT * FROM requeued UNION ALL SELECT * FROM in_place) AS r
 """
 
 
@@ -39,34 +80,37 @@ class Operator(Lookup):
 
     async def request_cancel(self, job_id: uuid.UUID) -> CancelResult:
         """Cancel a waiting job now, or ask the worker running it to stop."""
+        return await with_history_leaves(
+            self.pool, self.history_leaf_width, lambda: self._request_cancel(job_id)
+        )
+
+    async def _request_cancel(self, job_id: uuid.UUID) -> CancelResult:
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(f"{_GET} FOR UPDATE", job_id)
+            row = await conn.fetchrow(_LOCK_LIVE, job_id)
             if row is None:
-                raise JobNotFound(job_id)
+                # Ended, or unknown: `get` reads both places in one snapshot, so a job it does
+                # not find does not exist. One it finds live again was retried meanwhile.
+                job = await self.get(job_id)
+                if job.is_terminal:
+                    return CancelResult(CancelOutcome.ALREADY_TERMINAL, job)
+                row = await conn.fetchrow(_LOCK_LIVE, job_id)
+                if row is None:  # pragma: no cover - retried and ended again in between
+                    raise JobNotFound(job_id)
             status = row["status"]
-            if status in TERMINAL_STATUSES:
+            if status in TERMINAL_STATUSES:  # left in `jobs` by version 3
                 return CancelResult(CancelOutcome.ALREADY_TERMINAL, Job.from_record(row))
             if status == "running":
-                row = await conn.fetchrow(
-                    f"UPDATE jobs SET cancel_requested = true, updated_at = now()"
-                    f" WHERE id = $1 RETURNING {_JOB_COLUMNS}",
-                    job_id,
-                )
+                row = await conn.fetchrow(_ASK_TO_CANCEL, job_id)
                 await conn.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(job_id))
                 assert row is not None
                 return CancelResult(CancelOutcome.PENDING, Job.from_record(row))
-            row = await conn.fetchrow(
-                f"UPDATE jobs SET status = 'cancelled', cancel_requested = true,"
-                f" finished_at = now(), updated_at = now()"
-                f" WHERE id = $1 RETURNING {_JOB_COLUMNS}",
-                job_id,
-            )
+            row = await conn.fetchrow(_CANCEL_WAITING, job_id)
             assert row is not None
             return CancelResult(CancelOutcome.CANCELLED, Job.from_record(row))
 
     async def retry(self, job_id: uuid.UUID) -> Job:
         """Queue a failed_permanent or cancelled job again: attempts reset, errors kept."""
-        row = await self.pool.fetchrow(_RETRY, job_id)
+        row = await self.pool.fetchrow(_RETRY, job_id, finished_not_before(job_id))
         if row is not None:
             return Job.from_record(row)
         job = await self.get(job_id)

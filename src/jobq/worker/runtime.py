@@ -139,6 +139,7 @@ class Worker:
             default_backoff=self._backoff,
             history_leaf_width=self.settings.history_leaf_width,
             idempotency_window=self.settings.idempotency_window,
+            max_result_bytes=self.settings.max_payload_bytes,
         )
         runner = JobRunner(
             state, queue, self.registry, threads=self._threads, backoffs=self._backoffs
