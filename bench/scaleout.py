@@ -255,7 +255,59 @@ async def bench_rtt(_admin: str, a: argparse.Namespace) -> None:
                     )
 
 
-BENCHES: dict[str, Any] = {"pooler": bench_pooler, "fleet": bench_fleet, "rtt": bench_rtt}
+async def _statement_ms(conn: asyncpg.Connection, n: int) -> float:
+    """Median time of one parameterised statement, the shape of every jobq statement."""
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await conn.fetchval("SELECT $1::int", i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+async def bench_roundtrip(_admin: str, a: argparse.Namespace) -> None:
+    """What one statement costs direct with asyncpg's statement cache (one round trip), direct
+    without it and through PgBouncer transaction pooling without it (two round trips: parse
+    and describe, then bind and execute; PgBouncer 1.18 keeps no prepared statement). Between
+    enqueue and start two statements are on the path: the insert and the claim."""
+    with (
+        tcp_server(settings=DURABLE | suite.BENCH_PG_SETTINGS) as (_pg, pg_port),
+        pgbouncer(pg_port, pool_size=20) as bouncer,
+    ):
+        paths = {
+            "direct, statement cache on": (pg_port, {}),
+            "direct, statement cache off": (pg_port, {"statement_cache_size": 0}),
+            "pgbouncer transaction, cache off": (bouncer.port, {"statement_cache_size": 0}),
+        }
+        conns = {
+            label: await asyncpg.connect(tcp_dsn("127.0.0.1", port), **opts)  # type: ignore[arg-type]
+            for label, (port, opts) in paths.items()
+        }
+        try:
+            samples: dict[str, list[float]] = {label: [] for label in paths}
+            for _round in range(a.rounds):
+                for label, conn in conns.items():
+                    samples[label].append(await _statement_ms(conn, a.latency_n * 4))
+        finally:
+            for conn in conns.values():
+                await conn.close()
+        for label, ms in samples.items():
+            suite.emit(
+                {
+                    "bench": "roundtrip",
+                    "path": label,
+                    "statement_p50_ms": suite.r(statistics.median(ms), 3),
+                    "rounds_ms": [suite.r(x, 3) for x in ms],
+                }
+            )
+
+
+BENCHES: dict[str, Any] = {
+    "pooler": bench_pooler,
+    "fleet": bench_fleet,
+    "rtt": bench_rtt,
+    "roundtrip": bench_roundtrip,
+}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
