@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
 import pytest
 
+from jobq import db, schema
 from jobq.queue import (
     BulkEnqueued,
     CancelOutcome,
@@ -25,6 +27,7 @@ from jobq.queue import (
     lease_of,
 )
 from jobq.queue.lookup import finished_not_before
+from tests.conftest import create_database, drop_database, with_database
 
 KINDS = ["echo"]
 QUEUES = ["default"]
@@ -56,6 +59,27 @@ async def drop_leaves(pool: asyncpg.Pool, history_class: str) -> None:
         await pool.execute(f"ALTER TABLE jobs_history_{history_class} DETACH PARTITION {r['name']}")
         await pool.execute(f"DROP TABLE {r['name']}")
     await pool.execute("DELETE FROM jobq_history_partitions WHERE class = $1", history_class)
+
+
+@pytest.fixture
+async def deploying(admin_dsn: str) -> AsyncIterator[Queue]:
+    """A queue over a database with the pre-deploy steps only: version 3 may still run and
+    leave finished rows and keys in `jobs` (the post-deploy steps end that)."""
+    name = await create_database(admin_dsn, "core_deploying", template="template0")
+    dsn = with_database(admin_dsn, name)
+    try:
+        conn = await db.connect(dsn)
+        try:
+            await schema.migrate(conn, pre_deploy=True)
+        finally:
+            await conn.close()
+        pool = await db.create_pool(dsn, min_size=1, max_size=4)
+        try:
+            yield Queue(pool)
+        finally:
+            await pool.close()
+    finally:
+        await drop_database(admin_dsn, name)
 
 
 async def finished_in_jobs(pool: asyncpg.Pool, status: str) -> uuid.UUID:
@@ -240,7 +264,10 @@ async def test_lists_merge_live_and_history_newest_first_by_id(queue: Queue) -> 
     ]
 
 
-async def test_a_list_by_final_status_includes_rows_version_3_left_in_jobs(queue: Queue) -> None:
+async def test_a_list_by_final_status_includes_rows_version_3_left_in_jobs(
+    deploying: Queue,
+) -> None:
+    queue = deploying
     legacy = await finished_in_jobs(queue.pool, "failed_permanent")
     (job,) = await claimed(queue, max_attempts=1)
     await queue.fail(job, "Boom: new")
@@ -445,7 +472,8 @@ async def test_a_bulk_enqueue_replays_a_key_whose_job_is_in_history(queue: Queue
     assert stored[1] == BulkEnqueued(old.id, False) and stored[0].created
 
 
-async def test_a_key_of_a_job_version_3_inserted_in_jobs_is_held(queue: Queue) -> None:
+async def test_a_key_of_a_job_version_3_inserted_in_jobs_is_held(deploying: Queue) -> None:
+    queue = deploying
     # Version 3 writes the key on the job row only; the insert trigger remembers it.
     v3 = NewJob(kind="echo", idempotency_key="k-v3")
     job_id = await queue.pool.fetchval(
