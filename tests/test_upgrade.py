@@ -408,7 +408,7 @@ async def test_the_move_prints_its_progress(v3_dsn: str) -> None:
         await schema.migrate(conn, notice=lambda m, text: notices.append((m.label, text)))
         labels = {label for label, _ in notices}
         texts = [text for label, text in notices if label.startswith("0006")]
-        assert labels == {"0006_move_history"}
+        assert "0006_move_history" in labels  # later steps may say things of their own
         assert texts[0].startswith("moving 30 finished job(s)")
         assert texts[-1].startswith("moved 30 finished job(s)")
     finally:
