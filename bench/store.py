@@ -68,6 +68,19 @@ async def succeeded_count(conn: Conn, ids: list[uuid.UUID]) -> int:
     return int(await conn.fetchval(sql, *args))
 
 
+_LIVE_OF_IDS = """
+SELECT count(*) FROM jobs
+WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'running', 'retrying')
+"""
+
+
+async def unfinished_count(conn: Conn, ids: list[uuid.UUID]) -> int:
+    """How many of these jobs have not ended yet: the live table only, in either layout (a
+    finished row left in `jobs` has a final status). Cheaper than counting where they
+    ended, which matters for a poll that runs beside the drain it waits for."""
+    return int(await conn.fetchval(_LIVE_OF_IDS, ids))
+
+
 async def drain_outcome(conn: Conn, ids: list[uuid.UUID]) -> dict[str, Any]:
     """once: succeeded on the first attempt; other: anything else (a job missing from both
     tables, or present twice, counts as other); span: first start to last finish, in seconds."""
