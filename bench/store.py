@@ -272,6 +272,19 @@ async def seeded(conn: asyncpg.Connection) -> tuple[int, int]:
     return finished, future
 
 
+async def leaf_no_wider_than(conn: asyncpg.Connection, seconds: float) -> bool:
+    """Whether both history classes have a leaf for now() at most `seconds` wide."""
+    n = await conn.fetchval(
+        """
+        SELECT count(DISTINCT class) FROM jobq_history_partitions
+        WHERE lower_bound <= now() AND now() < upper_bound
+          AND upper_bound - lower_bound <= make_interval(secs => $1)
+        """,
+        seconds,
+    )
+    return int(n) == 2
+
+
 async def forget_history(conn: asyncpg.Connection) -> None:
     await conn.execute("DELETE FROM jobs WHERE kind LIKE 'hist\\_%'")
     if await has_history(conn):
