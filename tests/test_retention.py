@@ -12,10 +12,11 @@ from datetime import datetime, timedelta
 import asyncpg
 import pytest
 
-from jobq import maintenance
+from jobq import examples, maintenance
 from jobq.maintenance import Cleaner, Partitioner
 from jobq.queue import Queue, history
 from jobq.settings import Settings
+from jobq.worker import Worker
 from tests.helpers import wait_for
 
 DAY = timedelta(days=1)
@@ -265,6 +266,26 @@ async def test_a_wide_leaf_that_holds_rows_is_kept_when_retention_is_short(
     await Partitioner(Queue(db), SHORT).create_ahead()
     assert await exists(db, wide)
     assert await db.fetchval("SELECT count(*) FROM jobs_history") == 1
+
+
+async def test_a_worker_makes_narrow_leaves_before_its_first_claim(
+    db: asyncpg.Pool, dsn: str
+) -> None:
+    t = await now(db)
+    for cls in ("done", "failed"):  # what `jobq migrate` makes on a fresh install
+        await make_leaf(db, cls, t)
+    worker = Worker(dsn, examples.registry, settings=SHORT)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.wait_started(), 10)
+        width = await db.fetchval(
+            "SELECT upper_bound - lower_bound FROM jobq_history_partitions"
+            " WHERE class = 'done' AND lower_bound <= now() AND now() < upper_bound"
+        )
+        assert width == timedelta(minutes=1)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 30)
 
 
 async def test_the_partitioner_and_the_cleaner_are_services(queue: Queue) -> None:

@@ -21,6 +21,7 @@ import asyncpg
 
 from jobq import db, maintenance
 from jobq.backoff import Backoff
+from jobq.maintenance import Partitioner
 from jobq.queue import DEFAULT_QUEUE, Queue
 from jobq.registry import Registry
 from jobq.settings import Settings
@@ -124,6 +125,15 @@ class Worker:
     async def wait_started(self) -> None:
         await self._started.wait()
 
+    async def _leaves_first(self, queue: Queue) -> None:
+        """One partitioner pass before the first claim: a job that ends lands in the history
+        leaf holding its finish time and stays as long as that leaf, so the leaves must
+        already be as narrow as the retention asks (a fresh install has day-wide ones)."""
+        try:
+            await Partitioner(queue, self.settings).create_ahead()
+        except (asyncpg.PostgresError, OSError) as exc:  # its own loop tries again soon
+            log.warning("history leaves not prepared before claiming: %s", exc)
+
     async def heartbeat_once(self) -> bool:
         """Extend every lease this worker holds; False when some could not be (try again soon)."""
         assert self._heartbeat is not None, "the worker is not running"
@@ -157,6 +167,7 @@ class Worker:
             server_settings=self._server_settings(),
             heartbeat=heartbeat.once,
         )
+        await self._leaves_first(queue)
         helpers = [
             asyncio.create_task(listener.loop(), name="jobq-listen"),
             asyncio.create_task(heartbeat.loop(), name="jobq-heartbeat"),
