@@ -1,15 +1,9 @@
-"""Lifecycle (River-style, one row per job):
+"""What workers do with a job: claim, complete, fail, release, heartbeat, rescue.
 
-    queued ──claim──▶ running ──complete──▶ succeeded
-      ▲                 │ ├──fail (attempts left)──▶ retrying ──claim──▶ running …
-      │                 │ ├──fail (attempts spent)─▶ failed_permanent
-      │                 │ └──cancel observed, or fail after a cancel request──▶ cancelled
-      │                 └──lease expired (rescue)──▶ retrying (after backoff) | failed_permanent
-      │                                              | cancelled
-      └──────────────────────────retry (operator)◀── failed_permanent | cancelled
-
-Every write by a worker is fenced by the lease token it got at claim time: once a job was
-rescued, cancelled or finished elsewhere, a late answer from the old run changes nothing.
+Every statement here is fenced by the lease token the claim handed out (the lifecycle is drawn
+in `jobq.queue`): once a job was rescued, cancelled or finished elsewhere, a late answer from
+the old run changes nothing. A statement that ends a job moves it to `jobs_history` in the
+same statement.
 """
 
 from __future__ import annotations
