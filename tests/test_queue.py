@@ -131,6 +131,22 @@ async def test_enqueue_many_inserts_all_in_order(queue: Queue) -> None:
     assert [by_id[i] for i in ids] == list(range(100))
 
 
+async def test_ids_of_a_bulk_enqueue_sort_in_input_order(queue: Queue) -> None:
+    # Lists are newest first by id: a batch (all within a millisecond or two) must keep its
+    # order there, keyed and unkeyed items alike.
+    jobs = [
+        NewJob(kind="echo", payload={"i": i}, idempotency_key=f"k{999 - i}" if i % 3 else None)
+        for i in range(1000)
+    ]
+    ids = await queue.enqueue_many(jobs)
+    assert ids == sorted(ids)
+
+
+async def test_ids_of_single_enqueues_sort_in_creation_order(queue: Queue) -> None:
+    ids = [(await queue.enqueue(NewJob(kind="echo"))).job.id for _ in range(50)]
+    assert ids == sorted(ids)
+
+
 async def test_enqueue_many_honours_idempotency_keys(queue: Queue) -> None:
     existing = await queue.enqueue(NewJob(kind="echo", idempotency_key="a"))
     ids = await queue.enqueue_many(

@@ -217,17 +217,12 @@ async def _check_schema(conn: asyncpg.Connection, *, migrate: bool) -> None:
     done = await schema.applied(conn)
     missing = schema.pending_required(done)
     if missing:
-        first_post = next(
-            (m.version for m in schema.available() if m.post_deploy and m.version not in done),
-            None,
+        # With a post-deploy step pending, processes of the previous version may still run:
+        # `--pre-deploy` applies what this version needs and nothing they rely on.
+        post_deploy_pending = any(
+            m.post_deploy and m.version not in done for m in schema.available()
         )
-        # `--pre-deploy` stops at the first pending post-deploy step: a pre-deploy step after
-        # it needs the whole of `jobq migrate` (the previous upgrade's post-deploy step first).
-        command = (
-            "jobq migrate --pre-deploy"
-            if first_post is None or all(m.version < first_post for m in missing)
-            else "jobq migrate"
-        )
+        command = "jobq migrate --pre-deploy" if post_deploy_pending else "jobq migrate"
         _fail(
             f"the database schema is not up to date ({len(missing)} migration(s) pending:"
             f" {', '.join(m.label for m in missing)}); run `{command}`",
@@ -270,8 +265,8 @@ def migrate(
         bool,
         typer.Option(
             "--pre-deploy",
-            help="Stop before the first post-deploy step: run this before deploying a new"
-            " version, and `jobq migrate` once every process runs it.",
+            help="Apply only the pre-deploy steps: run this before deploying a new version,"
+            " and `jobq migrate` once every process runs it.",
         ),
     ] = False,
     show_status: Annotated[
@@ -287,12 +282,11 @@ def migrate(
         assert conn is not None
         try:
             done = await schema.applied(conn)
-            steps = []
-            for m in schema.available():
-                if pre_deploy and m.post_deploy and m.version not in done:
-                    break
-                if m.version not in done:
-                    steps.append(m)
+            steps = [
+                m
+                for m in schema.available()
+                if m.version not in done and not (pre_deploy and m.post_deploy)
+            ]
             total = len(steps)
             step = iter(range(1, total + 1))
 

@@ -34,7 +34,9 @@ _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # - `post-deploy`: it removes or moves what only the previous version of jobq needs, so it
 #   runs once every process runs this version (`jobq migrate`, not `jobq migrate
 #   --pre-deploy`). Every other step is pre-deploy: additive, safe while the previous
-#   version runs, and required by this version before it starts.
+#   version runs, and required by this version before it starts. `--pre-deploy` applies
+#   pre-deploy steps numbered after a pending post-deploy one too, so a pre-deploy step must
+#   not touch what a post-deploy step creates, removes or redefines.
 # - `lock-timeout <duration>` (with outside-transaction): every statement waits at most that
 #   long for a lock (see `_run_statement`).
 _DIRECTIVE = re.compile(r"^--\s*jobq:(\S+)(?:\s+(\S+))?\s*$")
@@ -133,9 +135,7 @@ class MigrationError(Exception):
 def pending_required(applied_versions: set[int]) -> list[Migration]:
     """The steps this version of jobq needs before it starts: every pending pre-deploy step.
 
-    Pending post-deploy steps are fine (the code works before and after them), unless a
-    pre-deploy step comes after one: that step belongs to a later release, which needs the
-    earlier release's upgrade finished first.
+    Pending post-deploy steps are fine: the code works before and after them.
     """
     return [m for m in available() if m.version not in applied_versions and not m.post_deploy]
 
@@ -157,10 +157,13 @@ async def migrate(
 ) -> list[int]:
     """Apply pending migrations; return the versions applied by this call.
 
-    With `pre_deploy`, stop before the first post-deploy step not yet applied (run the rest
-    once every process runs this version); with `target`, apply no version above it (tests
-    build older schemas so). `notice` receives what a step reports as it runs (the NOTICEs
-    of its statements: a long data move prints its progress); without it they are logged.
+    With `pre_deploy`, apply only the pre-deploy steps, skipping pending post-deploy ones (run
+    those once every process runs this version): so an upgrade across several releases needs
+    one deploy, which is sound because a pre-deploy step gives the same schema whether or not
+    the post-deploy steps numbered before it ran (tests/test_migrations.py checks it).
+    With `target`, apply no version above it (tests build older schemas so). `notice`
+    receives what a step reports as it runs (the NOTICEs of its statements: a long data move
+    prints its progress); without it they are logged.
 
     Safe when many processes migrate at once, directly or through any pooler: a step runs in
     one transaction holding a transaction-scoped advisory lock, so each version is applied
@@ -175,8 +178,8 @@ async def migrate(
     for migration in available():
         if target is not None and migration.version > target:
             break
-        if pre_deploy and migration.post_deploy and migration.version not in await applied(conn):
-            break
+        if pre_deploy and migration.post_deploy:
+            continue
         if migration.outside_transaction:
             applied_now = await _apply_outside_transaction(
                 conn, migration, progress, connect, notice

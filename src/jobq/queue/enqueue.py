@@ -33,21 +33,9 @@ _INSERT_COLUMNS = """kind, queue, payload, priority, max_attempts, run_at, idemp
 _QUIET = "SELECT * FROM ins"
 _WAKING = f"SELECT ins.*, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified FROM ins"
 
-# A job's id: a UUIDv7 whose 12 bits after the version carry the time within the millisecond
-# (RFC 9562, method 3), so that jobs enqueued one after another in the same millisecond still
-# sort by creation: lists are newest first by id. jobq_uuid_v7() (the column default) puts
-# random bits there. One reading of the clock, so that the millisecond and the fraction agree.
-_NEW_ID = """(
-    SELECT encode(overlay(overlay(uuid_send(gen_random_uuid())
-                                  placing substring(int8send(t.us / 1000) FROM 3) FROM 1 FOR 6)
-                          placing int2send((28672 + t.us % 1000 * 4096 / 1000)::smallint)
-                          FROM 7 FOR 2), 'hex')::uuid
-    FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS us) AS t
-)"""
-
 _INSERT_UNKEYED_QUIET = f"""
 INSERT INTO jobs (id, {_INSERT_COLUMNS})
-VALUES ({_NEW_ID}, $1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), NULL, NULL)
+VALUES (jobq_uuid_v7(), $1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), NULL, NULL)
 RETURNING {_JOB_COLUMNS}
 """
 _INSERT_UNKEYED = f"WITH ins AS ({_INSERT_UNKEYED_QUIET}) {_WAKING}"
@@ -71,7 +59,7 @@ _TAKE_KEYS = """
 
 _KEYED = f"""
 WITH firsts AS (
-    SELECT $7::text AS key, {_NEW_ID} AS job_id, $8::text AS fingerprint
+    SELECT $7::text AS key, jobq_uuid_v7() AS job_id, $8::text AS fingerprint
 ), taken AS ({_TAKE_KEYS}), ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
     SELECT firsts.job_id, $1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), $7, $8
@@ -92,17 +80,18 @@ _SELECT_KEYS = (
 # creates its job, when taken); its later uses and keys held already create nothing.
 _INSERT_MANY = f"""
 WITH input AS (
-    SELECT *
+    -- Ids drawn here, row by row in input order, so that they sort as the input does.
+    SELECT t.*, jobq_uuid_v7() AS id
     FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
                 $6::timestamptz[], $7::text[], $8::text[])
          WITH ORDINALITY AS t(k, q, p, pr, ma, ra, ik, fp, n)
 ), firsts AS (
-    SELECT DISTINCT ON (ik) ik AS key, n, jobq_uuid_v7() AS job_id, fp AS fingerprint
+    SELECT DISTINCT ON (ik) ik AS key, n, id AS job_id, fp AS fingerprint
     FROM input WHERE ik IS NOT NULL
     ORDER BY ik, n
 ), taken AS ({_TAKE_KEYS}), ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
-    SELECT coalesce(f.job_id, jobq_uuid_v7()), i.k, i.q, i.p::jsonb, i.pr, i.ma,
+    SELECT i.id, i.k, i.q, i.p::jsonb, i.pr, i.ma,
            coalesce(i.ra, now()), i.ik, i.fp
     FROM input AS i LEFT JOIN firsts AS f ON f.n = i.n
     WHERE i.ik IS NULL OR f.key IN (SELECT key FROM taken)
