@@ -4,6 +4,7 @@ and queue lag, and the compaction that keeps the rollups small, over a real Post
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from jobq import db, schema
 from jobq.api import create_app
 from jobq.maintenance import rollups, services
 from jobq.queue import Job, NewJob, Queue, lease_of
+from jobq.queue.views import _UNHANDLED
 from jobq.settings import Settings
 from tests.conftest import create_database, drop_database, with_database
 from tests.helpers import wait_for
@@ -441,6 +443,26 @@ async def test_unhandled_counts_waiting_pairs_no_live_worker_takes_with_the_olde
         ("q1", "orphan", 3),
     ]
     assert unhandled[1].oldest_created_at == oldest.created_at
+
+
+async def test_unhandled_finds_a_due_job_behind_many_future_ones_without_reading_them(
+    queue: Queue,
+) -> None:
+    await queue.pool.execute("TRUNCATE jobq_workers")
+    later = await db_now(queue.pool) + timedelta(days=1)
+    await queue.enqueue_many([NewJob(kind="later", run_at=later) for _ in range(20_000)])
+    orphan = (await queue.enqueue(NewJob(kind="orphan"))).job
+    await queue.worker_seen("w-live", ["later"], ["default"], 4, ttl_seconds=30)
+    await queue.pool.execute("ANALYZE jobs")
+
+    unhandled = await queue.unhandled()
+    plan = await queue.pool.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {_UNHANDLED}")
+
+    assert [(u.kind, u.oldest_created_at) for u in unhandled] == [("orphan", orphan.created_at)]
+    # 20,000 jobs fill some 400 heap pages and 100 index pages; the first in line is a few
+    # pages away.
+    top = (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]
+    assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] < 100
 
 
 async def test_oldest_due_is_the_longest_waiting_due_job_whatever_its_priority(

@@ -275,7 +275,9 @@ class UnhandledKind(BaseModel):
     queue: str
     kind: str
     count: int = Field(description="Waiting jobs of this kind and queue no live worker takes.")
-    oldest_created_at: datetime
+    oldest_created_at: datetime = Field(
+        description="When the first of them in line (or the oldest waiting to retry) was created."
+    )
 
 
 class WorkerStats(BaseModel):

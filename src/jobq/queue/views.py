@@ -173,9 +173,12 @@ SELECT u.queue, u.kind, (coalesce(u.queued, 0) + coalesce(u.retrying, 0))::bigin
 FROM unhandled AS u
 CROSS JOIN LATERAL (
     SELECT min(x.created_at) AS created_at FROM (
+        -- The first in line (the claim index's order), not the first by id: a rare kind's
+        -- due job must not be found by walking every job enqueued before it (a million
+        -- future-dated ones, say).
         (SELECT j.created_at FROM jobs AS j
          WHERE u.queued > 0 AND j.status = 'queued' AND j.queue = u.queue AND j.kind = u.kind
-         ORDER BY j.id
+         ORDER BY j.priority, j.run_at, j.id
          LIMIT 1)
         UNION ALL
         (SELECT min(j.created_at) FROM jobs AS j
