@@ -142,11 +142,6 @@ async def test_ids_of_a_bulk_enqueue_sort_in_input_order(queue: Queue) -> None:
     assert ids == sorted(ids)
 
 
-async def test_ids_of_single_enqueues_sort_in_creation_order(queue: Queue) -> None:
-    ids = [(await queue.enqueue(NewJob(kind="echo"))).job.id for _ in range(50)]
-    assert ids == sorted(ids)
-
-
 async def test_enqueue_many_honours_idempotency_keys(queue: Queue) -> None:
     existing = await queue.enqueue(NewJob(kind="echo", idempotency_key="a"))
     ids = await queue.enqueue_many(
