@@ -84,3 +84,11 @@ async def test_docs_pages_load_their_assets_from_the_api_not_a_cdn() -> None:
                 assert (await client.get(asset)).status_code == 200, asset
         swagger = (await client.get("/docs")).text
         assert "/openapi.json" in swagger
+
+
+def test_the_idempotency_key_header_publishes_how_long_keys_are_remembered(
+    spec: dict[str, Any],
+) -> None:
+    params = spec["paths"]["/jobs"]["post"]["parameters"]
+    header = next(p for p in params if p["name"] == "Idempotency-Key")
+    assert "JOBQ_IDEMPOTENCY_WINDOW (default 24h)" in header["description"]
