@@ -1,6 +1,7 @@
 """jobq: a job queue for Python on PostgreSQL."""
 
 from jobq.backoff import Backoff
+from jobq.middleware import Middleware
 from jobq.queue import (
     CancelOutcome,
     IdempotencyConflict,
@@ -24,6 +25,7 @@ __all__ = [
     "JobCancelled",
     "JobContext",
     "JobNotFound",
+    "Middleware",
     "NewJob",
     "Queue",
     "Registry",

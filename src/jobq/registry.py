@@ -16,9 +16,11 @@ from typing import Any
 import pydantic
 
 from jobq.backoff import Backoff
+from jobq.middleware import Middleware, RunFunction, as_middleware
 from jobq.queue import NewJob, validate
 
 HandlerFn = Callable[..., Any]
+M = typing.TypeVar("M", bound="Middleware | RunFunction")
 
 
 class JobCancelled(Exception):
@@ -210,8 +212,23 @@ class Registry:
     ... async def send_email(ctx: JobContext, payload: dict) -> dict | None: ...
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, middleware: typing.Sequence[Middleware | RunFunction] = ()) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._middleware: list[Middleware] = []
+        for mw in middleware:
+            self.use(mw)
+
+    def use(self, middleware: M) -> M:
+        """Add a middleware (see `jobq.middleware`): a `Middleware`, or an `async def f(ctx,
+        call_next)` around every run (usable as a decorator). Runs of a worker started with
+        this registry go through it, and enqueues of an API started with it. The first added
+        is the outermost."""
+        self._middleware.append(as_middleware(middleware))
+        return middleware
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        return tuple(self._middleware)
 
     def handler(
         self,

@@ -357,6 +357,7 @@ def create_app(
             default_max_attempts=settings.default_max_attempts,
             history_leaf_width=settings.history_leaf_width,
             idempotency_window=settings.idempotency_window,
+            middleware=registry.middleware if registry is not None else (),
         )
         own_read_pool = read_pool is None and settings.read_database_url is not None
         reads = read_pool
@@ -401,6 +402,7 @@ def create_app(
             default_max_attempts=settings.default_max_attempts,
             history_leaf_width=settings.history_leaf_width,
             idempotency_window=settings.idempotency_window,
+            middleware=registry.middleware if registry is not None else (),
         )
         app.state.read_queue = app.state.queue if read_pool is None else Queue(read_pool)
     # Starlette's slash redirect builds its Location from the Host header: see _slash_redirect.

@@ -7,6 +7,7 @@ from datetime import timedelta
 import asyncpg
 
 from jobq.backoff import Backoff
+from jobq.middleware import Middleware
 
 # A connection of one's own or one borrowed from a pool.
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -23,3 +24,5 @@ class QueueBase:
     idempotency_window: timedelta
     # The largest result stored, as JSON text in UTF-8 (JOBQ_MAX_PAYLOAD_BYTES).
     max_result_bytes: int
+    # Around every enqueue, inside the process-wide middleware (`jobq.middleware`).
+    middleware: tuple[Middleware, ...]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 import asyncpg
 
 from jobq.backoff import Backoff
+from jobq.middleware import Middleware, as_middleware
 from jobq.queue.enqueue import Enqueue, WakeUps
 from jobq.queue.leases import Leases
 from jobq.queue.lookup import Lookup
@@ -28,6 +30,7 @@ class Queue(Enqueue, Operator, Lookup, Leases, Views, Presence):
         history_leaf_width: timedelta = timedelta(days=1),
         idempotency_window: timedelta = timedelta(hours=24),
         max_result_bytes: int = 1024 * 1024,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.pool = pool
         self.default_max_attempts = default_max_attempts
@@ -35,4 +38,5 @@ class Queue(Enqueue, Operator, Lookup, Leases, Views, Presence):
         self.history_leaf_width = history_leaf_width
         self.idempotency_window = idempotency_window
         self.max_result_bytes = max_result_bytes
+        self.middleware = tuple(as_middleware(m) for m in middleware)
         self._wake_ups = WakeUps(pool, notify_window)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
 
+from jobq.middleware import around_enqueue, enqueue_chain
 from jobq.queue.base import Connection
 from jobq.queue.lookup import Lookup
 from jobq.queue.model import (
@@ -188,7 +189,19 @@ class Enqueue(Lookup):
         Race-safe: concurrent inserts with one key wait on each other in the key table's
         primary key, and exactly one creates the job. A key is remembered for at least
         `idempotency_window` after its job's creation, and as long as the job exists.
+        Goes through the enqueue middleware (`jobq.middleware`), if any.
         """
+        chain = enqueue_chain(self.middleware)
+        if chain is None:
+            return await self._enqueue(new)
+
+        async def store(jobs: list[NewJob]) -> tuple[EnqueueResult, list[uuid.UUID]]:
+            result = await self._enqueue(jobs[0])
+            return result, [result.job.id]
+
+        return await around_enqueue(chain, [new], store)
+
+    async def _enqueue(self, new: NewJob) -> EnqueueResult:
         job = validate(new)
         payload = encode_json("payload", job.payload)
         args: tuple[object, ...] = (
@@ -252,6 +265,19 @@ class Enqueue(Lookup):
         """
         if not jobs:
             return []
+        chain = enqueue_chain(self.middleware)
+        if chain is None:
+            return await self._enqueue_many(jobs, connection)
+
+        async def store(changed: list[NewJob]) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+            ids = await self._enqueue_many(changed, connection)
+            return ids, ids
+
+        return await around_enqueue(chain, jobs, store)
+
+    async def _enqueue_many(
+        self, jobs: Sequence[NewJob], connection: Connection | None
+    ) -> list[uuid.UUID]:
         checked = [validate(j) for j in jobs]
         async with self._connection(connection) as conn, conn.transaction():
             stored = await self._insert_batch(conn, checked, 0, {})
@@ -268,6 +294,22 @@ class Enqueue(Lookup):
         stored or none is (an idempotency conflict in the last batch undoes the first ones),
         and workers are woken when it commits. `on_batch(n)` is called after each batch.
         Returns, in input order, each job's id and whether this call created it."""
+        chain = enqueue_chain(self.middleware) if jobs else None
+        if chain is None:
+            return await self._enqueue_all(jobs, batch_size, on_batch)
+
+        async def store(changed: list[NewJob]) -> tuple[list[BulkEnqueued], list[uuid.UUID]]:
+            stored = await self._enqueue_all(changed, batch_size, on_batch)
+            return stored, [s.id for s in stored]
+
+        return await around_enqueue(chain, jobs, store)
+
+    async def _enqueue_all(
+        self,
+        jobs: Sequence[NewJob],
+        batch_size: int,
+        on_batch: Callable[[int], None] | None,
+    ) -> list[BulkEnqueued]:
         checked = [validate(j) for j in jobs]  # every job checked before the first insert
         stored: list[BulkEnqueued] = []
         first_uses: dict[str, _FirstUse] = {}

@@ -21,6 +21,7 @@ from typing import Any
 
 from jobq import db, metrics
 from jobq.backoff import Backoff
+from jobq.middleware import RunChain
 from jobq.queue import InvalidJob, Job, Queue, encode_json, lease_of
 from jobq.registry import Handler, JobCancelled, JobContext, PayloadInvalid, Registry
 from jobq.worker.state import Retrying, Run, Stop, WorkerState
@@ -38,12 +39,15 @@ class JobRunner:
         *,
         threads: HandlerThreads | None,
         backoffs: Mapping[str, Backoff],
+        middleware: RunChain | None = None,
     ) -> None:
         self.state = state
         self.queue = queue
         self.registry = registry
         self.threads = threads
         self.backoffs = backoffs
+        # None without middleware: handlers are then called directly.
+        self.middleware = middleware
 
     def start(self, job: Job) -> None:
         """Run a job just claimed, in a task of its own."""
@@ -142,14 +146,18 @@ class JobRunner:
 
     async def _run_handler(self, run: Run, handler: Handler, extra: dict[str, Any]) -> None:
         job = run.job
+        bad_payload: list[PayloadInvalid] = []
+
+        async def call() -> Any:
+            try:
+                payload = handler.parse_payload(job.payload)
+            except PayloadInvalid as exc:
+                bad_payload.append(exc)
+                raise
+            return await self._invoke(run, handler, payload, extra)
+
         try:
-            payload = handler.parse_payload(job.payload)
-        except PayloadInvalid as exc:
-            log.warning("payload invalid; failing permanently", extra=extra)
-            await self._fail(run, f"PayloadInvalid: {exc}", permanent=True)
-            return
-        try:
-            result = await self._invoke(run, handler, payload, extra)
+            result = await (call() if self.middleware is None else self.middleware(run.ctx, call))
         except asyncio.CancelledError:
             reason = run.stop_reason
             if reason is None:
@@ -160,6 +168,10 @@ class JobRunner:
             await self._cancelled(run, str(exc) or "cancelled on request", extra)
             return
         except Exception as exc:
+            if bad_payload and exc is bad_payload[0]:
+                log.warning("payload invalid; failing permanently", extra=extra)
+                await self._fail(run, f"PayloadInvalid: {exc}", permanent=True)
+                return
             # Only our own deadline is a timeout; a handler's own TimeoutError is a failure
             # like any other and keeps its message.
             if isinstance(exc, TimeoutError) and run.timed_out:

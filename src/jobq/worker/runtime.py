@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from jobq import db, maintenance
+from jobq import db, maintenance, middleware
 from jobq.backoff import Backoff
 from jobq.maintenance import Partitioner
 from jobq.queue import DEFAULT_QUEUE, Queue
@@ -152,7 +152,13 @@ class Worker:
             max_result_bytes=self.settings.max_payload_bytes,
         )
         runner = JobRunner(
-            state, queue, self.registry, threads=self._threads, backoffs=self._backoffs
+            state,
+            queue,
+            self.registry,
+            threads=self._threads,
+            backoffs=self._backoffs,
+            # Process-wide middleware outermost, as installed when the worker starts.
+            middleware=middleware.run_chain([*middleware.installed(), *self.registry.middleware]),
         )
         claimer = Claimer(
             state, queue, runner, batch_size=self.batch_size, max_attempts=self._max_attempts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,9 @@ class SyncCall:
         self._loop = loop
         self._fn = fn
         self._args = args
+        # The caller's context variables (what a middleware set: log context, the current
+        # span) are the handler's too, as for an async handler.
+        self._context = contextvars.copy_context()
         self._lock = threading.Lock()
         self._begun = False
         self._abandoned = False
@@ -56,7 +60,7 @@ class SyncCall:
             self._begun = True
         self._notify(self.started, time.monotonic(), None)
         try:
-            result = self._fn(*self._args)
+            result = self._context.run(self._fn, *self._args)
         except BaseException as exc:
             self._returned = True
             # asyncio futures refuse StopIteration, and SystemExit must not end the worker.
