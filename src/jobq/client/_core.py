@@ -1,0 +1,196 @@
+"""What the sync and the async client share: each operation as a request and a parser, the
+retry policy, and reading answers. Only httpx and the standard library."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from jobq.client.errors import TransportError, UnexpectedResponse, problem_error
+from jobq.client.models import Cancelled, Enqueued, Job, NewJob, Page
+
+T = TypeVar("T")
+
+PROBLEM = "application/problem+json"
+# The longest single `?wait=` the API accepts; a longer wait is several requests.
+MAX_WAIT_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One operation: the request, whether it may be sent again, and how to read the answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: Mapping[str, str] | None = None
+    json: Any = None
+    headers: Mapping[str, str] | None = None
+    # Safe to send again after a 503 or a lost connection: GETs, and enqueues with a key.
+    idempotent: bool = False
+    # Seconds to wait for the answer, when longer than the client's timeout (a `?wait=`).
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, `backoff` doubling to `max_backoff`; a 503's
+    Retry-After (seconds or an HTTP date) is honoured instead, capped at `max_backoff`."""
+
+    retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("retries, backoff and max_backoff must be >= 0")
+
+    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            after = retry_after(response.headers.get("retry-after"))
+            if after is not None:
+                return min(self.max_backoff, after)
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+
+
+def retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now (RFC 9110 10.2.3); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def should_retry(call: Call[Any], response: httpx.Response | None) -> bool:
+    """An idempotent call is sent again after a 503 or no answer at all."""
+    return call.idempotent and (response is None or response.status_code == 503)
+
+
+def give_up(exc: httpx.TransportError) -> TransportError:
+    error = TransportError(f"no answer from the jobq API: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def raise_for_problem(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    ctype = response.headers.get("content-type", "")
+    if ctype.startswith(PROBLEM) or ctype.startswith("application/json"):
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "error" in body:
+            raise problem_error(response.status_code, body)
+    raise UnexpectedResponse(response.status_code, "not a problem document", response.text)
+
+
+def body_of(response: httpx.Response) -> Any:
+    raise_for_problem(response)
+    try:
+        return response.json()
+    except ValueError:
+        raise UnexpectedResponse(
+            response.status_code, "the body is not JSON", response.text
+        ) from None
+
+
+def _parsed(fn: Callable[[Any], T]) -> Callable[[httpx.Response], T]:
+    def parse(response: httpx.Response) -> T:
+        data = body_of(response)
+        try:
+            return fn(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UnexpectedResponse(
+                response.status_code, f"the body does not fit: {type(exc).__name__}: {exc}",
+                response.text,
+            ) from None  # fmt: skip
+
+    return parse
+
+
+def _enqueued(response: httpx.Response) -> Enqueued:
+    job = _parsed(Job.from_json)(response)
+    return Enqueued(job, created=response.status_code == 201)
+
+
+def _id(job_id: uuid.UUID | str) -> str:
+    return str(uuid.UUID(str(job_id)))  # refuses what is not a UUID before anything is sent
+
+
+def enqueue(
+    kind: str,
+    payload: Mapping[str, Any] | None,
+    *,
+    queue: str | None,
+    priority: int | None,
+    max_attempts: int | None,
+    run_at: datetime | None,
+    idempotency_key: str | None,
+) -> Call[Enqueued]:
+    new = NewJob(kind, payload or {}, queue, priority, max_attempts, run_at)
+    headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+    return Call(
+        "POST", "/jobs", _enqueued, json=new.to_json(), headers=headers,
+        idempotent=idempotency_key is not None,
+    )  # fmt: skip
+
+
+def get(job_id: uuid.UUID | str) -> Call[Job]:
+    return Call("GET", f"/jobs/{_id(job_id)}", _parsed(Job.from_json), idempotent=True)
+
+
+def list_page(
+    *,
+    status: str | None,
+    kind: str | None,
+    queue: str | None,
+    limit: int | None,
+    cursor: str | None,
+) -> Call[Page]:
+    given = {"status": status, "kind": kind, "queue": queue, "cursor": cursor}
+    params = {k: v for k, v in given.items() if v is not None}
+    if limit is not None:
+        params["limit"] = str(limit)
+    return Call("GET", "/jobs", _parsed(Page.from_json), params=params, idempotent=True)
+
+
+def cancel(job_id: uuid.UUID | str) -> Call[Cancelled]:
+    return Call("POST", f"/jobs/{_id(job_id)}/cancel", _parsed(Cancelled.from_json))
+
+
+def retry(job_id: uuid.UUID | str) -> Call[Job]:
+    return Call("POST", f"/jobs/{_id(job_id)}/retry", _parsed(Job.from_json))
+
+
+def wait_once(job_id: uuid.UUID | str, seconds: float, read_timeout: float) -> Call[Job]:
+    """One `GET /jobs/{id}?wait=`: answered when the job ends or after `seconds`."""
+    seconds = max(0.0, min(MAX_WAIT_SECONDS, seconds))
+    return Call(
+        "GET", f"/jobs/{_id(job_id)}", _parsed(Job.from_json),
+        params={"wait": f"{seconds:.3f}".rstrip("0").rstrip(".") or "0"}, idempotent=True,
+        timeout=seconds + read_timeout,
+    )  # fmt: skip
+
+
+def headers(token: str | None, extra: Mapping[str, str] | None) -> dict[str, str]:
+    out = {"Accept": f"application/json, {PROBLEM}", "User-Agent": "jobq-client"}
+    if token is not None:
+        out["Authorization"] = f"Bearer {token}"
+    out.update(extra or {})
+    return out

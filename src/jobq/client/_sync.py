@@ -1,0 +1,163 @@
+"""`Client`: the jobq HTTP API from synchronous code."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from jobq.client import _core
+from jobq.client._core import Call, RetryPolicy
+from jobq.client.models import Cancelled, Enqueued, Job, JobSummary, Page
+
+T = TypeVar("T")
+
+
+class Client:
+    """The jobq HTTP API over httpx, for services that do not talk to the database.
+
+    >>> with Client("http://jobq.internal:8000", token="s3cret") as jobq:
+    ...     job = jobq.enqueue("email.send", {"to": "a@example.com"}, idempotency_key="o-42").job
+    ...     done = jobq.wait(job.id, timeout=30)
+
+    Problem documents are raised as `jobq.client.errors.APIError` subclasses, one per slug.
+    Idempotent calls (GETs, and enqueues with an idempotency key) are sent again after a 503
+    or a lost connection, `retries` times, with backoff (honouring Retry-After); others never
+    are. `http` is an httpx.Client of your own (its base URL, transport, event hooks); the
+    client then leaves it open.
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.policy = RetryPolicy(retries, backoff, max_backoff)
+        self.timeout = timeout
+        self._headers = _core.headers(token, headers)
+        self._own = http is None
+        self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
+
+    def close(self) -> None:
+        if self._own:
+            self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _send(self, call: Call[T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                response = self.http.request(
+                    call.method,
+                    call.path,
+                    params=call.params,
+                    json=call.json,
+                    headers={**self._headers, **(call.headers or {})},
+                    timeout=call.timeout or httpx.USE_CLIENT_DEFAULT,
+                )
+            except httpx.TransportError as exc:
+                if attempt >= self.policy.retries or not _core.should_retry(call, None):
+                    raise _core.give_up(exc) from exc
+                time.sleep(self.policy.delay(attempt, None))
+            else:
+                if attempt >= self.policy.retries or not _core.should_retry(call, response):
+                    return call.parse(response)
+                time.sleep(self.policy.delay(attempt, response))
+            attempt += 1
+
+    # -- operations ----------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        kind: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        run_at: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> Enqueued:
+        """`POST /jobs`. With `idempotency_key`, a replay returns the job the key created
+        (`created` False), so the call is retried safely."""
+        return self._send(
+            _core.enqueue(
+                kind, payload, queue=queue, priority=priority, max_attempts=max_attempts,
+                run_at=run_at, idempotency_key=idempotency_key,
+            )
+        )  # fmt: skip
+
+    def get(self, job_id: uuid.UUID | str) -> Job:
+        """`GET /jobs/{id}`; NotFound when there is no such job."""
+        return self._send(_core.get(job_id))
+
+    def list_page(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        queue: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of `GET /jobs`, newest first; pass its `next_cursor` for the next."""
+        return self._send(
+            _core.list_page(status=status, kind=kind, queue=queue, limit=limit, cursor=cursor)
+        )
+
+    def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        queue: str | None = None,
+        page_size: int = 200,
+    ) -> Iterator[JobSummary]:
+        """Every job matching the filters, newest first, fetched a page at a time by cursor
+        (stable while new jobs arrive)."""
+        cursor: str | None = None
+        while True:
+            page = self.list_page(
+                status=status, kind=kind, queue=queue, limit=page_size, cursor=cursor
+            )
+            yield from page.jobs
+            if page.next_cursor is None or not page.jobs:
+                return
+            cursor = page.next_cursor
+
+    def cancel(self, job_id: uuid.UUID | str) -> Cancelled:
+        """`POST /jobs/{id}/cancel`; JobTerminal when the job already ended."""
+        return self._send(_core.cancel(job_id))
+
+    def retry(self, job_id: uuid.UUID | str) -> Job:
+        """`POST /jobs/{id}/retry` of a failed or cancelled job; InvalidState otherwise."""
+        return self._send(_core.retry(job_id))
+
+    def wait(self, job_id: uuid.UUID | str, timeout: float | None = None) -> Job:
+        """The job once it has ended (`GET /jobs/{id}?wait=`, as often as needed), or as it
+        is when `timeout` seconds have passed (None: no limit); check `is_terminal`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _core.MAX_WAIT_SECONDS if deadline is None else deadline - time.monotonic()
+            job = self._send(_core.wait_once(job_id, left, self.timeout))
+            if job.is_terminal or (deadline is not None and time.monotonic() >= deadline):
+                return job

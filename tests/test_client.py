@@ -1,0 +1,296 @@
+"""The typed Python client (`jobq.Client`, `jobq.AsyncClient`) against real `jobq api`
+processes: one over this module's database, with a token; one over a database that is down."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from jobq.api import schemas
+from jobq.client import AsyncClient, Client, NewJob, RetryPolicy, errors, models
+from jobq.queue import Queue
+from tests.helpers import ROOT, wait_for
+from tests.servers import free_port, start_api, stop, wait_ready
+
+TOKEN = "client-test-token"
+FAST_RETRIES = {"retries": 2, "backoff": 0.01, "max_backoff": 0.02}
+
+
+@pytest.fixture(scope="module")
+def api(dsn: str) -> Iterator[str]:
+    proc, base = start_api(
+        dsn,
+        "--app",
+        "jobq.examples:registry",
+        env={"JOBQ_API_TOKENS": TOKEN},
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        asyncio.run(wait_ready(base, proc))
+        yield base
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def down_api() -> Iterator[str]:
+    """An API whose database is unreachable: every job route answers 503 with Retry-After."""
+    proc, base = start_api(
+        f"postgresql://postgres@127.0.0.1:{free_port()}/none", stdin=subprocess.DEVNULL
+    )
+
+    async def alive() -> bool:
+        assert proc.poll() is None, "the API server exited"
+        try:
+            async with httpx.AsyncClient() as c:
+                return (await c.get(f"{base}/healthz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        asyncio.run(wait_for(alive, timeout=30, interval=0.1))
+        yield base
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def client(api: str, queue: Queue) -> Iterator[Client]:
+    with Client(api, token=TOKEN) as c:
+        yield c
+
+
+class Counting:
+    """An httpx client of the test's own that counts the requests it sends."""
+
+    def __init__(self, base: str) -> None:
+        self.sent: list[str] = []
+        self.http = httpx.Client(
+            base_url=base, event_hooks={"request": [lambda r: self.sent.append(r.method)]}
+        )
+
+    def __enter__(self) -> Client:
+        return Client(http=self.http, **FAST_RETRIES)  # type: ignore[arg-type]
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+
+# -- calls and what they return ------------------------------------------------------------
+
+
+def test_enqueue_returns_the_stored_job_as_typed_values(client: Client) -> None:
+    run_at = datetime(2030, 1, 1, 9, tzinfo=UTC)
+    stored = client.enqueue("echo", {"n": 1}, queue="mail", priority=-3, run_at=run_at)
+    job = stored.job
+    assert stored.created
+    assert isinstance(job.id, uuid.UUID)
+    assert (job.kind, job.queue, job.priority, job.payload) == ("echo", "mail", -3, {"n": 1})
+    assert (job.status, job.run_at, job.is_terminal) == ("queued", run_at, False)
+    assert job.created_at.tzinfo is not None
+
+
+def test_enqueue_with_an_idempotency_key_returns_the_same_job_again(client: Client) -> None:
+    first = client.enqueue("echo", {"n": 1}, idempotency_key="order-42")
+    again = client.enqueue("echo", {"n": 1}, idempotency_key="order-42")
+    assert (first.created, again.created) == (True, False)
+    assert again.job.id == first.job.id
+    assert again.job.idempotency_key == "order-42"
+
+
+def test_get_returns_the_whole_job(client: Client) -> None:
+    created = client.enqueue("echo", {"hello": "world"}).job
+    job = client.get(created.id)
+    assert job == created
+    assert (job.result, job.errors, job.last_error) == (None, [], None)
+
+
+def test_list_jobs_iterates_every_page_by_cursor_newest_first(client: Client) -> None:
+    ids = [client.enqueue("echo", {"i": i}).job.id for i in range(7)]
+    listed = list(client.list_jobs(kind="echo", page_size=3))
+    assert [j.id for j in listed] == ids[::-1]
+    assert all(isinstance(j, models.JobSummary) for j in listed)
+
+
+def test_list_page_returns_one_page_and_its_cursor(client: Client) -> None:
+    for i in range(3):
+        client.enqueue("echo", {"i": i})
+    page = client.list_page(limit=2)
+    assert (len(page.jobs), page.limit) == (2, 2)
+    rest = client.list_page(limit=2, cursor=page.next_cursor)
+    assert len(rest.jobs) == 1
+
+
+def test_cancel_cancels_a_waiting_job(client: Client) -> None:
+    job = client.enqueue("echo").job
+    assert client.cancel(job.id) == models.Cancelled("cancelled", job.id)
+    assert client.get(job.id).status == "cancelled"
+
+
+def test_retry_queues_a_cancelled_job_again(client: Client) -> None:
+    job = client.enqueue("echo").job
+    client.cancel(job.id)
+    assert client.retry(job.id).status == "queued"
+
+
+async def test_the_async_client_does_the_same_awaited(api: str, queue: Queue) -> None:
+    async with AsyncClient(api, token=TOKEN) as client:
+        stored = await client.enqueue("echo", {"n": 2}, idempotency_key="async-1")
+        assert (await client.get(stored.job.id)).payload == {"n": 2}
+        assert [j.id async for j in client.list_jobs(page_size=1)] == [stored.job.id]
+        assert (await client.cancel(stored.job.id)).status == "cancelled"
+        assert (await client.retry(stored.job.id)).status == "queued"
+        with pytest.raises(errors.NotFound):
+            await client.get(uuid.uuid4())
+
+
+# -- problem documents as typed exceptions --------------------------------------------------
+
+
+def test_a_missing_job_raises_not_found_with_the_problem_fields(client: Client) -> None:
+    missing = uuid.uuid4()
+    with pytest.raises(errors.NotFound) as caught:
+        client.get(missing)
+    problem = caught.value
+    assert (problem.status, problem.error, problem.type) == (
+        404, "not_found", "urn:jobq:problem:not-found",
+    )  # fmt: skip
+    assert str(missing) in problem.detail
+    assert isinstance(problem, errors.APIError)
+
+
+def test_an_invalid_job_raises_validation_error_naming_the_field(client: Client) -> None:
+    with pytest.raises(errors.ValidationError) as caught:
+        client.enqueue("echo", priority=1 << 20)
+    assert caught.value.status == 422
+    assert [e["loc"] for e in caught.value.errors] == [["body", "priority"]]
+
+
+def test_an_unknown_kind_raises_unknown_kind(client: Client) -> None:
+    with pytest.raises(errors.UnknownKind):
+        client.enqueue("no.such.kind")
+
+
+def test_a_payload_that_does_not_fit_raises_invalid_payload(client: Client) -> None:
+    with pytest.raises(errors.InvalidPayload):
+        client.enqueue("sleep", {"seconds": "long"})
+
+
+def test_a_key_reused_for_another_request_raises_idempotency_key_reused(client: Client) -> None:
+    first = client.enqueue("echo", {"n": 1}, idempotency_key="k").job
+    with pytest.raises(errors.IdempotencyKeyReused) as caught:
+        client.enqueue("echo", {"n": 2}, idempotency_key="k")
+    assert caught.value.job_id == str(first.id)
+
+
+def test_cancelling_a_job_that_ended_raises_job_terminal_with_its_state(client: Client) -> None:
+    job = client.enqueue("echo").job
+    client.cancel(job.id)
+    with pytest.raises(errors.JobTerminal) as caught:
+        client.cancel(job.id)
+    assert (caught.value.status, caught.value.job_status) == (409, "cancelled")
+
+
+def test_retrying_a_waiting_job_raises_invalid_state(client: Client) -> None:
+    job = client.enqueue("echo").job
+    with pytest.raises(errors.InvalidState):
+        client.retry(job.id)
+
+
+def test_a_missing_or_wrong_token_raises_unauthorized(api: str, queue: Queue) -> None:
+    for token in (None, "wrong"):
+        with Client(api, token=token) as anonymous, pytest.raises(errors.Unauthorized):
+            anonymous.get(uuid.uuid4())
+
+
+def test_an_id_that_is_not_a_uuid_is_refused_before_anything_is_sent(client: Client) -> None:
+    with pytest.raises(ValueError):
+        client.get("../metrics")
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+def test_a_get_is_retried_on_503_then_raises_database_unavailable(down_api: str) -> None:
+    counting = Counting(down_api)
+    with counting as client, pytest.raises(errors.DatabaseUnavailable) as caught:
+        client.get(uuid.uuid4())
+    assert counting.sent == ["GET"] * 3
+    assert isinstance(caught.value, errors.Unavailable) and caught.value.status == 503
+
+
+def test_an_enqueue_without_a_key_is_never_retried(down_api: str) -> None:
+    counting = Counting(down_api)
+    with counting as client, pytest.raises(errors.DatabaseUnavailable):
+        client.enqueue("echo")
+    assert counting.sent == ["POST"]
+
+
+def test_an_enqueue_with_a_key_is_retried_on_503(down_api: str) -> None:
+    counting = Counting(down_api)
+    with counting as client, pytest.raises(errors.DatabaseUnavailable):
+        client.enqueue("echo", idempotency_key="safe-to-repeat")
+    assert counting.sent == ["POST"] * 3
+
+
+def test_cancel_and_retry_are_never_retried(down_api: str) -> None:
+    counting = Counting(down_api)
+    with counting as client:
+        for call in (client.cancel, client.retry):
+            with pytest.raises(errors.DatabaseUnavailable):
+                call(uuid.uuid4())
+    assert counting.sent == ["POST", "POST"]
+
+
+def test_no_answer_is_retried_for_a_get_then_raises_transport_error() -> None:
+    counting = Counting(f"http://127.0.0.1:{free_port()}")
+    with counting as client:
+        with pytest.raises(errors.TransportError) as caught:
+            client.get(uuid.uuid4())
+        with pytest.raises(errors.TransportError):
+            client.enqueue("echo")
+    assert counting.sent == ["GET", "GET", "GET", "POST"]
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+
+
+def test_retry_after_is_honoured_up_to_max_backoff() -> None:
+    policy = RetryPolicy(retries=3, backoff=0.01, max_backoff=5)
+    assert policy.delay(0, httpx.Response(503, headers={"Retry-After": "2"})) == 2
+    assert policy.delay(0, httpx.Response(503, headers={"Retry-After": "120"})) == 5
+    soon = (datetime.now(UTC) + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    assert policy.delay(0, httpx.Response(503, headers={"Retry-After": soon})) == 5
+    assert 0 <= policy.delay(4, httpx.Response(503)) <= 0.16
+
+
+# -- the package -----------------------------------------------------------------------------
+
+
+def test_the_models_have_the_fields_of_the_api_schemas() -> None:
+    pairs = [(models.Job, schemas.JobOut), (models.JobSummary, schemas.JobSummaryOut),
+             (models.Page, schemas.JobPage), (models.Cancelled, schemas.CancelOut),
+             (models.JobError, schemas.JobError)]  # fmt: skip
+    for model, schema in pairs:
+        assert [f.name for f in dataclasses.fields(model)] == list(schema.model_fields), model
+    new_job = {f.name for f in dataclasses.fields(NewJob)}
+    assert new_job == set(schemas.JobCreate.model_fields)
+
+
+def test_the_client_imports_without_the_servers_packages() -> None:
+    server_side = ["asyncpg", "fastapi", "starlette", "pydantic", "uvicorn", "orjson", "jinja2"]
+    code = (
+        f"import sys\nfor m in {server_side!r}: sys.modules[m] = None\n"
+        "from jobq import AsyncClient, Client\nfrom jobq.client import errors, models\n"
+        "print(sorted(m for m in sys.modules if m.startswith('jobq')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert "jobq.queue" not in out.stdout and "jobq.client" in out.stdout
