@@ -18,9 +18,8 @@ A plain `async def f(ctx, call_next)` given to `Registry.use` is a run middlewar
 
 Where they apply: a registry's middleware (`Registry.use`) around the runs of a worker started
 with it, and around the enqueues of an API started with it (`--app`); a `Queue`'s
-(`Queue(pool, middleware=[...])`) around its enqueues; a process-wide one (`install`, what
-`jobq.otel.instrument()` uses) around both, everywhere in the process, outermost. The first
-registered is the outermost.
+(`Queue(pool, middleware=[...])`) around its enqueues; a process-wide one (`install`) around
+both, everywhere in the process, outermost. The first registered is the outermost.
 
 What a run's outcome is: whatever the whole chain returns or raises, exactly as if the handler
 had. A middleware that raises before or after `call_next` fails the attempt like a handler
@@ -39,6 +38,7 @@ span). Blocking work in a middleware blocks the worker; use `asyncio.to_thread` 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -129,17 +129,21 @@ RunChain: TypeAlias = Callable[["JobContext", CallNext], Awaitable[Any]]
 EnqueueChain: TypeAlias = Callable[["list[NewJob]", EnqueueNext], Awaitable[list[uuid.UUID]]]
 
 
-def _once(call: Callable[[], Awaitable[Any]]) -> CallNext:
-    called = False
+class _Once:
+    """`call_next`: runs the rest of the chain, once. Returns the awaitable itself (no frame of
+    its own): a chain costs each job about one call per middleware."""
 
-    async def call_next() -> Any:
-        nonlocal called
-        if called:
+    __slots__ = ("_call", "_called")
+
+    def __init__(self, call: Callable[[], Awaitable[Any]]) -> None:
+        self._call = call
+        self._called = False
+
+    def __call__(self) -> Awaitable[Any]:
+        if self._called:
             raise RuntimeError("call_next was already called: a handler runs once per attempt")
-        called = True
-        return await call()
-
-    return call_next
+        self._called = True
+        return self._call()
 
 
 def run_chain(middleware: Sequence[Middleware]) -> RunChain | None:
@@ -148,14 +152,14 @@ def run_chain(middleware: Sequence[Middleware]) -> RunChain | None:
     hooks = tuple(m.run for m in middleware if _overrides(m, "run"))
     if not hooks:
         return None
+    outer, *inner = hooks
+    inner.reverse()
 
     async def chain(ctx: JobContext, innermost: CallNext) -> Any:
-        def step(i: int) -> CallNext:
-            if i == len(hooks):
-                return _once(innermost)
-            return _once(lambda: hooks[i](ctx, step(i + 1)))
-
-        return await step(0)()
+        call_next = _Once(innermost)
+        for hook in inner:
+            call_next = _Once(functools.partial(hook, ctx, call_next))
+        return await outer(ctx, call_next)
 
     return chain
 

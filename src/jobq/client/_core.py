@@ -7,7 +7,7 @@ import email.utils
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -20,7 +20,8 @@ from jobq.client.models import Cancelled, Enqueued, Job, NewJob, Page
 T = TypeVar("T")
 
 PROBLEM = "application/problem+json"
-# The longest single `?wait=` the API accepts; a longer wait is several requests.
+# The longest single `?wait=` the API accepts by default (JOBQ_WAIT_MAX_SECONDS); a longer
+# wait is several requests.
 MAX_WAIT_SECONDS = 60.0
 
 
@@ -151,6 +152,20 @@ def enqueue(
     )  # fmt: skip
 
 
+def _batch(response: httpx.Response) -> list[Enqueued]:
+    def parse(data: Any) -> list[Enqueued]:
+        return [Enqueued(Job.from_json(j), created=bool(j["created"])) for j in data["jobs"]]
+
+    return _parsed(parse)(response)
+
+
+def enqueue_batch(jobs: Sequence[NewJob]) -> Call[list[Enqueued]]:
+    """`POST /jobs/batch`: idempotent (so retried) when every job has an idempotency key."""
+    keyed = all(j.idempotency_key is not None for j in jobs)
+    body = {"jobs": [j.to_json() for j in jobs]}
+    return Call("POST", "/jobs/batch", _batch, json=body, idempotent=keyed)
+
+
 def get(job_id: uuid.UUID | str) -> Call[Job]:
     return Call("GET", f"/jobs/{_id(job_id)}", _parsed(Job.from_json), idempotent=True)
 
@@ -180,7 +195,7 @@ def retry(job_id: uuid.UUID | str) -> Call[Job]:
 
 def wait_once(job_id: uuid.UUID | str, seconds: float, read_timeout: float) -> Call[Job]:
     """One `GET /jobs/{id}?wait=`: answered when the job ends or after `seconds`."""
-    seconds = max(0.0, min(MAX_WAIT_SECONDS, seconds))
+    seconds = max(0.0, seconds)
     return Call(
         "GET", f"/jobs/{_id(job_id)}", _parsed(Job.from_json),
         params={"wait": f"{seconds:.3f}".rstrip("0").rstrip(".") or "0"}, idempotent=True,

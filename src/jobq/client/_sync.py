@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -13,7 +13,7 @@ import httpx
 
 from jobq.client import _core
 from jobq.client._core import Call, RetryPolicy
-from jobq.client.models import Cancelled, Enqueued, Job, JobSummary, Page
+from jobq.client.models import Cancelled, Enqueued, Job, JobSummary, NewJob, Page
 
 T = TypeVar("T")
 
@@ -42,10 +42,13 @@ class Client:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         headers: Mapping[str, str] | None = None,
+        max_wait: float = _core.MAX_WAIT_SECONDS,
         http: httpx.Client | None = None,
     ) -> None:
         self.policy = RetryPolicy(retries, backoff, max_backoff)
         self.timeout = timeout
+        # The longest `?wait=` one request asks for: at most the API's JOBQ_WAIT_MAX_SECONDS.
+        self.max_wait = max_wait
         self._headers = _core.headers(token, headers)
         self._own = http is None
         self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
@@ -106,6 +109,12 @@ class Client:
             )
         )  # fmt: skip
 
+    def enqueue_batch(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+        """`POST /jobs/batch`: every job stored or none (a ValidationError names each bad one
+        by index), in one request; each answered in order with `created`. Retried only when
+        every job has an idempotency key."""
+        return self._send(_core.enqueue_batch(jobs))
+
     def get(self, job_id: uuid.UUID | str) -> Job:
         """`GET /jobs/{id}`; NotFound when there is no such job."""
         return self._send(_core.get(job_id))
@@ -157,7 +166,7 @@ class Client:
         is when `timeout` seconds have passed (None: no limit); check `is_terminal`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            left = _core.MAX_WAIT_SECONDS if deadline is None else deadline - time.monotonic()
-            job = self._send(_core.wait_once(job_id, left, self.timeout))
+            left = self.max_wait if deadline is None else deadline - time.monotonic()
+            job = self._send(_core.wait_once(job_id, min(left, self.max_wait), self.timeout))
             if job.is_terminal or (deadline is not None and time.monotonic() >= deadline):
                 return job

@@ -103,6 +103,16 @@ class PayloadTooLarge(APIError):
     error = "payload_too_large"
 
 
+class BatchTooLarge(APIError):
+    """413: more jobs in one batch than the API's JOBQ_BATCH_MAX (`batch_max`)."""
+
+    error = "batch_too_large"
+
+    @property
+    def batch_max(self) -> int | None:
+        return self.body.get("batch_max")
+
+
 class UnsupportedMediaType(APIError):
     error = "unsupported_media_type"
 
@@ -195,8 +205,8 @@ PROBLEM_TYPES: dict[str, type[APIError]] = {
     cls.error: cls
     for cls in (
         BadRequest, Unauthorized, NotFound, MethodNotAllowed, RequestTimeout, JobTerminal,
-        InvalidState, PayloadTooLarge, UnsupportedMediaType, ValidationError, UnknownKind,
-        InvalidPayload, IdempotencyKeyReused, InvalidJSON, InvalidUTF8, DuplicateKey,
+        InvalidState, PayloadTooLarge, BatchTooLarge, UnsupportedMediaType, ValidationError,
+        UnknownKind, InvalidPayload, IdempotencyKeyReused, InvalidJSON, InvalidUTF8, DuplicateKey,
         NumberOutOfRange, InvalidTime, HeaderTooLarge, InternalError, HTTPError,
         DatabaseUnavailable, DatabaseReadOnly, TooManyConnections,
     )
