@@ -23,7 +23,7 @@ if TYPE_CHECKING:
         NewJob,
         Queue,
     )
-    from jobq.registry import JobCancelled, JobContext, Registry
+    from jobq.registry import JobCancelled, JobContext, Registry, Snooze
     from jobq.worker import Worker
 
 _WHERE = {
@@ -42,6 +42,7 @@ _WHERE = {
     "NewJob": "jobq.queue",
     "Queue": "jobq.queue",
     "Registry": "jobq.registry",
+    "Snooze": "jobq.registry",
     "Worker": "jobq.worker",
 }
 
@@ -61,6 +62,7 @@ __all__ = [
     "NewJob",
     "Queue",
     "Registry",
+    "Snooze",
     "Worker",
 ]
 

@@ -27,6 +27,29 @@ class JobCancelled(Exception):
     """Raised inside a handler (by `ctx.raise_if_cancelled()`) to stop for a cancel request."""
 
 
+class Snooze(Exception):
+    """Raised inside a handler to run the job again `seconds` from now without counting an
+    attempt: the job waits (`queued`, or `retrying` after earlier failures) with its `run_at`
+    moved, and its lease is released. `ctx.snooze(seconds)` raises it."""
+
+    def __init__(self, seconds: float) -> None:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not math.isfinite(seconds)
+            or not 0 <= seconds <= MAX_SNOOZE_SECONDS
+        ):
+            raise ValueError(
+                f"snooze seconds must be a number from 0 to {MAX_SNOOZE_SECONDS}, got {seconds!r}"
+            )
+        super().__init__(f"snoozed for {seconds}s")
+        self.seconds = float(seconds)
+
+
+# A year: a longer wait is a mistake more likely than a plan.
+MAX_SNOOZE_SECONDS = 366 * 24 * 3600
+
+
 class PayloadInvalid(ValueError):
     """The payload does not fit the handler's declared model."""
 
@@ -78,6 +101,11 @@ class JobContext:
         """Stop here if cancellation was requested: the job then ends `cancelled`."""
         if self._cancel_flag:
             raise JobCancelled(f"job {self.id} cancelled on request")
+
+    def snooze(self, seconds: float) -> typing.NoReturn:
+        """Stop here and run the job again `seconds` from now, without counting this attempt
+        (raises `Snooze`)."""
+        raise Snooze(seconds)
 
     def _request_cancel(self) -> None:
         self._cancel_flag = True

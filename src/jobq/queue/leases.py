@@ -1,4 +1,4 @@
-"""What workers do with a job: claim, complete, fail, release, heartbeat, rescue.
+"""What workers do with a job: claim, complete, fail, snooze, release, heartbeat, rescue.
 
 Every statement here is fenced by the lease token the claim handed out (the lifecycle is drawn
 in `jobq.queue`): once a job was rescued, cancelled or finished elsewhere, a late answer from
@@ -229,6 +229,40 @@ WITH cur AS (
 SELECT id, queue, status FROM released UNION ALL SELECT id, queue, status FROM moved
 """
 
+# A handler asked to run again later (`Snooze`): the attempt the claim counted is given back
+# (attempts - 1, so max_attempts is not consumed), the job waits until now() + $3 seconds and
+# its lease is released. As at release, it waits as `queued` when no attempt is left counted,
+# else as `retrying` (it failed before); one whose cancel was requested ends cancelled instead
+# (decided on the locked row, see _FAIL).
+_SNOOZE = f"""
+WITH cur AS (
+    SELECT id, cancel_requested AS cancelled
+    FROM jobs
+    WHERE id = $1 AND lease_token = $2 AND status = 'running'
+    FOR UPDATE
+), snoozed AS (
+    UPDATE jobs AS j
+    SET status = CASE WHEN j.attempts <= 1 THEN 'queued' ELSE 'retrying' END,
+        attempts = j.attempts - 1,
+        run_at = now() + make_interval(secs => $3),
+        finished_at = NULL,
+        started_at = NULL,
+        updated_at = now(),
+        lease_owner = NULL,
+        lease_token = NULL,
+        lease_expires_at = NULL
+    FROM cur
+    WHERE j.id = cur.id AND NOT cur.cancelled
+    RETURNING j.status
+), ended AS (
+    DELETE FROM jobs AS j USING cur WHERE j.id = cur.id AND cur.cancelled RETURNING j.*
+), moved AS (
+    {into_history("ended", status="'cancelled'", lease_owner="NULL", finished_at="now()")}
+    RETURNING status
+)
+SELECT status FROM snoozed UNION ALL SELECT status FROM moved
+"""
+
 # Extends the leases a worker still holds. A row locked by someone else (an operator's
 # SELECT ... FOR UPDATE, a long transaction) is skipped, not waited for: one row must not stall
 # the heartbeat of every other lease. `held` is a plain read, which no row lock blocks, so a
@@ -448,6 +482,13 @@ class Leases(QueueBase):
         """The handler stopped for a cancel request: the run ends cancelled."""
         row = await self._write(_CANCELLED_BY_WORKER, lease.job_id, lease.token, _truncate(reason))
         return row is not None
+
+    async def snooze(self, lease: Lease, seconds: float) -> str | None:
+        """Put a running job back to wait `seconds` without counting its attempt; the new
+        status (`queued`, `retrying`, or `cancelled` when a cancel was requested), or None
+        when the lease was lost."""
+        row = await self._write(_SNOOZE, lease.job_id, lease.token, float(seconds))
+        return None if row is None else str(row["status"])
 
     async def _write(self, sql: str, *args: Any) -> asyncpg.Record | None:
         """One statement that may move a job to history, run on the pool."""

@@ -23,7 +23,7 @@ from jobq import db, metrics
 from jobq.backoff import Backoff
 from jobq.middleware import RunChain
 from jobq.queue import InvalidJob, Job, Queue, encode_json, lease_of
-from jobq.registry import Handler, JobCancelled, JobContext, PayloadInvalid, Registry
+from jobq.registry import Handler, JobCancelled, JobContext, PayloadInvalid, Registry, Snooze
 from jobq.worker.state import Retrying, Run, Stop, WorkerState
 from jobq.worker.threads import HandlerThreads, SyncCall
 
@@ -167,6 +167,9 @@ class JobRunner:
         except JobCancelled as exc:
             await self._cancelled(run, str(exc) or "cancelled on request", extra)
             return
+        except Snooze as exc:
+            await self._snoozed(run, exc.seconds, extra)
+            return
         except Exception as exc:
             if bad_payload and exc is bad_payload[0]:
                 log.warning("payload invalid; failing permanently", extra=extra)
@@ -250,6 +253,13 @@ class JobRunner:
         if held:
             metrics.JOBS_FINISHED.labels(run.job.kind, "cancelled").inc()
             log.info("job cancelled", extra=extra)
+
+    async def _snoozed(self, run: Run, seconds: float, extra: dict[str, Any]) -> None:
+        status = await self._with_retry(lambda q: q.snooze(run.lease, seconds))
+        if status == "cancelled":
+            metrics.JOBS_FINISHED.labels(run.job.kind, "cancelled").inc()
+        elif status is not None:
+            log.info("job snoozed for %ss", seconds, extra=extra)
 
     async def _fail(self, run: Run, error: str, *, permanent: bool = False) -> None:
         backoff = self.backoffs[run.job.kind]
