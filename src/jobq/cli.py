@@ -610,6 +610,10 @@ def enqueue(
         typer.Option(metavar="TIME", help="When the job is due: RFC 3339 with an offset."),
     ] = None,
     idempotency_key: Annotated[str | None, typer.Option(metavar="KEY")] = None,
+    concurrency_key: Annotated[
+        str | None,
+        typer.Option(metavar="KEY", help="Tenant or account: per-key limits and fair share."),
+    ] = None,
     app_spec: Annotated[str | None, APP] = None,
 ) -> None:
     """Enqueue one job and print it as JSON."""
@@ -623,6 +627,7 @@ def enqueue(
         max_attempts=max_attempts,
         run_at=_parse_run_at(run_at, "--run-at"),
         idempotency_key=idempotency_key,
+        concurrency_key=concurrency_key,
     )
     try:
         validate(new)
@@ -936,6 +941,45 @@ def chaos(
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(1)
+
+
+_KIND_FLAG = typer.Option(
+    "--kind", help="NAME is a job kind: pause (or resume) its jobs in every queue."
+)
+
+
+def _flow(name: str, kind: bool, resume: bool) -> None:
+    settings = _settings()
+    scope = "kind" if kind else "queue"
+    with _database(settings) as dsn:
+
+        async def go() -> dict[str, Any]:
+            await _prepare(dsn, migrate=settings.database_url is None)
+            async with _queue(dsn, settings) as q:
+                state = await (q.resume(scope, name) if resume else q.pause(scope, name))
+            return {scope: state.name, "paused": state.paused, "paused_at": state.paused_at}
+
+        out = _run_against(dsn, go())
+    typer.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+
+
+@app.command()
+def pause(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The queue (or, with --kind, kind).")],
+    kind: Annotated[bool, _KIND_FLAG] = False,
+) -> None:
+    """Pause a queue: no worker on any host claims its jobs from now on; running ones finish,
+    enqueue goes on. Stored until resumed. A queue with no jobs yet can be paused."""
+    _flow(name, kind, resume=False)
+
+
+@app.command()
+def resume(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The queue (or, with --kind, kind).")],
+    kind: Annotated[bool, _KIND_FLAG] = False,
+) -> None:
+    """Resume a paused queue (or kind): workers claim its jobs again."""
+    _flow(name, kind, resume=True)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import math
 import types
@@ -17,10 +18,13 @@ import pydantic
 
 from jobq.backoff import Backoff
 from jobq.middleware import Middleware, RunFunction, as_middleware
-from jobq.queue import NewJob, validate
+from jobq.queue import InvalidJob, Limits, NewJob, validate
+from jobq.queue.validation import check_concurrency_key
 
 HandlerFn = Callable[..., Any]
 M = typing.TypeVar("M", bound="Middleware | RunFunction")
+# A job's concurrency key from its payload: a function, or the name of a payload field.
+KeyFn = Callable[[dict[str, Any]], object] | str
 
 
 class JobCancelled(Exception):
@@ -124,6 +128,29 @@ class Handler:
     # Per-handler retry bounds; None takes the worker's configured bound.
     retry_base_seconds: float | None = None
     retry_cap_seconds: float | None = None
+    # Flow control (docs/flow-control.md): limits on this kind, and where its key comes from.
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    concurrency_key: KeyFn | None = None
+
+    def key_of(self, payload: dict[str, Any]) -> str | None:
+        """The concurrency key of a job of this kind with this payload, from the handler's
+        `concurrency_key`; None when it declares none or the payload has none."""
+        source = self.concurrency_key
+        if source is None:
+            return None
+        try:
+            key = payload.get(source) if isinstance(source, str) else source(payload)
+        except Exception as exc:
+            raise InvalidJob(
+                "concurrency_key", f"the handler's concurrency_key function failed: {exc!r}"
+            ) from None
+        if key is None:
+            return None
+        if isinstance(key, bool) or not isinstance(key, str | int):
+            raise InvalidJob(
+                "concurrency_key", f"must come out a string or an integer, got {type(key).__name__}"
+            )
+        return check_concurrency_key(str(key))
 
     def backoff_with(self, configured: Backoff) -> Backoff:
         """This handler's backoff: its own bounds, the configured ones where it sets none."""
@@ -242,6 +269,7 @@ class Registry:
 
     def __init__(self, *, middleware: typing.Sequence[Middleware | RunFunction] = ()) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._queue_limits: dict[str, Limits] = {}
         self._middleware: list[Middleware] = []
         for mw in middleware:
             self.use(mw)
@@ -258,6 +286,50 @@ class Registry:
     def middleware(self) -> tuple[Middleware, ...]:
         return tuple(self._middleware)
 
+    def queue(
+        self,
+        name: str,
+        *,
+        max_concurrency: int | None = None,
+        max_per_key: int | None = None,
+        rate_limit: str | None = None,
+        rate_burst: int | None = None,
+        fair: bool = False,
+    ) -> None:
+        """Declare limits for a queue, across every worker and host: running jobs at most
+        (`max_concurrency`), per concurrency key (`max_per_key`), starts per second, minute or
+        hour (`rate_limit="100/s"`, a bucket of `rate_burst` starts, default one second's
+        worth), and fair share across keys (`fair=True`). Workers store them at start-up."""
+        validate(NewJob(kind="k", queue=name))
+        if name in self._queue_limits:
+            raise ValueError(f"limits for queue {name!r} are already declared")
+        limits = Limits.declare(
+            max_concurrency=max_concurrency,
+            max_per_key=max_per_key,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
+            fair=fair,
+        )
+        self._queue_limits[name] = limits
+
+    @property
+    def queue_limits(self) -> dict[str, Limits]:
+        """The limits declared per queue."""
+        return dict(self._queue_limits)
+
+    @property
+    def kind_limits(self) -> dict[str, Limits]:
+        """The limits each handler declares for its kind (an empty Limits: none)."""
+        return {h.kind: h.limits for h in self._handlers.values()}
+
+    def new_job(self, kind: str, payload: dict[str, Any] | None = None, **fields: Any) -> NewJob:
+        """A `NewJob` of a registered kind, its concurrency key taken from the payload by
+        the handler's `concurrency_key` unless given."""
+        payload = {} if payload is None else payload
+        if "concurrency_key" not in fields:
+            fields["concurrency_key"] = self[kind].key_of(payload)
+        return NewJob(kind=kind, payload=payload, **fields)
+
     def handler(
         self,
         kind: str,
@@ -267,9 +339,20 @@ class Registry:
         retry_base_seconds: float | None = None,
         retry_cap_seconds: float | None = None,
         payload: type[pydantic.BaseModel] | None = None,
+        max_concurrency: int | None = None,
+        concurrency_key: KeyFn | None = None,
+        max_per_key: int | None = None,
+        rate_limit: str | None = None,
+        rate_burst: int | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register `fn(ctx, payload)` for `kind`. The payload model comes from `payload=`
-        or from the annotation of the function's second parameter."""
+        or from the annotation of the function's second parameter.
+
+        Flow control, across every worker and host (docs/flow-control.md): at most
+        `max_concurrency` jobs of this kind run at once, at most `max_per_key` per
+        concurrency key (set at enqueue, or taken from the payload by `concurrency_key`, a
+        function or a field name), and they start no faster than `rate_limit` ("100/s",
+        "30/min", "1000/h"; a bucket of `rate_burst` starts, default one second's worth)."""
         # The queue's own rules for a kind: a handler for a kind no job can have would never run.
         validate(NewJob(kind=kind))
         if kind in self._handlers:
@@ -293,6 +376,22 @@ class Registry:
             and retry_cap_seconds < retry_base_seconds
         ):
             raise ValueError("retry_cap_seconds must be >= retry_base_seconds")
+        try:
+            limits = Limits.declare(
+                max_concurrency=max_concurrency,
+                max_per_key=max_per_key,
+                rate_limit=rate_limit,
+                rate_burst=rate_burst,
+            )
+        except ValueError as exc:
+            raise ValueError(f"handler {kind!r}: {exc}") from None
+        if concurrency_key is not None and not (
+            (isinstance(concurrency_key, str) and concurrency_key) or callable(concurrency_key)
+        ):
+            raise TypeError(
+                f"handler {kind!r}: concurrency_key must be a function of the payload or the"
+                f" name of a payload field, got {concurrency_key!r}"
+            )
 
         def register(fn: HandlerFn) -> HandlerFn:
             _check_callable(fn)
@@ -313,6 +412,8 @@ class Registry:
                 timeout=timeout,
                 retry_base_seconds=retry_base_seconds,
                 retry_cap_seconds=retry_cap_seconds,
+                limits=limits,
+                concurrency_key=concurrency_key,
             )
             return fn
 

@@ -14,6 +14,7 @@ FAILING_KINDS_LIMIT = 5
 
 async def collect(queue: Queue, *, minutes: int = WINDOW_MINUTES) -> dict[str, Any]:
     """Everything the overview shows, as JSON-ready data (`StatsOut`). One query per part."""
+    flow_parts = asyncio.gather(queue.flow_states(), queue.limit_usage())
     counts, lags, per_minute, failing, unhandled, workers = await asyncio.gather(
         queue.counts(),
         queue.oldest_due(),
@@ -22,11 +23,15 @@ async def collect(queue: Queue, *, minutes: int = WINDOW_MINUTES) -> dict[str, A
         queue.unhandled(),
         queue.workers(),
     )
+    flow, usage = await flow_parts
     by_queue: dict[str, dict[str, int]] = {}
     for name, status, n in counts:
         by_queue.setdefault(name, dict.fromkeys(STATUSES, 0))[status] = n
     lag_by_queue = {lag.queue: lag for lag in lags}
     for name in lag_by_queue:
+        by_queue.setdefault(name, dict.fromkeys(STATUSES, 0))
+    paused = {s.name for s in flow if s.scope == "queue" and s.paused}
+    for name in paused:
         by_queue.setdefault(name, dict.fromkeys(STATUSES, 0))
     queues = []
     for name in sorted(by_queue):
@@ -38,10 +43,27 @@ async def collect(queue: Queue, *, minutes: int = WINDOW_MINUTES) -> dict[str, A
                 "total": sum(by_queue[name].values()),
                 "oldest_due_at": lag.oldest_run_at if lag else None,
                 "oldest_due_age_seconds": round(lag.age_seconds, 3) if lag else None,
+                "paused": name in paused,
             }
         )
     return {
         "generated_at": datetime.now(UTC),
+        "paused_kinds": sorted(s.name for s in flow if s.scope == "kind" and s.paused),
+        "limits": [
+            {
+                "scope": u.state.scope,
+                "name": u.state.name,
+                "running": u.running,
+                "max_concurrency": u.state.max_concurrency,
+                "max_per_key": u.state.max_per_key,
+                "rate_per_second": u.state.rate,
+                "burst": u.state.burst,
+                "tokens": None if u.tokens is None else round(u.tokens, 3),
+                "fair": u.state.fair,
+                "keys": [{"key": k, "running": n} for k, n in u.keys],
+            }
+            for u in usage
+        ],
         "window_minutes": minutes,
         "queues": queues,
         "finished_per_minute": [

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobq import __name__ as _pkg
 from jobq import db, metrics, ui
-from jobq.api import routes, stats_routes
+from jobq.api import queue_routes, routes, stats_routes
 from jobq.api.auth import require_token
 from jobq.api.problems import Problem, ProblemError, openapi_problem, problem_response
 from jobq.api.schemas import Health, create_body_schema
@@ -412,6 +412,7 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(stats_routes.router)
+    app.include_router(queue_routes.router)
     ui.install(app)
     _install_health(app, settings)
     _install_openapi(app, registry)

@@ -188,6 +188,7 @@ def _new_job(body: Any, header_key: str | None, registry: Registry | None) -> Ne
             422, "validation_error", "the job is invalid", errors=_field_errors(exc)
         ) from None
     max_attempts = req.max_attempts
+    concurrency_key = req.concurrency_key
     if registry is not None:
         if req.kind not in registry:
             raise ProblemError(
@@ -209,6 +210,8 @@ def _new_job(body: Any, header_key: str | None, registry: Registry | None) -> Ne
             ) from None
         if max_attempts is None:
             max_attempts = handler.max_attempts
+        if concurrency_key is None:
+            concurrency_key = handler.key_of(req.payload)
     key = req.idempotency_key
     if header_key is not None:
         key = header_key.strip(" \t")
@@ -224,6 +227,7 @@ def _new_job(body: Any, header_key: str | None, registry: Registry | None) -> Ne
         max_attempts=max_attempts,
         run_at=req.run_at,
         idempotency_key=key,
+        concurrency_key=concurrency_key,
     )
 
 

@@ -14,6 +14,7 @@ from jobq.queue import (
     DEFAULT_QUEUE,
     MAX_ATTEMPTS_MAX,
     MAX_ATTEMPTS_MIN,
+    MAX_CONCURRENCY_KEY_LENGTH,
     MAX_IDEMPOTENCY_KEY_LENGTH,
     MAX_NAME_LENGTH,
     PRIORITY_MAX,
@@ -89,6 +90,15 @@ class JobCreate(BaseModel):
         pattern=r"^[ -~]+$",
         description="Same as the Idempotency-Key header (printable ASCII); the header wins.",
     )
+    concurrency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CONCURRENCY_KEY_LENGTH,
+        pattern=r"^[^\x00-\x1f\x7f-\x9f]+$",
+        description="The tenant, customer or account the job belongs to: per-key concurrency"
+        " limits and fair share group jobs by it. Not given: the handler's concurrency_key"
+        " function of the payload, when the server knows the handler; else none.",
+    )
 
     # Strict otherwise: "3" and true are not integers.
     _integral_numbers = pydantic.field_validator("priority", "max_attempts", mode="before")(
@@ -128,6 +138,7 @@ class JobOut(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    concurrency_key: str | None
 
 
 class JobSummaryOut(BaseModel):
@@ -253,6 +264,7 @@ class QueueStats(BaseModel):
     oldest_due_age_seconds: float | None = Field(
         description="How long that job has been waiting; null when nothing due is waiting."
     )
+    paused: bool = Field(description="No worker claims this queue's jobs until it is resumed.")
 
 
 class MinuteStats(BaseModel):
@@ -289,10 +301,32 @@ class WorkerStats(BaseModel):
     last_seen_at: datetime
 
 
+class KeyUsage(BaseModel):
+    key: str
+    running: int
+
+
+class LimitStats(BaseModel):
+    """A limited queue or kind: what runs under its limits now."""
+
+    scope: Literal["queue", "kind"]
+    name: str
+    running: int = Field(description="Its jobs running now, on every worker.")
+    max_concurrency: int | None
+    max_per_key: int | None
+    rate_per_second: float | None
+    burst: float | None
+    tokens: float | None = Field(description="Starts the rate limit allows at once now.")
+    fair: bool
+    keys: list[KeyUsage] = Field(description="Keys with running jobs, most first (at most 20).")
+
+
 class StatsOut(BaseModel):
     """The queue at a glance."""
 
     generated_at: datetime
+    paused_kinds: list[str] = Field(description="Kinds no worker claims until resumed.")
+    limits: list[LimitStats] = Field(description="Running jobs against each limit.")
     window_minutes: int = Field(description="The span of `finished_per_minute`.")
     queues: list[QueueStats]
     finished_per_minute: list[MinuteStats] = Field(
@@ -305,3 +339,45 @@ class StatsOut(BaseModel):
         description="Waiting jobs whose kind and queue no live worker handles."
     )
     workers: list[WorkerStats] = Field(description="Live workers and what they handle.")
+
+
+# -- flow control: GET /queues, pause and resume --------------------------------------------
+
+
+class FlowStateOut(BaseModel):
+    """A queue's or kind's pause and limits."""
+
+    name: str
+    paused: bool = Field(description="No worker claims its jobs; running ones finish.")
+    paused_at: datetime | None
+    max_concurrency: int | None = Field(description="Running jobs at most, all workers together.")
+    max_per_key: int | None = Field(description="Running jobs per concurrency key at most.")
+    rate_per_second: float | None = Field(description="Jobs started per second at most.")
+    burst: float | None = Field(description="Starts allowed at once after a quiet spell.")
+    fair: bool = Field(description="Claims take concurrency keys in turn.")
+
+
+class QueueOut(FlowStateOut):
+    counts: StatusCounts = Field(description="Jobs in this queue by status.")
+    total: int
+
+
+class QueuesOut(BaseModel):
+    queues: list[QueueOut] = Field(
+        description="Every queue with jobs, a pause or a limit, by name. A queue can be paused"
+        " before it has jobs."
+    )
+    kinds: list[FlowStateOut] = Field(description="Every kind paused or limited, by name.")
+
+
+def flow_state_to_dict(state: Any) -> dict[str, Any]:
+    return {
+        "name": state.name,
+        "paused": state.paused,
+        "paused_at": state.paused_at,
+        "max_concurrency": state.max_concurrency,
+        "max_per_key": state.max_per_key,
+        "rate_per_second": state.rate,
+        "burst": state.burst,
+        "fair": state.fair,
+    }

@@ -14,12 +14,14 @@ Every write by a worker is fenced by the lease token it got at claim time: once 
 rescued, cancelled or finished elsewhere, a late answer from the old run changes nothing.
 
 One module per concern: `enqueue` (producers), `lookup` (get and list), `operator` (cancel,
-retry), `leases` (what workers do: claim, complete, fail, release, heartbeat, rescue), `views`
+retry), `leases` (what workers do: claim, complete, fail, release, heartbeat, rescue), `flow`
+(pause, limits and the claim under them), `views`
 (operator views), `presence` (live workers); `model` and `validation` hold the types and checks.
 """
 
 from jobq.queue.base import Connection
 from jobq.queue.core import Queue
+from jobq.queue.flow import FlowState, Limits, LimitUsage, QueueInfo, parse_rate
 from jobq.queue.leases import lease_of
 from jobq.queue.model import (
     CANCEL_CHANNEL,
@@ -28,6 +30,7 @@ from jobq.queue.model import (
     LIST_LIMIT_MAX,
     MAX_ATTEMPTS_MAX,
     MAX_ATTEMPTS_MIN,
+    MAX_CONCURRENCY_KEY_LENGTH,
     MAX_ERROR_HISTORY,
     MAX_ERROR_LENGTH,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -77,6 +80,7 @@ __all__ = [
     "LIST_LIMIT_MAX",
     "MAX_ATTEMPTS_MAX",
     "MAX_ATTEMPTS_MIN",
+    "MAX_CONCURRENCY_KEY_LENGTH",
     "MAX_ERROR_HISTORY",
     "MAX_ERROR_LENGTH",
     "MAX_IDEMPOTENCY_KEY_LENGTH",
@@ -94,6 +98,7 @@ __all__ = [
     "Connection",
     "EnqueueResult",
     "FailingKind",
+    "FlowState",
     "HeartbeatResult",
     "IdempotencyConflict",
     "InvalidJob",
@@ -103,10 +108,13 @@ __all__ = [
     "JobSummary",
     "JobqError",
     "Lease",
+    "LimitUsage",
+    "Limits",
     "MinuteCount",
     "NewJob",
     "Page",
     "Queue",
+    "QueueInfo",
     "QueueLag",
     "Rescued",
     "SummaryPage",
@@ -117,5 +125,6 @@ __all__ = [
     "encode_json",
     "fingerprint",
     "lease_of",
+    "parse_rate",
     "validate",
 ]  # fmt: skip

@@ -10,6 +10,7 @@ import asyncpg
 from jobq.backoff import Backoff
 from jobq.middleware import Middleware, as_middleware
 from jobq.queue.enqueue import Enqueue, WakeUps
+from jobq.queue.flow import Flow
 from jobq.queue.leases import Leases
 from jobq.queue.lookup import Lookup
 from jobq.queue.operator import Operator
@@ -17,7 +18,7 @@ from jobq.queue.presence import Presence
 from jobq.queue.views import Views
 
 
-class Queue(Enqueue, Operator, Lookup, Leases, Views, Presence):
+class Queue(Enqueue, Operator, Lookup, Leases, Flow, Views, Presence):
     """Queue operations over an asyncpg pool. Safe to share between tasks."""
 
     def __init__(

@@ -28,7 +28,7 @@ from jobq.queue.model import (
 from jobq.queue.validation import encode_json, fingerprint, validate
 
 _INSERT_COLUMNS = """kind, queue, payload, priority, max_attempts, run_at, idempotency_key,
-                  request_fingerprint"""
+                  request_fingerprint, concurrency_key"""
 # What an insert of one job returns: the job; or the job and the NOTIFY that wakes workers
 # when it commits.
 _QUIET = "SELECT * FROM ins"
@@ -36,7 +36,7 @@ _WAKING = f"SELECT ins.*, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notifi
 
 _INSERT_UNKEYED_QUIET = f"""
 INSERT INTO jobs (id, {_INSERT_COLUMNS})
-VALUES (jobq_uuid_v7(), $1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), NULL, NULL)
+VALUES (jobq_uuid_v7(), $1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), NULL, NULL, $7)
 RETURNING {_JOB_COLUMNS}
 """
 _INSERT_UNKEYED = f"WITH ins AS ({_INSERT_UNKEYED_QUIET}) {_WAKING}"
@@ -63,7 +63,7 @@ WITH firsts AS (
     SELECT $7::text AS key, jobq_uuid_v7() AS job_id, $8::text AS fingerprint
 ), taken AS ({_TAKE_KEYS}), ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
-    SELECT firsts.job_id, $1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), $7, $8
+    SELECT firsts.job_id, $1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), $7, $8, $10
     FROM firsts JOIN taken USING (key)
     RETURNING {_JOB_COLUMNS}
 )
@@ -84,8 +84,8 @@ WITH input AS (
     -- Ids drawn here, row by row in input order, so that they sort as the input does.
     SELECT t.*, jobq_uuid_v7() AS id
     FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
-                $6::timestamptz[], $7::text[], $8::text[])
-         WITH ORDINALITY AS t(k, q, p, pr, ma, ra, ik, fp, n)
+                $6::timestamptz[], $7::text[], $8::text[], $10::text[])
+         WITH ORDINALITY AS t(k, q, p, pr, ma, ra, ik, fp, ck, n)
 ), firsts AS (
     SELECT DISTINCT ON (ik) ik AS key, n, id AS job_id, fp AS fingerprint
     FROM input WHERE ik IS NOT NULL
@@ -93,7 +93,7 @@ WITH input AS (
 ), taken AS ({_TAKE_KEYS}), ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
     SELECT i.id, i.k, i.q, i.p::jsonb, i.pr, i.ma,
-           coalesce(i.ra, now()), i.ik, i.fp
+           coalesce(i.ra, now()), i.ik, i.fp, i.ck
     FROM input AS i LEFT JOIN firsts AS f ON f.n = i.n
     WHERE i.ik IS NULL OR f.key IN (SELECT key FROM taken)
     ORDER BY i.n
@@ -109,9 +109,9 @@ SELECT id, idempotency_key, (SELECT count(*) FROM notified) AS _n FROM ins
 _INSERT_MANY_UNKEYED = f"""
 WITH ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
-    SELECT jobq_uuid_v7(), k, q, p::jsonb, pr, ma, coalesce(ra, now()), NULL, NULL
+    SELECT jobq_uuid_v7(), k, q, p::jsonb, pr, ma, coalesce(ra, now()), NULL, NULL, ck
     FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
-                $6::timestamptz[]) AS t(k, q, p, pr, ma, ra)
+                $6::timestamptz[], $7::text[]) AS t(k, q, p, pr, ma, ra, ck)
     RETURNING id, queue, idempotency_key
 ), notified AS (
     SELECT pg_notify('{NEW_JOB_CHANNEL}', q) FROM (SELECT DISTINCT queue AS q FROM ins) AS qs
@@ -214,7 +214,9 @@ class Enqueue(Lookup):
         )
         key = job.idempotency_key
         if key is None:
-            row = await self._insert_one(_INSERT_UNKEYED, _INSERT_UNKEYED_QUIET, job.queue, args)
+            row = await self._insert_one(
+                _INSERT_UNKEYED, _INSERT_UNKEYED_QUIET, job.queue, (*args, job.concurrency_key)
+            )
             assert row is not None
             return EnqueueResult(Job.from_record(row), created=True)
         fp = fingerprint(job)
@@ -224,7 +226,7 @@ class Enqueue(Lookup):
                     _INSERT_KEYED,
                     _INSERT_KEYED_QUIET,
                     job.queue,
-                    (*args, key, fp, self.idempotency_window),
+                    (*args, key, fp, self.idempotency_window, job.concurrency_key),
                 )
             except asyncpg.PostgresError as exc:
                 if not _held_by_version_3(exc):
@@ -392,9 +394,10 @@ class Enqueue(Lookup):
             [j.max_attempts for j in jobs],
             [j.run_at for j in jobs],
         )
+        concurrency_keys = [j.concurrency_key for j in jobs]
         if all(fp is None for fp in fps):  # no key: nothing a version 3 process can hold
-            return list(await conn.fetch(_INSERT_MANY_UNKEYED, *args))
-        args += ([j.idempotency_key for j in jobs], fps, self.idempotency_window)
+            return list(await conn.fetch(_INSERT_MANY_UNKEYED, *args, concurrency_keys))
+        args += ([j.idempotency_key for j in jobs], fps, self.idempotency_window, concurrency_keys)
         for _ in range(3):
             try:
                 # A savepoint: a key taken meanwhile by a version 3 process fails the statement,

@@ -54,6 +54,11 @@ _CLAIM_RETURNING = ", ".join(
     for f in _JOB_FIELDS
 )  # fmt: skip
 
+# A paused or limited queue or kind ({scope}, {name}): a row of jobq_flow_controls says so.
+_HELD = """SELECT 1 FROM jobq_flow_controls AS c
+           WHERE c.scope = '{scope}' AND c.name = {name}
+             AND (c.paused_at IS NOT NULL OR c.limited)"""
+
 # One statement: pick due jobs in claim order, skipping rows other workers hold, and lease them.
 # Bounded by jobs_queue_claim_idx (queue, priority, run_at, id): a loose index scan finds the
 # (queue, priority) pairs that have waiting jobs, one index probe each; per pair, only due rows
@@ -63,10 +68,20 @@ _CLAIM_RETURNING = ", ".join(
 # reaches, at most $4 per queue; not $4 for every priority waiting.
 # max_attempts left unspecified (NULL) becomes the claiming worker's value for the kind ($6,
 # $7), or $8.
+# Paused queues and kinds are left out, and so are limited ones, which only the limited claim
+# (jobq.queue.flow) takes: one primary-key probe of jobq_flow_controls per queue and kind
+# named, a table of a few rows that no claim writes. A pause committed is seen by the next
+# claim of every worker, on any host and through any pooler.
 _CLAIM = f"""
-WITH RECURSIVE pairs AS (
+WITH RECURSIVE open_queues AS (
+    SELECT q.queue FROM unnest($3::text[]) AS q(queue)
+    WHERE NOT EXISTS ({_HELD.format(scope="queue", name="q.queue")})
+), open_kinds AS (
+    SELECT array_agg(k.kind) AS kinds FROM unnest($2::text[]) AS k(kind)
+    WHERE NOT EXISTS ({_HELD.format(scope="kind", name="k.kind")})
+), pairs AS (
     (SELECT q.queue, p.priority
-     FROM unnest($3::text[]) AS q(queue)
+     FROM open_queues AS q
      CROSS JOIN LATERAL (
          SELECT priority FROM jobs
          WHERE status IN ('queued', 'retrying') AND queue = q.queue
@@ -93,7 +108,7 @@ WITH RECURSIVE pairs AS (
             SELECT id, run_at FROM jobs
             WHERE status IN ('queued', 'retrying') AND queue = pairs.queue
               AND priority = level.priority AND run_at <= now()
-              AND kind = ANY($2::text[])
+              AND kind = ANY((SELECT kinds FROM open_kinds)::text[])
             ORDER BY run_at, id
             LIMIT $4
             FOR UPDATE SKIP LOCKED

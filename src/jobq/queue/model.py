@@ -20,6 +20,7 @@ CANCEL_CHANNEL = "jobq_cancel"
 DEFAULT_QUEUE = "default"
 MAX_NAME_LENGTH = 255
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_CONCURRENCY_KEY_LENGTH = 255
 PRIORITY_MIN, PRIORITY_MAX = -32768, 32767
 MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 1000
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 200
@@ -127,6 +128,9 @@ class Job:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # The tenant, customer or account the job belongs to: per-key limits and fair share group
+    # by it (docs/flow-control.md). None: no key.
+    concurrency_key: str | None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Job:
@@ -174,7 +178,7 @@ _SUMMARY_COLUMNS = ", ".join(_SUMMARY_FIELDS)
 _HISTORY_FIELDS = (
     "id", "kind", "queue", "payload", "status", "priority", "attempts", "max_attempts", "run_at",
     "idempotency_key", "cancel_requested", "lease_owner", "last_error", "errors", "result",
-    "created_at", "started_at", "finished_at",
+    "created_at", "started_at", "finished_at", "concurrency_key",
 )  # fmt: skip
 _HISTORY_COLUMNS = ", ".join(_HISTORY_FIELDS)
 _NOT_IN_HISTORY = {
@@ -206,6 +210,8 @@ class NewJob:
     max_attempts: int | None = None
     run_at: datetime | None = None
     idempotency_key: str | None = None
+    # Groups jobs for per-key limits and fair share (docs/flow-control.md).
+    concurrency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from jobq.queue.model import (
     LIST_LIMIT_MAX,
     MAX_ATTEMPTS_MAX,
     MAX_ATTEMPTS_MIN,
+    MAX_CONCURRENCY_KEY_LENGTH,
     MAX_IDEMPOTENCY_KEY_LENGTH,
     MAX_NAME_LENGTH,
     PRIORITY_MAX,
@@ -40,6 +41,16 @@ def check_idempotency_key(key: str) -> str:
         raise InvalidJob("idempotency_key", f"must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
     if not all(" " <= ch <= "~" for ch in key):
         raise InvalidJob("idempotency_key", "must be printable ASCII")
+    return key
+
+
+def check_concurrency_key(key: object) -> str:
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_CONCURRENCY_KEY_LENGTH:
+        raise InvalidJob(
+            "concurrency_key", f"must be a string of 1 to {MAX_CONCURRENCY_KEY_LENGTH} characters"
+        )
+    if not key.isprintable():
+        raise InvalidJob("concurrency_key", "must not contain control characters")
     return key
 
 
@@ -102,11 +113,20 @@ def validate(job: NewJob) -> NewJob:
             raise InvalidJob("run_at", "must be after 0001-01-01 and before 9999-12-31 (UTC)")
     if job.idempotency_key is not None:
         check_idempotency_key(job.idempotency_key)
+    if job.concurrency_key is not None:
+        check_concurrency_key(job.concurrency_key)
     if run_at is job.run_at:
         return job
     # The constructor, not dataclasses.replace: this runs once per job of a bulk enqueue.
     return NewJob(
-        job.kind, job.payload, job.queue, job.priority, max_attempts, run_at, job.idempotency_key
+        job.kind,
+        job.payload,
+        job.queue,
+        job.priority,
+        max_attempts,
+        run_at,
+        job.idempotency_key,
+        job.concurrency_key,
     )
 
 
@@ -121,6 +141,8 @@ def fingerprint(job: NewJob) -> str:
             "max_attempts": job.max_attempts,
             # One instant, one fingerprint, whatever UTC offset the client wrote it in.
             "run_at": job.run_at.astimezone(UTC).isoformat() if job.run_at else None,
+            # Only when set: fingerprints of requests without one stay what they were.
+            **({"concurrency_key": job.concurrency_key} if job.concurrency_key else {}),
         },
         option=orjson.OPT_SORT_KEYS,
     )

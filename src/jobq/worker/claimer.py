@@ -4,11 +4,17 @@ It claims batches sized to the free slots (at most `batch_size`), and sleeps unt
 freed slot or the poll interval: delayed and retrying jobs have no NOTIFY when they fall due.
 It stops claiming while too many successes wait to be written (the database is away), so a
 worker never runs far ahead of what it can record.
+
+Once a second it asks whether a limit covers one of its kinds or queues (whichever worker
+stored it): then it claims with the limited claim, which honours them, and tries again soon
+after a short claim, since slots and tokens free up without a NOTIFY. Otherwise it claims with
+the plain claim, which costs what it did before flow control existed (docs/flow-control.md).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 from jobq import db, metrics
@@ -20,6 +26,11 @@ from jobq.worker.state import Retrying, WorkerState
 log = logging.getLogger("jobq.worker")
 
 MAX_CLAIM_BATCH = 500
+# How often a worker looks for limits stored for its kinds and queues.
+LIMITS_REFRESH_SECONDS = 1.0
+# Under limits, a claim that got fewer jobs than it asked for is tried again this soon: slots
+# freed and tokens refilled wake nobody.
+LIMITED_RETRY_SECONDS = 0.05
 
 
 class Claimer:
@@ -38,6 +49,16 @@ class Claimer:
         self.batch_size = batch_size
         # What a job enqueued without max_attempts gets when this worker claims it.
         self.max_attempts = max_attempts
+        self.limited = False
+        self._limits_checked = -float("inf")
+
+    async def _refresh_limited(self) -> None:
+        now = time.monotonic()
+        if now - self._limits_checked < LIMITS_REFRESH_SECONDS:
+            return
+        state = self.state
+        self.limited = await self.queue.limits_apply(state.kinds, state.queues)
+        self._limits_checked = now
 
     async def loop(self) -> None:
         """Until a stop is requested."""
@@ -54,7 +75,9 @@ class Claimer:
             want = min(free, self.batch_size)
             state.wake.clear()
             try:
-                jobs = await self.queue.claim(
+                await self._refresh_limited()
+                claim = self.queue.claim_limited if self.limited else self.queue.claim
+                jobs = await claim(
                     state.worker_id,
                     state.kinds,
                     state.queues,
@@ -75,4 +98,7 @@ class Claimer:
             for job in jobs:
                 self.runner.start(job)
             if len(jobs) < want:
-                await state.wait_any(state.wake, timeout=settings.poll_interval_seconds)
+                timeout = settings.poll_interval_seconds
+                if self.limited:
+                    timeout = min(timeout, LIMITED_RETRY_SECONDS)
+                await state.wait_any(state.wake, timeout=timeout)

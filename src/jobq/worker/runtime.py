@@ -22,7 +22,7 @@ import asyncpg
 from jobq import db, maintenance, middleware
 from jobq.backoff import Backoff
 from jobq.maintenance import Partitioner
-from jobq.queue import DEFAULT_QUEUE, Queue
+from jobq.queue import DEFAULT_QUEUE, Limits, Queue
 from jobq.registry import Registry
 from jobq.settings import Settings
 from jobq.worker import maintenance as maintenance_runner
@@ -134,6 +134,25 @@ class Worker:
         except (asyncpg.PostgresError, OSError) as exc:  # its own loop tries again soon
             log.warning("history leaves not prepared before claiming: %s", exc)
 
+    async def _declare_limits(self, queue: Queue) -> None:
+        """Store the limits this worker's registry declares for its kinds and queues (and
+        clear those it declares none for): the last worker to start wins."""
+        retry = Retrying()
+        queue_limits = self.registry.queue_limits
+        while True:
+            try:
+                await queue.declare_limits(
+                    self.worker_id,
+                    self.registry.kind_limits,
+                    {q: queue_limits.get(q, Limits()) for q in self.queues},
+                )
+                return
+            except Exception as exc:
+                if not db.is_unavailable(exc) or self._state.stopping.is_set():
+                    raise
+                log.warning("database unavailable while storing limits: %s", exc)
+                await retry.sleep()
+
     async def heartbeat_once(self) -> bool:
         """Extend every lease this worker holds; False when some could not be (try again soon)."""
         assert self._heartbeat is not None, "the worker is not running"
@@ -174,6 +193,7 @@ class Worker:
             heartbeat=heartbeat.once,
         )
         await self._leaves_first(queue)
+        await self._declare_limits(queue)
         helpers = [
             asyncio.create_task(listener.loop(), name="jobq-listen"),
             asyncio.create_task(heartbeat.loop(), name="jobq-heartbeat"),

@@ -1,4 +1,5 @@
-// jobq dashboard: reads the JSON API (GET /stats, /jobs, /jobs/{id}) and posts cancel/retry.
+// jobq dashboard: reads the JSON API (GET /stats, /jobs, /jobs/{id}) and posts cancel/retry
+// and queue pause/resume.
 // Data only ever reaches the page as text nodes, never as markup.
 "use strict";
 
@@ -206,6 +207,9 @@
         }
         row.append(el("td", { class: "num", "data-queue": q.queue, "data-status": "total" }, "0"));
         row.append(el("td", { class: "num", "data-queue": q.queue, "data-oldest": "" }, "—"));
+        const toggle = el("button", { type: "button", class: "pause", "data-pause": q.queue }, "Pause");
+        toggle.addEventListener("click", () => togglePause(toggle));
+        row.append(el("td", { class: "state" }, toggle));
         const after = [...body.querySelectorAll("tr[data-queue-row]")].find((r) => r.dataset.queueRow > q.queue);
         body.insertBefore(row, after || null);
       }
@@ -217,8 +221,33 @@
       }
       setText(row.querySelector('td[data-status="total"]'), q.total.toLocaleString());
       setText(row.querySelector("td[data-oldest]"), q.oldest_due_age_seconds === null ? "—" : fmtDuration(q.oldest_due_age_seconds));
+      const toggle = row.querySelector("button[data-pause]");
+      if (!toggle.dataset.busy) {
+        toggle.dataset.paused = q.paused ? "true" : "false";
+        setText(toggle, q.paused ? "Resume" : "Pause");
+        row.classList.toggle("paused", q.paused);
+      }
     }
     for (const [name, row] of rows) if (!wanted.has(name)) row.remove();
+  }
+
+  // Pauses or resumes a queue (POST /queues/{name}/pause|resume); the next poll shows it.
+  async function togglePause(button) {
+    const name = button.dataset.pause;
+    const action = button.dataset.paused === "true" ? "resume" : "pause";
+    button.disabled = true;
+    button.dataset.busy = "1";
+    try {
+      const { body } = await api(`/queues/${encodeURIComponent(name)}/${action}`, { method: "POST" });
+      button.dataset.paused = body.paused ? "true" : "false";
+      setText(button, body.paused ? "Resume" : "Pause");
+      button.closest("tr").classList.toggle("paused", body.paused);
+    } catch (err) {
+      if (!(err instanceof AuthNeeded)) button.title = err.message;
+    } finally {
+      delete button.dataset.busy;
+      button.disabled = false;
+    }
   }
 
   function niceMax(n) {

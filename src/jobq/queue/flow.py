@@ -1,0 +1,567 @@
+"""Flow control: paused queues and kinds, concurrency limits, rate limits and fair share.
+
+The state lives in `jobq_flow_controls`, one row per queue or kind that is paused or limited.
+The plain claim (`jobq.queue.leases`) leaves every such queue and kind out; the limited claim
+here takes them, honouring every limit in the claim itself. Design, correctness argument and
+ordering guarantee: docs/flow-control.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from jobq.queue.leases import _CLAIM_RETURNING
+from jobq.queue.model import InvalidJob, Job
+from jobq.queue.validation import _check_name
+from jobq.queue.views import Views
+
+SCOPES = ("queue", "kind")
+
+_RATE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$", re.IGNORECASE
+)
+_PER_SECOND = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+               "h": 3600.0, "hour": 3600.0}  # fmt: skip
+
+
+def parse_rate(text: object) -> float:
+    """Jobs per second from "100/s", "30/min", "1000/h"; ValueError for anything else."""
+    match = _RATE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"rate_limit must look like '100/s', '30/min' or '1000/h', got {text!r}")
+    count = float(match[1])
+    if not count > 0 or not math.isfinite(count):
+        raise ValueError(f"rate_limit must allow more than 0 jobs, got {text!r}")
+    return count / _PER_SECOND[match[2].lower()]
+
+
+def default_burst(rate: float) -> float:
+    """The bucket size when none is given: one second's worth of starts, at least one."""
+    return max(1.0, math.floor(rate))
+
+
+def _positive(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a handler (for its kind) or a queue declares. None: no such bound."""
+
+    max_concurrency: int | None = None
+    max_per_key: int | None = None
+    rate: float | None = None  # jobs per second
+    burst: float | None = None
+    fair: bool = False
+
+    @classmethod
+    def declare(
+        cls,
+        *,
+        max_concurrency: int | None = None,
+        max_per_key: int | None = None,
+        rate_limit: str | None = None,
+        rate_burst: int | None = None,
+        fair: bool = False,
+    ) -> Limits:
+        """Checked declarations: ValueError naming the bad argument."""
+        _positive("max_concurrency", max_concurrency)
+        _positive("max_per_key", max_per_key)
+        _positive("rate_burst", rate_burst)
+        if not isinstance(fair, bool):
+            raise ValueError(f"fair must be True or False, got {fair!r}")
+        rate = None if rate_limit is None else parse_rate(rate_limit)
+        if rate_burst is not None and rate is None:
+            raise ValueError("rate_burst needs a rate_limit")
+        burst = None if rate is None else float(rate_burst or default_burst(rate))
+        return cls(max_concurrency, max_per_key, rate, burst, fair)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.max_concurrency or self.max_per_key or self.rate is not None or self.fair)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowState:
+    """A queue's or kind's row of jobq_flow_controls as operators see it."""
+
+    scope: str
+    name: str
+    paused: bool
+    paused_at: datetime | None
+    max_concurrency: int | None
+    max_per_key: int | None
+    rate: float | None
+    burst: float | None
+    fair: bool
+
+    @classmethod
+    def from_record(cls, r: Any) -> FlowState:
+        return cls(
+            r["scope"],
+            r["name"],
+            r["paused_at"] is not None,
+            r["paused_at"],
+            r["max_concurrency"],
+            r["max_per_key"],
+            r["rate"],
+            r["burst"],
+            r["fair"],
+        )
+
+    @classmethod
+    def unset(cls, scope: str, name: str) -> FlowState:
+        return cls(scope, name, False, None, None, None, None, None, False)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    queue: str
+    state: FlowState
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitUsage:
+    """A limited queue or kind: its limits and what runs under them now."""
+
+    state: FlowState
+    running: int
+    tokens: float | None
+    # The keys with running jobs, most running first (at most 20).
+    keys: list[tuple[str, int]]
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise InvalidJob("scope", f"must be one of {', '.join(SCOPES)}")
+    return scope
+
+
+_STATE_COLUMNS = "scope, name, paused_at, max_concurrency, max_per_key, rate, burst, fair"
+
+_PAUSE = f"""
+INSERT INTO jobq_flow_controls AS c (scope, name, paused_at, paused_by)
+VALUES ($1, $2, now(), $3)
+ON CONFLICT (scope, name) DO UPDATE
+    SET paused_at = coalesce(c.paused_at, now()), paused_by = coalesce(c.paused_by, $3)
+RETURNING {_STATE_COLUMNS}
+"""
+
+# A row that neither pauses nor limits anything is removed: the table stays as small as what
+# is configured.
+_RESUME = f"""
+UPDATE jobq_flow_controls SET paused_at = NULL, paused_by = NULL
+WHERE scope = $1 AND name = $2
+RETURNING {_STATE_COLUMNS}, limited
+"""
+
+# A row that neither pauses nor limits anything is removed: the table stays as small as what
+# is configured.
+_DROP_UNUSED = """
+DELETE FROM jobq_flow_controls
+WHERE scope = $1 AND name = $2 AND paused_at IS NULL AND NOT limited
+"""
+
+_STATES = f"SELECT {_STATE_COLUMNS} FROM jobq_flow_controls ORDER BY scope, name"
+
+# A worker's declaration replaces what is stored for its kinds and queues (the last worker to
+# start wins), and keeps a pause. The bucket starts full; it is kept while the rate stays.
+_DECLARE = """
+WITH d AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::float8[],
+                         $6::float8[], $7::bool[]) AS d(scope, name, mc, mk, rate, burst, fair)
+), upserted AS (
+    INSERT INTO jobq_flow_controls AS c (scope, name, max_concurrency, max_per_key, rate, burst,
+                                         fair, tokens, refilled_at, declared_by, declared_at)
+    SELECT scope, name, mc, mk, rate, burst, fair, burst, now(), $8, now()
+    FROM d WHERE mc IS NOT NULL OR mk IS NOT NULL OR rate IS NOT NULL OR fair
+    ORDER BY scope, name
+    ON CONFLICT (scope, name) DO UPDATE
+        SET max_concurrency = excluded.max_concurrency, max_per_key = excluded.max_per_key,
+            fair = excluded.fair, declared_by = excluded.declared_by, declared_at = now(),
+            tokens = CASE WHEN c.rate IS NOT DISTINCT FROM excluded.rate
+                          AND c.burst IS NOT DISTINCT FROM excluded.burst
+                          THEN c.tokens ELSE excluded.burst END,
+            refilled_at = CASE WHEN c.rate IS NOT DISTINCT FROM excluded.rate
+                               AND c.burst IS NOT DISTINCT FROM excluded.burst
+                               THEN c.refilled_at ELSE now() END,
+            rate = excluded.rate, burst = excluded.burst
+    RETURNING 1
+), cleared AS (
+    UPDATE jobq_flow_controls AS c
+    SET max_concurrency = NULL, max_per_key = NULL, rate = NULL, burst = NULL, fair = false,
+        tokens = NULL, refilled_at = NULL, declared_by = $8, declared_at = now()
+    FROM d
+    WHERE c.scope = d.scope AND c.name = d.name AND c.limited
+      AND d.mc IS NULL AND d.mk IS NULL AND d.rate IS NULL AND NOT d.fair
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM cleared)
+"""
+
+# Rows left with neither a pause nor a limit after a declaration cleared them.
+_DROP_EMPTY = """
+DELETE FROM jobq_flow_controls
+WHERE scope = ANY($1::text[]) AND name = ANY($2::text[]) AND paused_at IS NULL AND NOT limited
+"""
+
+_APPLIES = """
+SELECT EXISTS (
+    SELECT 1 FROM jobq_flow_controls
+    WHERE limited AND ((scope = 'kind' AND name = ANY($1::text[]))
+                       OR (scope = 'queue' AND name = ANY($2::text[])))
+)
+"""
+
+# The limited claim runs in a transaction of two statements. The first locks the rows of the
+# limits this worker's kinds and queues fall under, in one order (no deadlock between
+# claimers); claims that share a limit take turns here. The second starts after the lock is
+# held, so its snapshot sees every claim committed by the previous holder: the running jobs it
+# counts, the tokens it reads, are current, and no other claim under these limits can commit
+# until this one does. Jobs that end meanwhile only free slots: a count that still sees them
+# errs on the safe side.
+_LOCK_LIMITS = """
+SELECT 1 FROM jobq_flow_controls
+WHERE limited AND ((scope = 'kind' AND name = ANY($1::text[]))
+                   OR (scope = 'queue' AND name = ANY($2::text[])))
+ORDER BY scope, name
+FOR UPDATE
+"""
+
+_ORDER = "turn, priority, run_at, id"
+
+# $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8 max attempts (see _CLAIM).
+_CLAIM_LIMITED = f"""
+WITH RECURSIVE ctl AS (
+    SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.limited, c.max_concurrency,
+           c.max_per_key, c.fair,
+           -- The bucket refilled up to now, at most full.
+           CASE WHEN c.rate IS NOT NULL THEN
+               least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
+                     extract(epoch FROM now() - coalesce(c.refilled_at, now()))::float8))
+           END AS tokens
+    FROM jobq_flow_controls AS c
+    WHERE (c.scope = 'kind' AND c.name = ANY($2::text[]))
+       OR (c.scope = 'queue' AND c.name = ANY($3::text[]))
+), running AS (
+    -- What holds a slot: every running job of a limited kind or queue, whoever claimed it.
+    -- Read by jobs_lease_idx: running jobs only, as many as all workers run at once.
+    SELECT j.kind, j.queue, j.concurrency_key AS key, count(*)::int AS n
+    FROM jobs AS j
+    WHERE j.status = 'running'
+      AND (j.kind IN (SELECT name FROM ctl WHERE scope = 'kind' AND limited)
+           OR j.queue IN (SELECT name FROM ctl WHERE scope = 'queue' AND limited))
+    GROUP BY 1, 2, 3
+), room AS (
+    -- What each limited kind and queue may start now (0 or less: none); NULL: no bound.
+    SELECT ctl.scope, ctl.name, ctl.max_per_key, ctl.fair,
+           least(ctl.max_concurrency - coalesce(r.n, 0), floor(ctl.tokens)::int) AS free
+    FROM ctl
+    CROSS JOIN LATERAL (
+        SELECT sum(running.n)::int AS n FROM running
+        WHERE CASE ctl.scope WHEN 'kind' THEN running.kind ELSE running.queue END = ctl.name
+    ) AS r
+    WHERE NOT ctl.paused
+), open_kinds AS (
+    SELECT array_agg(k.kind) AS kinds,
+           bool_or(r.max_per_key IS NOT NULL) AS per_key
+    FROM unnest($2::text[]) AS k(kind)
+    LEFT JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind
+    WHERE NOT EXISTS (SELECT 1 FROM ctl WHERE scope = 'kind' AND name = k.kind AND paused)
+      AND coalesce(r.free, 1) > 0
+), open_queues AS (
+    -- keyed: jobs are read key by key (fair share or a per-key limit applies).
+    SELECT q.queue, least($4, r.free) AS cap, coalesce(r.fair, false) AS fair,
+           r.max_per_key,
+           (coalesce(r.fair, false) OR r.max_per_key IS NOT NULL
+            OR coalesce((SELECT per_key FROM open_kinds), false)) AS keyed
+    FROM unnest($3::text[]) AS q(queue)
+    LEFT JOIN room AS r ON r.scope = 'queue' AND r.name = q.queue
+    WHERE NOT EXISTS (SELECT 1 FROM ctl WHERE scope = 'queue' AND name = q.queue AND paused)
+      AND coalesce(r.free, 1) > 0
+), keys AS (
+    -- The keys with waiting jobs, per keyed queue: a loose index scan of
+    -- jobs_queue_key_claim_idx, one probe per key.
+    (SELECT q.queue, k.key
+     FROM open_queues AS q
+     CROSS JOIN LATERAL (
+         SELECT concurrency_key AS key FROM jobs
+         WHERE status IN ('queued', 'retrying') AND queue = q.queue
+           AND concurrency_key IS NOT NULL
+         ORDER BY concurrency_key LIMIT 1
+     ) AS k
+     WHERE q.keyed)
+    UNION ALL
+    SELECT keys.queue, k.key
+    FROM keys
+    CROSS JOIN LATERAL (
+        SELECT concurrency_key AS key FROM jobs
+        WHERE status IN ('queued', 'retrying') AND queue = keys.queue
+          AND concurrency_key IS NOT NULL AND concurrency_key > keys.key
+        ORDER BY concurrency_key LIMIT 1
+    ) AS k
+), keyed AS (
+    -- Per key, its first due jobs in claim order, no more than the queue's per-key limit
+    -- leaves room for; `rk` is each one's turn within its key.
+    SELECT d.*, row_number() OVER (
+               PARTITION BY d.queue, d.key ORDER BY d.priority, d.run_at, d.id) AS rk
+    FROM keys
+    JOIN open_queues AS q ON q.queue = keys.queue
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at
+        FROM jobs AS j
+        WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue
+          AND j.concurrency_key = keys.key AND j.run_at <= now()
+          AND j.kind = ANY((SELECT kinds FROM open_kinds)::text[])
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT greatest(0, least(q.cap, q.max_per_key - coalesce(
+            (SELECT sum(r.n) FROM running AS r WHERE r.queue = keys.queue AND r.key = keys.key),
+            0)))
+        FOR UPDATE SKIP LOCKED
+    ) AS d
+), plain AS (
+    -- Jobs in claim order (the only source in an unkeyed queue). In a keyed queue, the jobs
+    -- without a key among its first $4 due jobs: they take turns as one more key.
+    SELECT d.*, 1::bigint AS rk
+    FROM open_queues AS q
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at
+        FROM jobs AS j
+        WHERE j.status IN ('queued', 'retrying') AND j.queue = q.queue AND j.run_at <= now()
+          AND j.kind = ANY((SELECT kinds FROM open_kinds)::text[])
+          AND (NOT q.keyed OR j.id IN (
+              SELECT h.id FROM jobs AS h
+              WHERE h.status IN ('queued', 'retrying') AND h.queue = q.queue
+                AND h.run_at <= now()
+              ORDER BY h.priority, h.run_at, h.id
+              LIMIT $4))
+          AND (NOT q.keyed OR j.concurrency_key IS NULL)
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT q.cap
+        FOR UPDATE SKIP LOCKED
+    ) AS d
+), candidates AS (
+    SELECT c.*, CASE WHEN q.fair THEN c.rk ELSE 1 END AS turn
+    FROM (SELECT * FROM keyed UNION ALL SELECT * FROM plain) AS c
+    JOIN open_queues AS q ON q.queue = c.queue
+), ranked AS (
+    -- Each candidate's place under every bound it falls under, in claim order. A candidate
+    -- turned down by one bound still takes a place under the others: a claim may take fewer
+    -- than it could, never more.
+    SELECT c.*,
+           row_number() OVER (ORDER BY {_ORDER}) AS n_all,
+           row_number() OVER (PARTITION BY c.kind ORDER BY {_ORDER}) AS n_kind,
+           row_number() OVER (PARTITION BY c.queue ORDER BY {_ORDER}) AS n_queue,
+           row_number() OVER (PARTITION BY c.kind, c.key ORDER BY {_ORDER}) AS n_kind_key
+    FROM candidates AS c
+), picked AS (
+    SELECT r.id, r.turn, r.priority, r.run_at
+    FROM ranked AS r
+    LEFT JOIN room AS rk ON rk.scope = 'kind' AND rk.name = r.kind
+    LEFT JOIN room AS rq ON rq.scope = 'queue' AND rq.name = r.queue
+    WHERE r.n_all <= $4
+      AND (rk.free IS NULL OR r.n_kind <= rk.free)
+      AND (rq.free IS NULL OR r.n_queue <= rq.free)
+      AND (r.key IS NULL OR rk.max_per_key IS NULL OR r.n_kind_key <= rk.max_per_key - coalesce(
+          (SELECT sum(x.n) FROM running AS x WHERE x.kind = r.kind AND x.key = r.key), 0))
+), claimed AS (
+    UPDATE jobs AS j
+    SET status = 'running',
+        attempts = j.attempts + 1,
+        max_attempts = coalesce(
+            j.max_attempts,
+            (SELECT m.n FROM unnest($6::text[], $7::int[]) AS m(kind, n) WHERE m.kind = j.kind),
+            $8),
+        started_at = now(),
+        updated_at = now(),
+        lease_owner = $1,
+        lease_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => $5)
+    FROM picked
+    WHERE j.id = picked.id
+    RETURNING {_CLAIM_RETURNING}, picked.turn AS _turn
+), spent AS (
+    -- Tokens taken by this claim; the bucket's time moves to now.
+    UPDATE jobq_flow_controls AS c
+    SET tokens = ctl.tokens - (
+            SELECT count(*) FROM claimed AS x
+            WHERE CASE c.scope WHEN 'kind' THEN x.kind ELSE x.queue END = c.name),
+        refilled_at = now()
+    FROM ctl
+    WHERE c.scope = ctl.scope AND c.name = ctl.name AND ctl.tokens IS NOT NULL
+      AND NOT ctl.paused
+    RETURNING 1
+)
+SELECT * FROM claimed, (SELECT count(*) FROM spent) AS s(_spent)
+"""
+
+_USAGE = """
+WITH ctl AS (
+    SELECT c.*, CASE WHEN c.rate IS NOT NULL THEN
+               least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
+                     extract(epoch FROM now() - coalesce(c.refilled_at, now()))::float8))
+           END AS tokens_now
+    FROM jobq_flow_controls AS c WHERE c.limited
+), running AS (
+    SELECT j.kind, j.queue, j.concurrency_key AS key, count(*)::int AS n
+    FROM jobs AS j
+    WHERE j.status = 'running'
+      AND (j.kind IN (SELECT name FROM ctl WHERE scope = 'kind')
+           OR j.queue IN (SELECT name FROM ctl WHERE scope = 'queue'))
+    GROUP BY 1, 2, 3
+)
+SELECT ctl.scope, ctl.name, ctl.paused_at, ctl.max_concurrency, ctl.max_per_key, ctl.rate,
+       ctl.burst, ctl.fair, ctl.tokens_now,
+       coalesce((SELECT sum(r.n) FROM running AS r
+                 WHERE CASE ctl.scope WHEN 'kind' THEN r.kind ELSE r.queue END = ctl.name),
+                0)::int AS running,
+       coalesce((SELECT array_agg(k.key ORDER BY k.n DESC, k.key) FROM (
+                    SELECT r.key, sum(r.n) AS n FROM running AS r
+                    WHERE CASE ctl.scope WHEN 'kind' THEN r.kind ELSE r.queue END = ctl.name
+                      AND r.key IS NOT NULL
+                    GROUP BY r.key ORDER BY sum(r.n) DESC, r.key LIMIT 20) AS k),
+                '{}') AS keys,
+       coalesce((SELECT array_agg(k.n::int ORDER BY k.n DESC, k.key) FROM (
+                    SELECT r.key, sum(r.n) AS n FROM running AS r
+                    WHERE CASE ctl.scope WHEN 'kind' THEN r.kind ELSE r.queue END = ctl.name
+                      AND r.key IS NOT NULL
+                    GROUP BY r.key ORDER BY sum(r.n) DESC, r.key LIMIT 20) AS k),
+                '{}') AS key_counts
+FROM ctl
+ORDER BY ctl.scope, ctl.name
+"""
+
+
+class Flow(Views):
+    # -- operators: pause and resume -------------------------------------------------------
+
+    async def pause(self, scope: str, name: str, *, by: str | None = None) -> FlowState:
+        """Stop claims of a queue's (or a kind's) jobs; running ones finish, enqueue goes on.
+
+        A queue or kind with no jobs yet can be paused: it is a name, not a row of `jobs`.
+        Idempotent: pausing again keeps the first pause's time."""
+        check_scope(scope)
+        _check_name(scope, name)
+        row = await self.pool.fetchrow(_PAUSE, scope, name, by)
+        assert row is not None
+        return FlowState.from_record(row)
+
+    async def resume(self, scope: str, name: str) -> FlowState:
+        """Let claims take the queue's (or kind's) jobs again. Idempotent."""
+        check_scope(scope)
+        _check_name(scope, name)
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(_RESUME, scope, name)
+            await conn.execute(_DROP_UNUSED, scope, name)
+        if row is None or not row["limited"]:
+            return FlowState.unset(scope, name)
+        return FlowState.from_record(row)
+
+    async def flow_states(self) -> list[FlowState]:
+        """Every paused or limited queue and kind."""
+        return [FlowState.from_record(r) for r in await self.pool.fetch(_STATES)]
+
+    async def queue_infos(self) -> list[QueueInfo]:
+        """Every queue that has jobs or a pause or limit: its state and counts by status
+        (from the count rollups: constant time, whatever the history holds)."""
+        states, counts = await asyncio.gather(self.flow_states(), self.counts())
+        by_queue: dict[str, dict[str, int]] = {}
+        for name, status, n in counts:
+            by_queue.setdefault(name, {})[status] = n
+        flow = {s.name: s for s in states if s.scope == "queue"}
+        return [
+            QueueInfo(
+                name, flow.get(name) or FlowState.unset("queue", name), by_queue.get(name, {})
+            )
+            for name in sorted(by_queue.keys() | flow.keys())
+        ]
+
+    # -- workers: declaring limits, and claiming under them --------------------------------
+
+    async def declare_limits(
+        self,
+        worker: str,
+        kinds: Mapping[str, Limits],
+        queues: Mapping[str, Limits],
+    ) -> None:
+        """Store the limits a worker's registry declares for its kinds and queues, replacing
+        what was stored for them (the last worker to start wins); a kind or queue it
+        declares nothing for loses its limits. Pauses are kept."""
+        rows = [("kind", k, lim) for k, lim in kinds.items()]
+        rows += [("queue", q, lim) for q, lim in queues.items()]
+        if not rows:
+            return
+        rows.sort(key=lambda r: (r[0], r[1]))  # lock order
+        args = (
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2].max_concurrency for r in rows],
+            [r[2].max_per_key for r in rows],
+            [r[2].rate for r in rows],
+            [r[2].burst for r in rows],
+            [r[2].fair for r in rows],
+            worker,
+        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.fetchval(_DECLARE, *args)
+            await conn.execute(_DROP_EMPTY, list(SCOPES), [r[1] for r in rows])
+
+    async def limits_apply(self, kinds: Sequence[str], queues: Sequence[str]) -> bool:
+        """Whether any limit stored covers one of these kinds or queues: then a worker must
+        claim them with `claim_limited` (the plain claim leaves them out)."""
+        return bool(await self.pool.fetchval(_APPLIES, list(kinds), list(queues)))
+
+    async def claim_limited(
+        self,
+        worker: str,
+        kinds: Sequence[str],
+        queues: Sequence[str],
+        n: int,
+        *,
+        lease_seconds: float,
+        max_attempts: Mapping[str, int] | None = None,
+    ) -> list[Job]:
+        """`claim` under every pause and limit stored: concurrency per kind, queue and key,
+        rate limits, fair share. Jobs come back in claim order (turn, priority, run_at, id)."""
+        if n <= 0 or not kinds or not queues:
+            return []
+        per_kind = max_attempts or {}
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_LOCK_LIMITS, list(kinds), list(queues))
+            rows = await conn.fetch(
+                _CLAIM_LIMITED,
+                worker,
+                list(kinds),
+                list(queues),
+                n,
+                float(lease_seconds),
+                list(per_kind),
+                list(per_kind.values()),
+                self.default_max_attempts,
+            )
+        ordered = sorted(rows, key=lambda r: (r["_turn"], r["priority"], r["run_at"], r["id"]))
+        return [Job.from_record(r) for r in ordered]
+
+    async def limit_usage(self) -> list[LimitUsage]:
+        """Every limited queue and kind: running jobs against the limits, per key too."""
+        rows = await self.pool.fetch(_USAGE)
+        return [
+            LimitUsage(
+                FlowState.from_record(r),
+                r["running"],
+                r["tokens_now"],
+                list(zip(r["keys"], r["key_counts"], strict=True)),
+            )
+            for r in rows
+        ]

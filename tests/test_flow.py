@@ -1,0 +1,232 @@
+"""Flow control in the queue core: pause and resume, concurrency limits, rate limits, fair
+share, against a real PostgreSQL (docs/flow-control.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from jobq.queue import Limits, NewJob, Queue, lease_of
+
+KINDS = ["a", "b"]
+QUEUES = ["default", "other"]
+
+
+async def _claim(queue: Queue, n: int = 100, *, limited: bool = False, worker: str = "w") -> list:
+    claim = queue.claim_limited if limited else queue.claim
+    return await claim(worker, KINDS, QUEUES, n, lease_seconds=30)
+
+
+# -- pause and resume ------------------------------------------------------------------------
+
+
+async def test_a_paused_queue_s_jobs_are_not_claimed_and_enqueue_still_works(
+    queue: Queue,
+) -> None:
+    await queue.pause("queue", "default")
+    created = await queue.enqueue(NewJob(kind="a"))
+    assert created.created and created.job.status == "queued"
+    await queue.enqueue(NewJob(kind="a", queue="other"))
+    claimed = await _claim(queue)
+    assert [j.queue for j in claimed] == ["other"]
+    assert await _claim(queue, limited=True) == []
+
+
+async def test_a_resumed_queue_s_jobs_are_claimed_again(queue: Queue) -> None:
+    await queue.pause("queue", "default")
+    job = (await queue.enqueue(NewJob(kind="a"))).job
+    assert await _claim(queue) == []
+    state = await queue.resume("queue", "default")
+    assert not state.paused
+    assert [j.id for j in await _claim(queue)] == [job.id]
+
+
+async def test_a_paused_kind_is_not_claimed_in_any_queue(queue: Queue) -> None:
+    await queue.pause("kind", "a")
+    await queue.enqueue_many(
+        [NewJob(kind="a"), NewJob(kind="a", queue="other"), NewJob(kind="b", queue="other")]
+    )
+    assert [j.kind for j in await _claim(queue)] == ["b"]
+    await queue.resume("kind", "a")
+    assert sorted(j.queue for j in await _claim(queue)) == ["default", "other"]
+
+
+async def test_pausing_a_queue_with_no_jobs_yet_is_kept_and_listed(queue: Queue) -> None:
+    first = await queue.pause("queue", "later")
+    again = await queue.pause("queue", "later")
+    assert first.paused and again.paused_at == first.paused_at  # idempotent
+    infos = {i.queue: i for i in await queue.queue_infos()}
+    assert infos["later"].state.paused and infos["later"].counts == {}
+
+
+async def test_a_pause_is_stored_so_a_new_connection_pool_still_sees_it(
+    queue: Queue, dsn: str
+) -> None:
+    await queue.pause("queue", "default")
+    await queue.enqueue(NewJob(kind="a"))
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        assert await _claim(Queue(pool)) == []
+    finally:
+        await pool.close()
+
+
+async def test_bad_pause_names_are_refused(queue: Queue) -> None:
+    with pytest.raises(ValueError):
+        await queue.pause("queue", "")
+    with pytest.raises(ValueError):
+        await queue.pause("queue", "x" * 256)
+    with pytest.raises(ValueError):
+        await queue.pause("tenant", "a")
+
+
+# -- declarations ----------------------------------------------------------------------------
+
+
+def test_limit_declarations_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_concurrency"):
+        Limits.declare(max_concurrency=0)
+    with pytest.raises(ValueError, match="max_per_key"):
+        Limits.declare(max_per_key=-1)
+    with pytest.raises(ValueError, match="rate_limit"):
+        Limits.declare(rate_limit="fast")
+    with pytest.raises(ValueError, match="rate_limit"):
+        Limits.declare(rate_limit="0/s")
+    with pytest.raises(ValueError, match="rate_burst"):
+        Limits.declare(rate_burst=3)
+    assert Limits.declare(rate_limit="120/min").rate == 2.0
+    assert Limits.declare(rate_limit="50/s").burst == 50.0
+
+
+async def test_the_last_declaration_wins_and_a_pause_is_kept(queue: Queue) -> None:
+    await queue.pause("kind", "a")
+    await queue.declare_limits("w1", {"a": Limits(max_concurrency=5)}, {})
+    await queue.declare_limits("w2", {"a": Limits(max_concurrency=7)}, {})
+    (state,) = [s for s in await queue.flow_states() if s.name == "a"]
+    assert state.max_concurrency == 7 and state.paused
+    await queue.declare_limits("w3", {"a": Limits()}, {})
+    (state,) = [s for s in await queue.flow_states() if s.name == "a"]
+    assert state.max_concurrency is None and state.paused
+    await queue.resume("kind", "a")
+    assert await queue.flow_states() == []
+
+
+async def test_the_plain_claim_leaves_limited_kinds_to_the_limited_claim(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=1)}, {})
+    await queue.enqueue_many([NewJob(kind="a"), NewJob(kind="a"), NewJob(kind="b")])
+    assert await queue.limits_apply(KINDS, QUEUES)
+    assert [j.kind for j in await _claim(queue)] == ["b"]
+    assert [j.kind for j in await _claim(queue, limited=True)] == ["a"]
+
+
+# -- concurrency limits ----------------------------------------------------------------------
+
+
+async def _running(queue: Queue, where: str = "true") -> int:
+    return int(
+        await queue.pool.fetchval(f"SELECT count(*) FROM jobs WHERE status = 'running' AND {where}")
+    )
+
+
+async def test_a_global_limit_holds_under_a_race_of_many_claimers(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=7)}, {})
+    await queue.enqueue_many([NewJob(kind="a") for _ in range(200)])
+    got = await asyncio.gather(*(_claim(queue, 5, limited=True, worker=f"w{i}") for i in range(16)))
+    assert sum(len(g) for g in got) == 7
+    assert await _running(queue) == 7
+    assert await _claim(queue, limited=True) == []
+
+
+async def test_a_per_key_limit_holds_under_a_race_of_many_claimers(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_per_key=2)}, {})
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key=f"t{i % 5}") for i in range(100)])
+    await asyncio.gather(*(_claim(queue, 10, limited=True, worker=f"w{i}") for i in range(16)))
+    per_key = await queue.pool.fetch(
+        "SELECT concurrency_key, count(*) AS n FROM jobs WHERE status = 'running'"
+        " GROUP BY concurrency_key"
+    )
+    assert {r["concurrency_key"]: r["n"] for r in per_key} == {f"t{i}": 2 for i in range(5)}
+
+
+async def test_a_queue_limit_counts_every_kind_in_it(queue: Queue) -> None:
+    await queue.declare_limits("w", {}, {"default": Limits(max_concurrency=3)})
+    await queue.enqueue_many([NewJob(kind=k) for k in "abababab"])
+    assert len(await _claim(queue, limited=True)) == 3
+    assert await _claim(queue, limited=True) == []
+
+
+async def test_slots_free_up_when_jobs_end_fail_or_are_released(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=2)}, {})
+    await queue.enqueue_many([NewJob(kind="a", max_attempts=5) for _ in range(10)])
+    one, two = await _claim(queue, limited=True)
+    assert await _claim(queue, limited=True) == []
+    assert await queue.complete(lease_of(one))
+    (three,) = await _claim(queue, limited=True)
+    assert await queue.fail(two, "boom") == "retrying"
+    (four,) = await _claim(queue, limited=True)
+    assert await queue.release([lease_of(three)])
+    (five,) = await _claim(queue, limited=True)
+    assert await _claim(queue, limited=True) == []
+    assert {four.id, five.id}.isdisjoint({one.id, two.id})
+
+
+async def test_a_slot_frees_up_when_its_job_is_rescued(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=1)}, {})
+    await queue.enqueue_many([NewJob(kind="a"), NewJob(kind="a")])
+    (job,) = await _claim(queue, limited=True)
+    await queue.pool.execute(
+        "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1", job.id
+    )
+    assert await _claim(queue, limited=True) == []
+    assert [r.job_id for r in await queue.rescue()] == [job.id]
+    assert len(await _claim(queue, limited=True)) == 1
+
+
+async def test_a_slot_frees_up_when_its_job_is_cancelled(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=1)}, {})
+    await queue.enqueue_many([NewJob(kind="a"), NewJob(kind="a")])
+    (job,) = await _claim(queue, limited=True)
+    await queue.request_cancel(job.id)
+    assert await _claim(queue, limited=True) == []  # still running until the handler stops
+    assert await queue.mark_cancelled(lease_of(job))
+    assert len(await _claim(queue, limited=True)) == 1
+
+
+# -- rate limits -----------------------------------------------------------------------------
+
+
+async def test_a_rate_limit_starts_a_full_bucket_then_refills_at_the_rate(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits.declare(rate_limit="10/s", rate_burst=3)}, {})
+    await queue.enqueue_many([NewJob(kind="a") for _ in range(20)])
+    assert len(await _claim(queue, limited=True)) == 3
+    assert await _claim(queue, limited=True) == []
+    # 0.35 s later, three tokens more have come: the bucket is read at the claim's time.
+    await queue.pool.execute(
+        "UPDATE jobq_flow_controls SET refilled_at = refilled_at - interval '350 ms'"
+    )
+    assert len(await _claim(queue, limited=True)) == 3
+    attempts = await queue.pool.fetchval("SELECT sum(attempts) FROM jobs WHERE status = 'queued'")
+    assert attempts == 0  # those waiting for a token spent no attempt
+
+
+# -- fair share ------------------------------------------------------------------------------
+
+
+async def test_fair_share_takes_keys_in_turn(queue: Queue) -> None:
+    await queue.declare_limits("w", {}, {"default": Limits(fair=True)})
+    old = datetime.now(UTC) - timedelta(minutes=5)
+    await queue.enqueue_many(
+        [NewJob(kind="a", concurrency_key="big", run_at=old + timedelta(seconds=i))
+         for i in range(50)]
+        + [NewJob(kind="a", concurrency_key="small"), NewJob(kind="a", concurrency_key="mid"),
+           NewJob(kind="a", concurrency_key="mid")]
+    )  # fmt: skip
+    claimed = await _claim(queue, 4, limited=True)
+    assert sorted(j.concurrency_key for j in claimed[:3]) == ["big", "mid", "small"]
+    assert claimed[3].concurrency_key in ("big", "mid")
+    # Without fair share the oldest jobs go first: all of the big tenant's.
+    await queue.declare_limits("w", {}, {"default": Limits()})
+    assert {j.concurrency_key for j in await _claim(queue, 10)} == {"big"}

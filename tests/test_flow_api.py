@@ -1,0 +1,90 @@
+"""Flow control over HTTP: GET /queues, pausing and resuming, the concurrency key at enqueue,
+and problem documents for bad input."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+
+from jobq.api import create_app
+from jobq.queue import Queue
+from jobq.registry import Registry
+from jobq.settings import Settings
+from tests.test_api import assert_problem, make_client
+
+registry = Registry()
+
+
+@registry.handler("tenant.task", concurrency_key="tenant", max_per_key=2)
+async def tenant_task(ctx: object, payload: dict) -> None: ...
+
+
+@pytest.fixture
+async def client(queue: Queue, pool: asyncpg.Pool) -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client(create_app(Settings(), pool=pool, registry=registry)) as c:
+        yield c
+
+
+async def test_pause_and_resume_a_queue_over_http(client: httpx.AsyncClient, queue: Queue) -> None:
+    r = await client.post("/jobs", json={"kind": "tenant.task", "payload": {"tenant": "x"}})
+    assert r.status_code == 201, r.text
+    paused = await client.post("/queues/default/pause")
+    assert paused.status_code == 200 and paused.json()["paused"] is True
+    listed = (await client.get("/queues")).json()["queues"]
+    (default,) = [q for q in listed if q["name"] == "default"]
+    assert default["paused"] and default["counts"]["queued"] == 1 and default["total"] == 1
+    assert await queue.claim("w", ["tenant.task"], ["default"], 10, lease_seconds=30) == []
+    resumed = await client.post("/queues/default/resume")
+    assert resumed.json()["paused"] is False
+    assert len(await queue.claim("w", ["tenant.task"], ["default"], 10, lease_seconds=30)) == 1
+
+
+async def test_a_queue_with_no_jobs_can_be_paused(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/queues/not-yet/pause")).json()["paused"] is True
+    names = {q["name"]: q for q in (await client.get("/queues")).json()["queues"]}
+    assert names["not-yet"]["paused"] and names["not-yet"]["total"] == 0
+    stats = (await client.get("/stats")).json()
+    assert [q["paused"] for q in stats["queues"] if q["queue"] == "not-yet"] == [True]
+
+
+async def test_a_kind_is_paused_over_http(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/kinds/tenant.task/pause")).json()["paused"] is True
+    assert [k["name"] for k in (await client.get("/queues")).json()["kinds"]] == ["tenant.task"]
+    assert (await client.get("/stats")).json()["paused_kinds"] == ["tenant.task"]
+
+
+@pytest.mark.parametrize("name", ["x" * 256, "a%01b", "tab%09"])
+async def test_bad_queue_names_are_422_problems(client: httpx.AsyncClient, name: str) -> None:
+    for action in ("pause", "resume"):
+        assert_problem(await client.post(f"/queues/{name}/{action}"), 422, "validation_error")
+    assert_problem(await client.post(f"/kinds/{name}/pause"), 422, "validation_error")
+
+
+async def test_the_handler_s_key_function_sets_the_concurrency_key_at_enqueue(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/jobs", json={"kind": "tenant.task", "payload": {"tenant": 7}})
+    assert r.json()["concurrency_key"] == "7"
+    given = await client.post(
+        "/jobs", json={"kind": "tenant.task", "payload": {"tenant": 7}, "concurrency_key": "z"}
+    )
+    assert given.json()["concurrency_key"] == "z"
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256, 5, "a\nb"])
+async def test_a_bad_concurrency_key_is_a_422_problem(
+    client: httpx.AsyncClient, key: object
+) -> None:
+    r = await client.post("/jobs", json={"kind": "tenant.task", "concurrency_key": key})
+    assert_problem(r, 422, "validation_error")
+
+
+async def test_flow_routes_are_in_the_openapi_document(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path in ("/queues", "/queues/{name}/pause", "/queues/{name}/resume",
+                 "/kinds/{name}/pause", "/kinds/{name}/resume"):  # fmt: skip
+        assert path in paths
+    assert "422" in paths["/queues/{name}/pause"]["post"]["responses"]
