@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck unit browser pgbouncer bench bench-peers bench-storage bench-soak chaos clean
+.PHONY: run test lint typecheck unit browser pgbouncer bench bench-flow bench-peers bench-storage bench-soak chaos clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "jobq needs Python >= 3.11"'
@@ -67,6 +67,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.suite $(BENCH_ARGS)
 	$(MAKE) --no-print-directory pgbouncer
 	$(BIN)/python -m bench.scaleout $(BENCH_ARGS)
+	$(BIN)/python -m bench.flow $(BENCH_ARGS)
 	$(BIN)/python -m bench.chart
 
 ## Storage: WAL per job, history scale, soak (opt-in: STORAGE_ARGS="--only soak"), layouts.
@@ -83,6 +84,13 @@ bench-soak: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.storage --only soak --rate 1000 --soak-seconds 20m --retention 2m \
 	  --out bench/results/storage-soak.jsonl $(SOAK_ARGS)
+
+## Flow control alone: limits, rate limits, fair share (bench/flow.py; FLOW_ARGS=--only rate).
+## bench/flow_ab.sh BEFORE AFTER: the drain on two revisions, alternating ("free when unused").
+FLOW_ARGS ?=
+bench-flow: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.flow $(FLOW_ARGS)
 
 ## jobq, PgQueuer and procrastinate side by side through ../shared/peers (RUNS=3).
 bench-peers: $(VENV)/.installed-dev

@@ -290,6 +290,22 @@ WITH RECURSIVE ctl AS (
     LEFT JOIN room AS r ON r.scope = 'queue' AND r.name = q.queue
     WHERE NOT EXISTS (SELECT 1 FROM ctl WHERE scope = 'queue' AND name = q.queue AND paused)
       AND coalesce(r.free, 1) > 0
+), kind_key_running AS MATERIALIZED (
+    SELECT kind, key, sum(n)::int AS n FROM running WHERE key IS NOT NULL GROUP BY 1, 2
+), kind_key_bound AS MATERIALIZED (
+    -- When every kind claimed has a per-key limit, the most jobs of one key any of them may
+    -- still start (for a key with none running: the largest limit); else no bound.
+    SELECT bool_and(r.max_per_key IS NOT NULL) AS all_bounded, max(r.max_per_key) AS most
+    FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
+    LEFT JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind
+), key_room AS MATERIALIZED (
+    SELECT x.queue, x.key, x.n AS queue_running,
+           (SELECT max(r.max_per_key - coalesce(kk.n, 0))
+            FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
+            JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind
+            LEFT JOIN kind_key_running AS kk ON kk.kind = k.kind AND kk.key = x.key) AS kind_room
+    FROM (SELECT queue, key, sum(n)::int AS n FROM running WHERE key IS NOT NULL
+          GROUP BY 1, 2) AS x
 ), keys AS (
     -- The keys with waiting jobs, per keyed queue: a loose index scan of
     -- jobs_queue_key_claim_idx, one probe per key.
@@ -312,12 +328,14 @@ WITH RECURSIVE ctl AS (
         ORDER BY concurrency_key LIMIT 1
     ) AS k
 ), keyed AS (
-    -- Per key, its first due jobs in claim order, no more than the queue's per-key limit
-    -- leaves room for; `rk` is each one's turn within its key.
+    -- Per key, its first due jobs in claim order, no more than the key can still start: read,
+    -- not locked (the rows picked are locked below). `rk`: each one's turn within its key.
     SELECT d.*, row_number() OVER (
                PARTITION BY d.queue, d.key ORDER BY d.priority, d.run_at, d.id) AS rk
     FROM keys
     JOIN open_queues AS q ON q.queue = keys.queue
+    LEFT JOIN key_room AS kr ON kr.queue = keys.queue AND kr.key = keys.key
+    CROSS JOIN kind_key_bound AS kb
     CROSS JOIN LATERAL (
         SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at
         FROM jobs AS j
@@ -325,14 +343,28 @@ WITH RECURSIVE ctl AS (
           AND j.concurrency_key = keys.key AND j.run_at <= now()
           AND j.kind = ANY((SELECT kinds FROM open_kinds)::text[])
         ORDER BY j.priority, j.run_at, j.id
-        LIMIT greatest(0, least(q.cap, q.max_per_key - coalesce(
-            (SELECT sum(r.n) FROM running AS r WHERE r.queue = keys.queue AND r.key = keys.key),
-            0)))
-        FOR UPDATE SKIP LOCKED
+        LIMIT greatest(0, least(
+            q.cap,
+            q.max_per_key - coalesce(kr.queue_running, 0),
+            CASE WHEN kb.all_bounded THEN coalesce(kr.kind_room, kb.most) END))
     ) AS d
+), unkeyed AS (
+    -- In a keyed queue, the jobs without a key among its first $4 due jobs in claim order:
+    -- they take turns as one more key.
+    SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at, 1::bigint AS rk
+    FROM open_queues AS q
+    CROSS JOIN LATERAL (
+        SELECT h.id FROM jobs AS h
+        WHERE h.status IN ('queued', 'retrying') AND h.queue = q.queue AND h.run_at <= now()
+        ORDER BY h.priority, h.run_at, h.id
+        LIMIT $4
+    ) AS ahead
+    JOIN jobs AS j ON j.id = ahead.id
+    WHERE q.keyed AND j.concurrency_key IS NULL
+      AND j.kind = ANY((SELECT kinds FROM open_kinds)::text[])
 ), plain AS (
-    -- Jobs in claim order (the only source in an unkeyed queue). In a keyed queue, the jobs
-    -- without a key among its first $4 due jobs: they take turns as one more key.
+    -- An unkeyed queue: its jobs in claim order, skipping rows other claims hold (jobs of
+    -- kinds no limit covers may be claimed by anyone).
     SELECT d.*, 1::bigint AS rk
     FROM open_queues AS q
     CROSS JOIN LATERAL (
@@ -340,20 +372,14 @@ WITH RECURSIVE ctl AS (
         FROM jobs AS j
         WHERE j.status IN ('queued', 'retrying') AND j.queue = q.queue AND j.run_at <= now()
           AND j.kind = ANY((SELECT kinds FROM open_kinds)::text[])
-          AND (NOT q.keyed OR j.id IN (
-              SELECT h.id FROM jobs AS h
-              WHERE h.status IN ('queued', 'retrying') AND h.queue = q.queue
-                AND h.run_at <= now()
-              ORDER BY h.priority, h.run_at, h.id
-              LIMIT $4))
-          AND (NOT q.keyed OR j.concurrency_key IS NULL)
         ORDER BY j.priority, j.run_at, j.id
         LIMIT q.cap
         FOR UPDATE SKIP LOCKED
     ) AS d
+    WHERE NOT q.keyed
 ), candidates AS (
     SELECT c.*, CASE WHEN q.fair THEN c.rk ELSE 1 END AS turn
-    FROM (SELECT * FROM keyed UNION ALL SELECT * FROM plain) AS c
+    FROM (SELECT * FROM keyed UNION ALL SELECT * FROM unkeyed UNION ALL SELECT * FROM plain) AS c
     JOIN open_queues AS q ON q.queue = c.queue
 ), ranked AS (
     -- Each candidate's place under every bound it falls under, in claim order. A candidate
@@ -366,15 +392,23 @@ WITH RECURSIVE ctl AS (
            row_number() OVER (PARTITION BY c.kind, c.key ORDER BY {_ORDER}) AS n_kind_key
     FROM candidates AS c
 ), picked AS (
-    SELECT r.id, r.turn, r.priority, r.run_at
+    SELECT r.id, r.turn
     FROM ranked AS r
     LEFT JOIN room AS rk ON rk.scope = 'kind' AND rk.name = r.kind
     LEFT JOIN room AS rq ON rq.scope = 'queue' AND rq.name = r.queue
+    LEFT JOIN kind_key_running AS kk ON kk.kind = r.kind AND kk.key = r.key
     WHERE r.n_all <= $4
       AND (rk.free IS NULL OR r.n_kind <= rk.free)
       AND (rq.free IS NULL OR r.n_queue <= rq.free)
-      AND (r.key IS NULL OR rk.max_per_key IS NULL OR r.n_kind_key <= rk.max_per_key - coalesce(
-          (SELECT sum(x.n) FROM running AS x WHERE x.kind = r.kind AND x.key = r.key), 0))
+      AND (r.key IS NULL OR rk.max_per_key IS NULL
+           OR r.n_kind_key <= rk.max_per_key - coalesce(kk.n, 0))
+), locked AS (
+    -- Only the rows picked are locked. A row another claim took meanwhile (or one cancelled)
+    -- is skipped: this claim then takes fewer jobs, never more.
+    SELECT j.id, p.turn FROM jobs AS j JOIN picked AS p ON p.id = j.id
+    WHERE j.status IN ('queued', 'retrying')
+    ORDER BY j.id
+    FOR UPDATE OF j SKIP LOCKED
 ), claimed AS (
     UPDATE jobs AS j
     SET status = 'running',
@@ -388,9 +422,9 @@ WITH RECURSIVE ctl AS (
         lease_owner = $1,
         lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => $5)
-    FROM picked
-    WHERE j.id = picked.id
-    RETURNING {_CLAIM_RETURNING}, picked.turn AS _turn
+    FROM locked
+    WHERE j.id = locked.id
+    RETURNING {_CLAIM_RETURNING}, locked.turn AS _turn
 ), spent AS (
     -- Tokens taken by this claim; the bucket's time moves to now.
     UPDATE jobq_flow_controls AS c

@@ -98,7 +98,10 @@ class Claimer:
             for job in jobs:
                 self.runner.start(job)
             if len(jobs) < want:
-                timeout = settings.poll_interval_seconds
                 if self.limited:
-                    timeout = min(timeout, LIMITED_RETRY_SECONDS)
-                await state.wait_any(state.wake, timeout=timeout)
+                    # A slot of this worker's own freed (a completion written) may be the one
+                    # the limit was waiting for: try again then, or soon anyway.
+                    state.slot_freed.clear()
+                    await state.wait_any(state.slot_freed, timeout=LIMITED_RETRY_SECONDS)
+                else:
+                    await state.wait_any(state.wake, timeout=settings.poll_interval_seconds)
