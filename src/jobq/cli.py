@@ -718,7 +718,10 @@ def enqueue_file(
     )
 
 
-_JOB_FIELDS = {"kind", "payload", "queue", "priority", "max_attempts", "run_at", "idempotency_key"}
+_JOB_FIELDS = {
+    "kind", "payload", "queue", "priority", "max_attempts", "run_at", "idempotency_key",
+    "concurrency_key",
+}  # fmt: skip
 
 
 def _job_from_line(line: str, number: int) -> NewJob:
@@ -744,6 +747,7 @@ def _job_from_line(line: str, number: int) -> NewJob:
         max_attempts=obj.get("max_attempts"),
         run_at=_parse_run_at(obj.get("run_at"), f"{where}: run_at"),
         idempotency_key=obj.get("idempotency_key"),
+        concurrency_key=obj.get("concurrency_key"),
     )
     try:
         validate(job)  # before anything is stored

@@ -125,7 +125,7 @@ def render_text(body: dict[str, Any]) -> str:
     header = ["queue", *STATUSES, "total", "oldest due"]
     rows = [
         [
-            q["queue"],
+            q["queue"] + (" (paused)" if q.get("paused") else ""),
             *(str(q["counts"][s]) for s in STATUSES),
             str(q["total"]),
             _age(q["oldest_due_age_seconds"]),
@@ -165,6 +165,20 @@ def render_text(body: dict[str, Any]) -> str:
         )
     for u in body["unhandled"]:
         out.append(f"no worker handles: {u['kind']} in queue {u['queue']} ({u['count']} waiting)")
+    for kind in body.get("paused_kinds", []):
+        out.append(f"paused kind: {kind}")
+    for lim in body.get("limits", []):
+        bounds = [f"{lim['running']} running"]
+        if lim["max_concurrency"]:
+            bounds[0] += f" of {lim['max_concurrency']}"
+        if lim["max_per_key"]:
+            top = ", ".join(f"{k['key']}={k['running']}" for k in lim["keys"][:5])
+            bounds.append(f"at most {lim['max_per_key']} per key" + (f" ({top})" if top else ""))
+        if lim["rate_per_second"]:
+            bounds.append(f"{lim['rate_per_second']:g}/s")
+        if lim["fair"]:
+            bounds.append("fair share")
+        out.append(f"limit: {lim['scope']} {lim['name']}: {'; '.join(bounds)}")
     workers = body["workers"]
     out.append(
         f"workers: {len(workers)} live"

@@ -17,7 +17,7 @@ CREATE TABLE IF NOT EXISTS jobq_flow_controls (
     paused_at       timestamptz,
     paused_by       text,
     -- Limits, NULL where none: running jobs across every worker, running jobs per
-    -- concurrency key, starts per second (a token bucket of `burst` tokens), per key or not.
+    -- concurrency key, starts per second (a token bucket of `burst` tokens).
     max_concurrency integer          CHECK (max_concurrency > 0),
     max_per_key     integer          CHECK (max_per_key > 0),
     rate            double precision CHECK (rate > 0),
@@ -33,17 +33,6 @@ CREATE TABLE IF NOT EXISTS jobq_flow_controls (
         max_concurrency IS NOT NULL OR max_per_key IS NOT NULL OR rate IS NOT NULL OR fair
     ) STORED,
     PRIMARY KEY (scope, name)
-);
-
--- Per-key token buckets of the limits whose rate counts per key, written only by a claim that
--- holds the lock on the limit's row in jobq_flow_controls.
-CREATE TABLE IF NOT EXISTS jobq_flow_buckets (
-    scope       text             NOT NULL,
-    name        text             NOT NULL,
-    key         text             NOT NULL,
-    tokens      double precision NOT NULL,
-    refilled_at timestamptz      NOT NULL,
-    PRIMARY KEY (scope, name, key)
 );
 
 -- The tenant, customer or account a job belongs to (set at enqueue): per-key limits and fair
