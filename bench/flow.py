@@ -1,6 +1,9 @@
 """Flow-control benchmarks: what limits, rate limits and fair share cost and whether they hold.
 
-    python -m bench.flow [--only per_key,global,fair,rate] [--quick]
+    python -m bench.flow [--only claim,per_key,global,fair,rate] [--quick]
+
+- claim: the plain claim statement with and without its pause/limit filter, alternating in one
+  connection over a backlog of 50,000 jobs: what flow control costs a claim when unused.
 
 - per_key: 100 keys x 200 jobs, max_per_key=5, 4 workers x 100: drain rate against the same
   drain without limits (same run, alternating), and the most jobs of one key running at once.
@@ -218,8 +221,62 @@ async def bench_fair(admin: str, a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-BENCHES = {"per_key": bench_per_key, "global": bench_global, "fair": bench_fair,
-           "rate": bench_rate}  # fmt: skip
+def _claim_before(after: str) -> str:
+    """The plain claim as it was before flow control: no pause or limit filter."""
+    head, rest = after.split("), pairs AS (", 1)
+    assert head.lstrip().startswith("WITH RECURSIVE open_queues AS (")
+    before = "\nWITH RECURSIVE pairs AS (" + rest
+    before = before.replace("FROM open_queues AS q", "FROM unnest($3::text[]) AS q(queue)")
+    return before.replace("(SELECT kinds FROM open_kinds)::text[]", "$2::text[]")
+
+
+async def bench_claim(admin: str, a: argparse.Namespace) -> dict[str, Any]:
+    """The plain claim statement before and after its pause/limit filter, alternating in one
+    connection, over the same backlog: what "free when unused" costs a claim, in isolation."""
+    from jobq.queue.leases import _CLAIM
+
+    before = _claim_before(_CLAIM)
+    n = 5_000 if a.quick else 50_000
+    rounds = 100 if a.quick else 400
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    async with fresh_db(admin, "flow") as dsn:
+        conn = await db.connect(dsn)
+        try:
+            pool = await db.create_pool(dsn, min_size=1, max_size=1)
+            try:
+                await Queue(pool).enqueue_many([NewJob("noop") for _ in range(n)])
+            finally:
+                await pool.close()
+            await conn.execute("ANALYZE jobs")
+            args = ("w", ["noop"], ["default"], 250, 30.0, [], [], 3)
+            for i in range(rounds):
+                for label in ("before", "after") if i % 2 == 0 else ("after", "before"):
+                    sql = before if label == "before" else _CLAIM
+                    t = time.perf_counter()
+                    rows = await conn.fetch(sql, *args)
+                    times[label].append((time.perf_counter() - t) * 1000)
+                    assert len(rows) == 250
+                    await conn.execute(
+                        "UPDATE jobs SET status = 'queued', attempts = 0, lease_token = NULL,"
+                        " lease_owner = NULL, lease_expires_at = NULL, started_at = NULL"
+                        " WHERE id = ANY($1::uuid[])",
+                        [row["id"] for row in rows],
+                    )
+        finally:
+            await conn.close()
+    mb, ma = statistics.median(times["before"]), statistics.median(times["after"])
+    return {"bench": "flow_claim_ab", "backlog": n, "batch": 250, "rounds": rounds,
+            "before_median_ms": r(mb, 3), "after_median_ms": r(ma, 3),
+            "after_over_before": r(ma / mb, 3), "ok": ma / mb <= 1.03}  # fmt: skip
+
+
+BENCHES = {
+    "claim": bench_claim,
+    "per_key": bench_per_key,
+    "global": bench_global,
+    "fair": bench_fair,
+    "rate": bench_rate,
+}
 
 
 async def main(a: argparse.Namespace) -> None:
@@ -234,7 +291,7 @@ async def main(a: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", default="per_key,global,fair,rate")
+    p.add_argument("--only", default="claim,per_key,global,fair,rate")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS / "flow.jsonl")
