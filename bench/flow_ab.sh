@@ -16,15 +16,16 @@ trap 'git -C "$ROOT" worktree remove --force "$TMP/before" 2>/dev/null || true;
 git -C "$ROOT" worktree add --detach -q "$TMP/before" "$BEFORE"
 git -C "$ROOT" worktree add --detach -q "$TMP/after" "$AFTER"
 mkdir -p "$OUT"
-rm -f "$OUT"/before.jsonl "$OUT"/after.jsonl
-run() {  # label [bench.suite args]
-    local label=$1 tree="$TMP/$1"; shift
-    echo "== $label ($(git -C "$tree" rev-parse --short HEAD))" >&2
+rm -f "$OUT"/before-*.jsonl "$OUT"/after-*.jsonl
+run() {  # label run-number [bench.suite args]
+    local label=$1 n=$2 tree="$TMP/$1"; shift 2
+    echo "== $label ($(git -C "$tree" rev-parse --short HEAD)), run $n" >&2
     (cd "$tree" && PYTHONPATH="$tree/src:$tree" "$PY" -m bench.suite --only drain "$@" \
-        --out "$OUT/$label.jsonl") >&2
+        --out "$OUT/$label-$n.jsonl") >&2
 }
 for i in $(seq 1 "$RUNS"); do
-    if (( i % 2 )); then run before "$@"; run after "$@"
-    else run after "$@"; run before "$@"; fi
+    if (( i % 2 )); then run before "$i" "$@"; run after "$i" "$@"
+    else run after "$i" "$@"; run before "$i" "$@"; fi
 done
+cat "$OUT"/before-*.jsonl > "$OUT/before.jsonl"; cat "$OUT"/after-*.jsonl > "$OUT/after.jsonl"
 "$PY" -m bench.flow_report "$OUT/before.jsonl" "$OUT/after.jsonl" | tee "$OUT/table.md"

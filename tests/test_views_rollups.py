@@ -507,10 +507,12 @@ async def test_stats_keeps_its_shape(queue: Queue, client: httpx.AsyncClient) ->
 
     assert set(body) == {
         "generated_at", "window_minutes", "queues", "finished_per_minute", "failing_kinds",
-        "unhandled", "workers",
+        "unhandled", "workers", "paused_kinds", "limits",
     }  # fmt: skip
     (q,) = body["queues"]
-    assert set(q) == {"queue", "counts", "total", "oldest_due_at", "oldest_due_age_seconds"}
+    assert set(q) == {
+        "queue", "counts", "total", "oldest_due_at", "oldest_due_age_seconds", "paused",
+    }  # fmt: skip
     assert q["counts"] == {
         "queued": 1, "running": 0, "retrying": 1, "succeeded": 0, "failed_permanent": 0,
         "cancelled": 0,

@@ -49,7 +49,8 @@ def check_concurrency_key(key: object) -> str:
         raise InvalidJob(
             "concurrency_key", f"must be a string of 1 to {MAX_CONCURRENCY_KEY_LENGTH} characters"
         )
-    if not key.isprintable():
+    # The C0 and C1 controls, as the API's schema states it.
+    if any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in key):
         raise InvalidJob("concurrency_key", "must not contain control characters")
     return key
 
