@@ -82,9 +82,17 @@ def _documented_rejection(case: Any, response: Any) -> bool:
     if response.status_code != 422:
         return False
     problem = response.json()
+    # A job of POST /jobs/batch is located as the job of POST /jobs, with its index.
+    errors = [
+        {**e, "loc": ["body", *e["loc"][3:]]}
+        if e.get("loc", [])[:2] == ["body", "jobs"] and len(e["loc"]) > 2
+        else e
+        for e in problem.get("errors") or []
+    ]
+    if any(e.get("loc") == ["query", "until"] and e.get("type") == "missing_wait" for e in errors):
+        return True  # until without wait: a dependency between parameters
     if problem.get("error") == "idempotency_key_reused":
         return True  # two generated requests shared a key: the contract's 422
-    errors = problem.get("errors") or []
     if ["query", "cursor"] in [e.get("loc") for e in errors]:
         return True  # an opaque cursor the API never issued
     if any(e.get("loc") == ["body", "payload"] and "NUL" in e.get("msg", "") for e in errors):

@@ -69,6 +69,11 @@ def _duration(name: str, default: timedelta) -> timedelta:
         raise SettingsError(f"{name} must be {DURATION_HINT}, got {raw!r}") from None
 
 
+def idempotency_window_from_env() -> timedelta:
+    """JOBQ_IDEMPOTENCY_WINDOW (default 24h), for enqueue outside a `Queue` (jobq.txn)."""
+    return _duration("JOBQ_IDEMPOTENCY_WINDOW", timedelta(hours=24))
+
+
 def _retention(name: str, default: timedelta) -> timedelta | None:
     """A retention setting: a duration, or `off` to keep history forever (None)."""
     raw = os.environ.get(name, "").strip()
@@ -138,6 +143,11 @@ class Settings:
     cancel_grace_seconds: float = 5.0
     # HTTP
     max_payload_bytes: int = 1024 * 1024
+    # POST /jobs/batch: at most this many jobs, and this many bytes of body.
+    batch_max: int = 1000
+    batch_max_bytes: int = 16 * 1024 * 1024
+    # GET /jobs/{id}?wait=: the longest wait a request may ask for, in seconds.
+    wait_max_seconds: float = 60.0
     # The HTTP server's own limits (see jobq.api.server): slow or oversized requests and idle
     # connections cannot hold the server's memory or sockets.
     http_max_header_bytes: int = 16 * 1024
@@ -211,6 +221,9 @@ class Settings:
             poll_interval_seconds=_float("JOBQ_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
             cancel_grace_seconds=_float("JOBQ_CANCEL_GRACE_SECONDS", 5.0),
             max_payload_bytes=_int("JOBQ_MAX_PAYLOAD_BYTES", 1024 * 1024, minimum=1),
+            batch_max=_int("JOBQ_BATCH_MAX", 1000, minimum=1),
+            batch_max_bytes=_int("JOBQ_BATCH_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
+            wait_max_seconds=_float("JOBQ_WAIT_MAX_SECONDS", 60.0, minimum=1.0),
             http_max_header_bytes=_int("JOBQ_HTTP_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
             http_header_timeout_seconds=_float(
                 "JOBQ_HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.05

@@ -25,10 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobq import __name__ as _pkg
 from jobq import db, metrics, ui
-from jobq.api import queue_routes, routes, stats_routes
+from jobq.api import batch_routes, queue_routes, routes, stats_routes
 from jobq.api.auth import require_token
 from jobq.api.problems import Problem, ProblemError, openapi_problem, problem_response
-from jobq.api.schemas import Health, create_body_schema
+from jobq.api.schemas import Health, batch_body, create_body_schema
 from jobq.api.server import SERVER_ANSWERED
 from jobq.maintenance import rollups
 from jobq.queue import IdempotencyConflict, InvalidJob, InvalidTransition, JobNotFound, Queue
@@ -291,7 +291,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _problem(request, 500, "internal_error", "an internal error occurred")
 
 
-def _install_openapi(app: FastAPI, registry: Registry | None) -> None:
+def _install_openapi(app: FastAPI, registry: Registry | None, settings: Settings) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
@@ -311,6 +311,8 @@ def _install_openapi(app: FastAPI, registry: Registry | None) -> None:
                         "required": True,
                         "content": {"application/json": {"schema": body}},
                     }
+                if isinstance(op, dict) and op.pop("x-jobq-batch-body", False):
+                    op["requestBody"] = batch_body(body, settings.batch_max)
                 if isinstance(op, dict):
                     # FastAPI's own 422 entry: ours is a problem document.
                     responses = op.get("responses", {})
@@ -411,11 +413,12 @@ def create_app(
     app.add_middleware(RequestContextMiddleware)  # added last: outermost
     _install_error_handlers(app)
     app.include_router(routes.router)
+    app.include_router(batch_routes.router)
     app.include_router(stats_routes.router)
     app.include_router(queue_routes.router)
     ui.install(app)
     _install_health(app, settings)
-    _install_openapi(app, registry)
+    _install_openapi(app, registry, settings)
     return app
 
 

@@ -93,11 +93,11 @@ _BAD_ID: dict[int | str, dict[str, Any]] = {422: openapi_problem("The job id is 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: openapi_problem("No job with this id.")}
 
 
-def _json(body: Any, status: int = 200) -> Response:
+def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type=JSON)
 
 
-def _queue(request: Request) -> Queue:
+def queue_of(request: Request) -> Queue:
     queue: Queue = request.app.state.queue
     return queue
 
@@ -145,11 +145,13 @@ def _check_body_encoding(request: Request) -> None:
         )
 
 
-async def _read_json_body(request: Request) -> Any:
-    """The request body as JSON: size-limited, type, charset and coding checked, strictly
-    parsed (see jobq.wire: no duplicate keys, no number that would be rounded)."""
+async def read_json_body(request: Request, limit: int | None = None) -> Any:
+    """The request body as JSON: size-limited (JOBQ_MAX_PAYLOAD_BYTES unless `limit`), type,
+    charset and coding checked, strictly parsed (see jobq.wire: no duplicate keys, no number
+    that would be rounded)."""
     _check_body_encoding(request)
-    limit: int = request.app.state.settings.max_payload_bytes
+    if limit is None:
+        limit = request.app.state.settings.max_payload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ProblemError(413, "payload_too_large", f"the body exceeds {limit} bytes")
@@ -178,7 +180,7 @@ def _field_errors(exc: pydantic.ValidationError, prefix: str = "body") -> list[d
     ]
 
 
-def _new_job(body: Any, header_key: str | None, registry: Registry | None) -> NewJob:
+def new_job(body: Any, header_key: str | None, registry: Registry | None) -> NewJob:
     if not isinstance(body, dict):
         raise ProblemError(422, "validation_error", "the body must be a JSON object")
     try:
@@ -266,13 +268,13 @@ async def enqueue(
         ),
     ] = None,
 ) -> Response:
-    body = await _read_json_body(request)
-    new = _new_job(body, idempotency_key, request.app.state.registry)
-    result = await _queue(request).enqueue(new)
+    body = await read_json_body(request)
+    new = new_job(body, idempotency_key, request.app.state.registry)
+    result = await queue_of(request).enqueue(new)
     if result.created:
         registry = request.app.state.registry
         metrics.JOBS_ENQUEUED.labels(metrics.kind_label(result.job.kind, registry)).inc()
-    return _json(job_to_dict(result.job), 201 if result.created else 200)
+    return json_response(job_to_dict(result.job), 201 if result.created else 200)
 
 
 @router.get(
@@ -331,7 +333,7 @@ async def list_jobs(
     page = await _read_queue(request).list_summaries(
         status=status, kind=kind, queue=queue, limit=limit, offset=offset, cursor=cursor
     )
-    return _json(
+    return json_response(
         {
             "jobs": [summary_to_dict(j) for j in page.jobs],
             "limit": clamp_limit(limit),
@@ -351,7 +353,7 @@ JobId = Annotated[uuid.UUID, Path(description="The job's id (a UUID).")]
     responses={**_NOT_FOUND, **_BAD_ID, **COMMON_RESPONSES},
 )
 async def get_job(request: Request, job_id: JobId) -> Response:
-    return _json(job_to_dict(await _queue(request).get(job_id)))
+    return json_response(job_to_dict(await queue_of(request).get(job_id)))
 
 
 @router.post(
@@ -368,7 +370,7 @@ async def get_job(request: Request, job_id: JobId) -> Response:
     },
 )
 async def cancel_job(request: Request, job_id: JobId) -> Response:
-    result = await _queue(request).request_cancel(job_id)
+    result = await queue_of(request).request_cancel(job_id)
     if result.outcome is CancelOutcome.ALREADY_TERMINAL:
         raise ProblemError(
             409,
@@ -377,8 +379,8 @@ async def cancel_job(request: Request, job_id: JobId) -> Response:
             job_status=result.job.status,
         )
     if result.outcome is CancelOutcome.PENDING:
-        return _json({"status": "pending", "job_id": str(job_id)}, 202)
-    return _json({"status": "cancelled", "job_id": str(job_id)}, 200)
+        return json_response({"status": "pending", "job_id": str(job_id)}, 202)
+    return json_response({"status": "cancelled", "job_id": str(job_id)}, 200)
 
 
 @router.post(
@@ -393,4 +395,4 @@ async def cancel_job(request: Request, job_id: JobId) -> Response:
     },
 )
 async def retry_job(request: Request, job_id: JobId) -> Response:
-    return _json(job_to_dict(await _queue(request).retry(job_id)))
+    return json_response(job_to_dict(await queue_of(request).retry(job_id)))

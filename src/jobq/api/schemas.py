@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
@@ -141,6 +142,17 @@ class JobOut(BaseModel):
     concurrency_key: str | None
 
 
+class JobBatchItemOut(JobOut):
+    created: bool = Field(
+        description="true: this request created the job; false: an idempotent replay, the job"
+        " its idempotency_key made before."
+    )
+
+
+class JobBatchOut(BaseModel):
+    jobs: list[JobBatchItemOut] = Field(description="The jobs, in request order.")
+
+
 class JobSummaryOut(BaseModel):
     """A job in a list: everything but `payload`, `result` and `errors`, which can be large.
     `GET /jobs/{job_id}` returns the whole job."""
@@ -185,11 +197,12 @@ class Health(BaseModel):
 
 
 _OUT_FIELDS = tuple(JobOut.model_fields)
+_out_values = operator.attrgetter(*_OUT_FIELDS)
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
     """The JSON shape of `JobOut`, without a validation pass on every response."""
-    out = {f: getattr(job, f) for f in _OUT_FIELDS}
+    out = dict(zip(_OUT_FIELDS, _out_values(job), strict=True))
     out["id"] = str(job.id)  # asyncpg's UUID type is not one orjson knows
     return out
 
@@ -240,6 +253,36 @@ def create_body_schema(registry: Registry | None) -> tuple[dict[str, Any], dict[
     schema = pydantic.TypeAdapter(body).json_schema(ref_template=ref)
     defs = schema.pop("$defs", {})
     return schema, defs
+
+
+def batch_body(job: dict[str, Any], batch_max: int) -> dict[str, Any]:
+    """The request body of POST /jobs/batch: `{"jobs": [...]}`, each job as POST /jobs takes."""
+    return {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"jobs": {"type": "array", "items": job, "maxItems": batch_max}},
+                    "required": ["jobs"],
+                    "additionalProperties": False,
+                },
+                "examples": {
+                    "two jobs": {
+                        "summary": "Two jobs, one with an idempotency key",
+                        "value": {
+                            "jobs": [
+                                {"kind": "echo", "payload": {"hello": "world"},
+                                 "idempotency_key": "order-42"},
+                                {"kind": "sleep", "payload": {"seconds": 1}, "queue": "default",
+                                 "priority": 5},
+                            ]
+                        },
+                    }
+                },
+            }
+        },
+    }  # fmt: skip
 
 
 # -- GET /stats ----------------------------------------------------------------------------

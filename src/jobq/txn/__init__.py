@@ -1,0 +1,99 @@
+"""Enqueue in the caller's own transaction, on the connection the application already uses.
+
+    async with conn.transaction():                  # asyncpg
+        await conn.execute("INSERT INTO orders ...")
+        await jobq.txn.enqueue(conn, NewJob("email.send", {"order": 42}))
+
+The job, and the NOTIFY that wakes workers, exist only if the caller's transaction commits: the
+NOTIFY is part of the insert statement and PostgreSQL delivers it at commit, so an enqueue costs
+one statement and no round trip of its own. A rollback (or a rollback to a savepoint taken
+before) leaves nothing. Validation and idempotency keys are those of `Queue.enqueue`: the same
+statements and decisions (`jobq.queue.inserts`).
+
+Connections accepted (a driver is imported only when the caller uses it):
+
+- async (`await enqueue(...)`, `await enqueue_many(...)`): an asyncpg connection (or one from
+  an asyncpg pool), a psycopg 3 `AsyncConnection`, a SQLAlchemy `AsyncSession` or
+  `AsyncConnection`;
+- sync (`enqueue_sync(...)`, `enqueue_many_sync(...)`): a psycopg 3 `Connection`, a SQLAlchemy
+  `Session` or `Connection`, Django's `django.db.connection` (or `connections[alias]`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from jobq.queue.inserts import (
+    Row,
+    Statement,
+    Steps,
+    T,
+    enqueue_steps,
+    insert_batch_steps,
+    run_steps,
+    run_steps_sync,
+)
+from jobq.queue.model import BulkEnqueued, EnqueueResult, NewJob
+from jobq.queue.validation import validate
+from jobq.settings import idempotency_window_from_env
+from jobq.txn import adapters
+
+__all__ = ["enqueue", "enqueue_many", "enqueue_many_sync", "enqueue_sync"]
+
+
+async def enqueue(
+    conn: Any, job: NewJob, *, idempotency_window: timedelta | None = None
+) -> EnqueueResult:
+    """Insert one job in `conn`'s current transaction (see the module's docstring).
+
+    With an idempotency key, the job stored before for the same request is returned
+    (`created=False`), and a different request raises IdempotencyConflict, as `Queue.enqueue`
+    does. `idempotency_window`: how long a key is remembered at least; default
+    JOBQ_IDEMPOTENCY_WINDOW (24h)."""
+    return await _run(conn, enqueue_steps(job, _window(idempotency_window)))
+
+
+async def enqueue_many(
+    conn: Any, jobs: Sequence[NewJob], *, idempotency_window: timedelta | None = None
+) -> list[BulkEnqueued]:
+    """Insert many jobs in one statement in `conn`'s current transaction; each job's id and
+    whether this call created it, in input order. Every job is validated before anything runs;
+    an idempotency conflict raises IdempotencyConflict (roll back to drop the rest)."""
+    checked = [validate(j) for j in jobs]
+    if not checked:
+        return []
+    return await _run(conn, insert_batch_steps(checked, _window(idempotency_window)))
+
+
+def enqueue_sync(
+    conn: Any, job: NewJob, *, idempotency_window: timedelta | None = None
+) -> EnqueueResult:
+    """`enqueue` for sync drivers: psycopg `Connection`, SQLAlchemy `Session`/`Connection`,
+    Django's connection."""
+    return run_steps_sync(enqueue_steps(job, _window(idempotency_window)), adapters.sync(conn))
+
+
+def enqueue_many_sync(
+    conn: Any, jobs: Sequence[NewJob], *, idempotency_window: timedelta | None = None
+) -> list[BulkEnqueued]:
+    """`enqueue_many` for sync drivers."""
+    checked = [validate(j) for j in jobs]
+    if not checked:
+        return []
+    steps = insert_batch_steps(checked, _window(idempotency_window))
+    return run_steps_sync(steps, adapters.sync(conn))
+
+
+async def _run(conn: Any, steps: Steps[T]) -> T:
+    fetch = adapters.asynchronous(conn)
+    return await run_steps(steps, fetch)
+
+
+def _window(window: timedelta | None) -> timedelta:
+    return idempotency_window_from_env() if window is None else window
+
+
+# Re-exported for adapters written outside jobq.
+__all__ += ["Row", "Statement"]
