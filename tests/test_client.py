@@ -89,11 +89,14 @@ class Counting:
 
 def test_enqueue_returns_the_stored_job_as_typed_values(client: Client) -> None:
     run_at = datetime(2030, 1, 1, 9, tzinfo=UTC)
-    stored = client.enqueue("echo", {"n": 1}, queue="mail", priority=-3, run_at=run_at)
+    stored = client.enqueue(
+        "echo", {"n": 1}, queue="mail", priority=-3, run_at=run_at, concurrency_key="tenant-7"
+    )
     job = stored.job
     assert stored.created
     assert isinstance(job.id, uuid.UUID)
     assert (job.kind, job.queue, job.priority, job.payload) == ("echo", "mail", -3, {"n": 1})
+    assert job.concurrency_key == "tenant-7"
     assert (job.status, job.run_at, job.is_terminal) == ("queued", run_at, False)
     assert job.created_at.tzinfo is not None
 

@@ -143,8 +143,12 @@ def enqueue(
     max_attempts: int | None,
     run_at: datetime | None,
     idempotency_key: str | None,
+    concurrency_key: str | None = None,
 ) -> Call[Enqueued]:
-    new = NewJob(kind, payload or {}, queue, priority, max_attempts, run_at)
+    new = NewJob(
+        kind, payload or {}, queue, priority, max_attempts, run_at,
+        concurrency_key=concurrency_key,
+    )  # fmt: skip
     headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
     return Call(
         "POST", "/jobs", _enqueued, json=new.to_json(), headers=headers,

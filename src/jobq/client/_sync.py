@@ -99,13 +99,14 @@ class Client:
         max_attempts: int | None = None,
         run_at: datetime | None = None,
         idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
     ) -> Enqueued:
         """`POST /jobs`. With `idempotency_key`, a replay returns the job the key created
         (`created` False), so the call is retried safely."""
         return self._send(
             _core.enqueue(
                 kind, payload, queue=queue, priority=priority, max_attempts=max_attempts,
-                run_at=run_at, idempotency_key=idempotency_key,
+                run_at=run_at, idempotency_key=idempotency_key, concurrency_key=concurrency_key,
             )
         )  # fmt: skip
 

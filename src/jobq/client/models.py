@@ -56,6 +56,8 @@ class Job:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # The tenant or account it belongs to, for per-key limits and fair share.
+    concurrency_key: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -82,6 +84,7 @@ class Job:
             updated_at=_time(d["updated_at"]),
             started_at=_maybe_time(d.get("started_at")),
             finished_at=_maybe_time(d.get("finished_at")),
+            concurrency_key=d.get("concurrency_key"),
         )
 
 
@@ -182,10 +185,11 @@ class NewJob:
     max_attempts: int | None = None
     run_at: datetime | None = None
     idempotency_key: str | None = None
+    concurrency_key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": self.kind, "payload": dict(self.payload)}
-        for name in ("queue", "priority", "max_attempts", "idempotency_key"):
+        for name in ("queue", "priority", "max_attempts", "idempotency_key", "concurrency_key"):
             value = getattr(self, name)
             if value is not None:
                 body[name] = value
