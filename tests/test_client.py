@@ -273,6 +273,43 @@ def test_retry_after_is_honoured_up_to_max_backoff() -> None:
     assert 0 <= policy.delay(4, httpx.Response(503)) <= 0.16
 
 
+# -- batch -------------------------------------------------------------------------------
+
+
+def test_enqueue_batch_stores_every_job_in_order_and_says_which_it_created(
+    client: Client,
+) -> None:
+    before = client.enqueue("echo", {"n": 0}, idempotency_key="batch-0").job
+    stored = client.enqueue_batch(
+        [NewJob("echo", {"n": 0}, idempotency_key="batch-0"), NewJob("echo", {"n": 1}),
+         NewJob("sleep", {"seconds": 1}, queue="slow", priority=3)]
+    )  # fmt: skip
+    assert [s.created for s in stored] == [False, True, True]
+    assert stored[0].job.id == before.id
+    assert [(s.job.kind, s.job.queue) for s in stored] == [
+        ("echo", "default"), ("echo", "default"), ("sleep", "slow"),
+    ]  # fmt: skip
+
+
+def test_an_invalid_job_in_a_batch_raises_validation_error_and_stores_nothing(
+    client: Client,
+) -> None:
+    with pytest.raises(errors.ValidationError) as caught:
+        client.enqueue_batch([NewJob("echo"), NewJob("echo", priority=1 << 20)])
+    assert [e["loc"] for e in caught.value.errors] == [["body", "jobs", 1, "priority"]]
+    assert list(client.list_jobs()) == []
+
+
+def test_a_batch_is_retried_on_503_only_when_every_job_has_a_key(down_api: str) -> None:
+    counting = Counting(down_api)
+    with counting as client:
+        for jobs in ([NewJob("echo", idempotency_key="a"), NewJob("echo", idempotency_key="b")],
+                     [NewJob("echo", idempotency_key="a"), NewJob("echo")]):  # fmt: skip
+            with pytest.raises(errors.DatabaseUnavailable):
+                client.enqueue_batch(jobs)
+    assert counting.sent == ["POST"] * 3 + ["POST"]
+
+
 # -- the package -----------------------------------------------------------------------------
 
 
