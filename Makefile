@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck unit browser pgbouncer bench bench-flow bench-peers bench-storage bench-soak chaos clean
+.PHONY: run test lint typecheck unit browser pgbouncer bench bench-flow bench-hooks bench-peers bench-storage bench-soak chaos clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "jobq needs Python >= 3.11"'
@@ -65,10 +65,18 @@ chaos: $(VENV)/.installed
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.suite $(BENCH_ARGS)
+	$(MAKE) --no-print-directory bench-hooks
 	$(MAKE) --no-print-directory pgbouncer
 	$(BIN)/python -m bench.scaleout $(BENCH_ARGS)
 	$(BIN)/python -m bench.flow $(BENCH_ARGS)
 	$(BIN)/python -m bench.chart
+
+## Middleware and OpenTelemetry when used: drain and enqueue with none, a no-op middleware and
+## OpenTelemetry on, interleaved (HOOKS_ARGS="--rounds 5"). Unused, against the revision before
+## them: python -m bench.hot_path_ab BEFORE AFTER. See BENCHMARKS.md.
+HOOKS_ARGS ?= --rounds 3
+bench-hooks: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.hooks $(HOOKS_ARGS)
 
 ## Storage: WAL per job, history scale, soak (opt-in: STORAGE_ARGS="--only soak"), layouts.
 ## bench/storage_ab.sh BEFORE AFTER runs it on two revisions in one run. See BENCHMARKS.md.
