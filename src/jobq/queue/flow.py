@@ -244,14 +244,18 @@ _ORDER = "turn, priority, run_at, id"
 # $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8 max attempts (see _CLAIM).
 _CLAIM_LIMITED = f"""
 WITH RECURSIVE ctl AS (
+    -- The bucket refilled up to `at`, at most full. `at` is read now, after the lock was
+    -- granted, not at the transaction's start (now()): a claim that began before the previous
+    -- holder of the lock but got it after must not move the bucket's time back and be
+    -- credited the same interval twice.
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.limited, c.max_concurrency,
-           c.max_per_key, c.fair,
-           -- The bucket refilled up to now, at most full.
+           c.max_per_key, c.fair, t.at,
            CASE WHEN c.rate IS NOT NULL THEN
                least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
-                     extract(epoch FROM now() - coalesce(c.refilled_at, now()))::float8))
+                     extract(epoch FROM t.at - coalesce(c.refilled_at, t.at))::float8))
            END AS tokens
     FROM jobq_flow_controls AS c
+    CROSS JOIN (SELECT clock_timestamp() AS at) AS t
     WHERE (c.scope = 'kind' AND c.name = ANY($2::text[]))
        OR (c.scope = 'queue' AND c.name = ANY($3::text[]))
 ), running AS (
@@ -426,12 +430,12 @@ WITH RECURSIVE ctl AS (
     WHERE j.id = locked.id
     RETURNING {_CLAIM_RETURNING}, locked.turn AS _turn
 ), spent AS (
-    -- Tokens taken by this claim; the bucket's time moves to now.
+    -- Tokens taken by this claim; the bucket's time moves to `at` (never back).
     UPDATE jobq_flow_controls AS c
     SET tokens = ctl.tokens - (
             SELECT count(*) FROM claimed AS x
             WHERE CASE c.scope WHEN 'kind' THEN x.kind ELSE x.queue END = c.name),
-        refilled_at = now()
+        refilled_at = greatest(c.refilled_at, ctl.at)
     FROM ctl
     WHERE c.scope = ctl.scope AND c.name = ctl.name AND ctl.tokens IS NOT NULL
       AND NOT ctl.paused
