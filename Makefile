@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck unit browser pgbouncer bench bench-flow bench-hooks bench-peers bench-storage bench-soak chaos clean
+.PHONY: run test lint typecheck unit browser pgbouncer bench bench-flow bench-hooks bench-peers bench-storage bench-soak bench-cron chaos clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "jobq needs Python >= 3.11"'
@@ -99,6 +99,13 @@ FLOW_ARGS ?=
 bench-flow: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.flow $(FLOW_ARGS)
+
+## Periodic jobs on several hosts (opt-in, ~11 min): 3 workers, each on a host of its own
+## (UTS + network namespaces as root, else processes), run a `* * * * *` and an `every=5s`
+## schedule for 10 minutes; ticks missed or doubled, from the handlers' own records.
+CRON_ARGS ?=
+bench-cron: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.cron $(CRON_ARGS)
 
 ## jobq, PgQueuer and procrastinate side by side through ../shared/peers (RUNS=3).
 bench-peers: $(VENV)/.installed-dev

@@ -244,6 +244,25 @@ async def test_dashboard_asks_for_a_token_when_auth_is_on(
         stop(api)
 
 
+async def test_overview_lists_periodic_schedules_with_their_next_run(
+    page: Page, api: httpx.AsyncClient, base_url: str, queue: Queue
+) -> None:
+    # What a worker running the scheduler declares (jobq.queue.schedules), written directly:
+    # the example worker declares no schedule.
+    await queue.pool.execute("TRUNCATE jobq_schedules")
+    await queue.pool.execute(
+        "INSERT INTO jobq_schedules (name, kind, queue, spec, last_tick, next_run_at)"
+        " VALUES ('nightly', 'echo', 'default', 'cron 30 2 * * * (Europe/Paris)', now(),"
+        " now() + interval '1 hour')"
+    )
+    await page.goto(f"{base_url}/ui")
+    item = page.locator('#schedules li[data-schedule="nightly"]')
+    await expect(item).to_contain_text("cron 30 2 * * * (Europe/Paris)")
+    await expect(item).to_contain_text("next ")
+    await expect(item).to_contain_text("not run yet")
+    await queue.pool.execute("TRUNCATE jobq_schedules")
+
+
 # -- loading and failure states ------------------------------------------------------------
 
 ALL_CLEAR = [

@@ -146,8 +146,15 @@ def load_registry(spec: str) -> Registry:
             _fail(f"no module named {module_name!r} (looked in the current directory too)")
         _fail(f"cannot import {module_name}: {_one_line(exc)}")
     except Exception as exc:
-        # Registration errors land here: say where, in one line.
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        # Registration errors land here: say where, in one line; where in the user's code,
+        # not where in jobq's checks.
+        frames = traceback.extract_tb(exc.__traceback__)
+        own = os.path.dirname(os.path.abspath(__file__)) + os.sep
+        frame = next(
+            (f for f in reversed(frames)
+             if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(own)),
+            frames[-1],
+        )  # fmt: skip
         _fail(
             f"importing {module_name} failed at {os.path.relpath(frame.filename)}:{frame.lineno}: "
             f"{type(exc).__name__}: {_one_line(exc)}"

@@ -12,13 +12,15 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, overload
 
 import pydantic
 
 from jobq.backoff import Backoff
 from jobq.middleware import Middleware, RunFunction, as_middleware
-from jobq.queue import InvalidJob, Limits, NewJob, validate
+from jobq.periodic import DEFAULT_CATCH_UP, Schedule
+from jobq.queue import DEFAULT_QUEUE, InvalidJob, Limits, NewJob, validate
 from jobq.queue.validation import check_concurrency_key
 
 HandlerFn = Callable[..., Any]
@@ -270,6 +272,7 @@ class Registry:
     def __init__(self, *, middleware: typing.Sequence[Middleware | RunFunction] = ()) -> None:
         self._handlers: dict[str, Handler] = {}
         self._queue_limits: dict[str, Limits] = {}
+        self._schedules: dict[str, Schedule] = {}
         self._middleware: list[Middleware] = []
         for mw in middleware:
             self.use(mw)
@@ -418,6 +421,107 @@ class Registry:
             return fn
 
         return register
+
+    @overload
+    def periodic(
+        self,
+        cron: str | None = None,
+        *,
+        kind: str,
+        every: timedelta | None = None,
+        tz: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        catch_up: timedelta = DEFAULT_CATCH_UP,
+        name: str | None = None,
+    ) -> Schedule: ...
+
+    @overload
+    def periodic(
+        self,
+        cron: str | None = None,
+        *,
+        kind: None = None,
+        every: timedelta | None = None,
+        tz: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        catch_up: timedelta = DEFAULT_CATCH_UP,
+        name: str | None = None,
+    ) -> Callable[[HandlerFn], HandlerFn]: ...
+
+    def periodic(
+        self,
+        cron: str | None = None,
+        *,
+        kind: str | None = None,
+        every: timedelta | None = None,
+        tz: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        catch_up: timedelta = DEFAULT_CATCH_UP,
+        name: str | None = None,
+    ) -> Schedule | Callable[[HandlerFn], HandlerFn]:
+        """Enqueue a `kind` job at each tick of a 5-field `cron` expression (in time zone `tz`,
+        default UTC) or `every` interval (ticks at multiples of it since the Unix epoch): one
+        job per tick, whatever the number of workers (see docs/scheduling.md). A tick found
+        late (every worker was down) is still enqueued within `catch_up`; only the latest
+        tick is. `name` (default: the kind) identifies the schedule across deploys.
+
+        With `kind=`, the schedule is registered at once and returned. Without it, this is a
+        decorator over a handler registered with `@registry.handler` (place it above), whose
+        kind it takes. A mistake (a bad expression, an unknown zone) is a ValueError here."""
+
+        def register(k: str) -> Schedule:
+            schedule = Schedule(
+                name=k if name is None else name,
+                kind=k,
+                cron=cron,
+                every=every,
+                tz=tz,
+                payload=dict(payload or {}),
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                catch_up=catch_up,
+            )
+            if schedule.name in self._schedules:
+                raise ValueError(
+                    f"a schedule named {schedule.name!r} is already registered; give each"
+                    " schedule of one kind its own name="
+                )
+            self._schedules[schedule.name] = schedule
+            return schedule
+
+        if kind is not None:
+            return register(kind)
+        # Checked now, not when the decorator is applied: the mistake is on this line.
+        Schedule(name="check", kind="check", cron=cron, every=every, tz=tz,
+                 payload=dict(payload or {}), queue=queue, priority=priority,
+                 max_attempts=max_attempts, catch_up=catch_up)  # fmt: skip
+
+        def decorate(fn: HandlerFn) -> HandlerFn:
+            handlers = [h for h in self._handlers.values() if h.fn is fn]
+            if not handlers:
+                raise TypeError(
+                    f"@registry.periodic on {_name(fn)}: the function is not a registered"
+                    " handler; place @registry.periodic above @registry.handler, or pass kind="
+                )
+            register(handlers[0].kind)
+            return fn
+
+        return decorate
+
+    @property
+    def schedules(self) -> list[Schedule]:
+        """The periodic schedules declared, by name."""
+        return [self._schedules[n] for n in sorted(self._schedules)]
 
     def __contains__(self, kind: object) -> bool:
         return kind in self._handlers

@@ -15,13 +15,16 @@ FAILING_KINDS_LIMIT = 5
 async def collect(queue: Queue, *, minutes: int = WINDOW_MINUTES) -> dict[str, Any]:
     """Everything the overview shows, as JSON-ready data (`StatsOut`). One query per part."""
     flow_parts = asyncio.gather(queue.flow_states(), queue.limit_usage())
-    counts, lags, per_minute, failing, unhandled, workers = await asyncio.gather(
-        queue.counts(),
-        queue.oldest_due(),
-        queue.finished_per_minute(minutes),
-        queue.failing_kinds(minutes, FAILING_KINDS_LIMIT),
-        queue.unhandled(),
-        queue.workers(),
+    (counts, lags, per_minute, failing, unhandled, workers), schedules = await asyncio.gather(
+        asyncio.gather(
+            queue.counts(),
+            queue.oldest_due(),
+            queue.finished_per_minute(minutes),
+            queue.failing_kinds(minutes, FAILING_KINDS_LIMIT),
+            queue.unhandled(),
+            queue.workers(),
+        ),
+        queue.schedules(),
     )
     flow, usage = await flow_parts
     by_queue: dict[str, dict[str, int]] = {}
@@ -106,6 +109,19 @@ async def collect(queue: Queue, *, minutes: int = WINDOW_MINUTES) -> dict[str, A
             }
             for w in workers
         ],
+        "schedules": [
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "queue": p.queue,
+                "spec": p.spec,
+                "next_run_at": p.next_run_at,
+                "last_run_at": p.last_run_at,
+                "last_job_id": str(p.last_job_id) if p.last_job_id else None,
+                "declared_at": p.declared_at,
+            }
+            for p in schedules
+        ],
     }
 
 
@@ -179,6 +195,10 @@ def render_text(body: dict[str, Any]) -> str:
         if lim["fair"]:
             bounds.append("fair share")
         out.append(f"limit: {lim['scope']} {lim['name']}: {'; '.join(bounds)}")
+    for p in body.get("schedules", []):
+        next_run = p["next_run_at"]
+        when = next_run.isoformat() if isinstance(next_run, datetime) else str(next_run or "-")
+        out.append(f"schedule: {p['name']} ({p['kind']}, {p['spec']}): next run {when}")
     workers = body["workers"]
     out.append(
         f"workers: {len(workers)} live"

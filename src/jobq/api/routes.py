@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Annotated, Any
 
 import orjson
@@ -180,7 +181,15 @@ def _field_errors(exc: pydantic.ValidationError, prefix: str = "body") -> list[d
     ]
 
 
-def new_job(body: Any, header_key: str | None, registry: Registry | None) -> NewJob:
+def new_job(
+    body: Any,
+    header_key: str | None,
+    registry: Registry | None,
+    *,
+    unique: dict[str, Any] | None = None,
+) -> NewJob:
+    """The job a body asks for. Its `unique_*` options (of `Queue.enqueue`) go into `unique`;
+    a caller that passes none (a batch) refuses them rather than drop them."""
     if not isinstance(body, dict):
         raise ProblemError(422, "validation_error", "the body must be a JSON object")
     try:
@@ -221,7 +230,7 @@ def new_job(body: Any, header_key: str | None, registry: Registry | None) -> New
             key = key[1:-1]  # the draft's examples quote the value
     if key is not None:
         check_idempotency_key(key)
-    return NewJob(
+    new = NewJob(
         kind=req.kind,
         payload=req.payload,
         queue=req.queue,
@@ -231,6 +240,19 @@ def new_job(body: Any, header_key: str | None, registry: Registry | None) -> New
         idempotency_key=key,
         concurrency_key=concurrency_key,
     )
+    if req.unique_for is not None or req.unique_by is not None or req.unique_states is not None:
+        if unique is None:
+            raise ProblemError(
+                422, "validation_error", "unique jobs are enqueued one at a time (POST /jobs)",
+                errors=[{"loc": ["body", "unique_for"], "msg": "not in a batch",
+                         "type": "value_error"}],
+            )  # fmt: skip
+        unique.update(
+            unique_for=None if req.unique_for is None else timedelta(seconds=req.unique_for),
+            unique_by=req.unique_by,
+            unique_states=req.unique_states,
+        )
+    return new
 
 
 @router.post(
@@ -240,7 +262,17 @@ def new_job(body: Any, header_key: str | None, registry: Registry | None) -> New
     response_model=None,
     responses={
         201: {"model": JobOut, "description": "Created."},
-        200: {"model": JobOut, "description": "Idempotent replay: the job this key created."},
+        200: {
+            "model": JobOut,
+            "description": "Idempotent replay: the job this key created; or, for a unique job"
+            " (`unique_for`), the existing job it duplicates, with `Jobq-Unique: duplicate`.",
+            "headers": {
+                "Jobq-Unique": {
+                    "description": "For a unique job: `created` (201) or `duplicate` (200).",
+                    "schema": {"type": "string", "enum": ["created", "duplicate"]},
+                }
+            },
+        },
         413: openapi_problem("The body is larger than JOBQ_MAX_PAYLOAD_BYTES."),
         415: openapi_problem(
             "The body is not `application/json`, names a charset other than UTF-8, or has a"
@@ -269,12 +301,16 @@ async def enqueue(
     ] = None,
 ) -> Response:
     body = await read_json_body(request)
-    new = new_job(body, idempotency_key, request.app.state.registry)
-    result = await queue_of(request).enqueue(new)
+    unique: dict[str, Any] = {}
+    new = new_job(body, idempotency_key, request.app.state.registry, unique=unique)
+    result = await queue_of(request).enqueue(new, **unique)
     if result.created:
         registry = request.app.state.registry
         metrics.JOBS_ENQUEUED.labels(metrics.kind_label(result.job.kind, registry)).inc()
-    return json_response(job_to_dict(result.job), 201 if result.created else 200)
+    response = json_response(job_to_dict(result.job), 201 if result.created else 200)
+    if unique:
+        response.headers["Jobq-Unique"] = "created" if result.created else "duplicate"
+    return response
 
 
 @router.get(

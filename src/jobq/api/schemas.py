@@ -20,9 +20,11 @@ from jobq.queue import (
     MAX_NAME_LENGTH,
     PRIORITY_MAX,
     PRIORITY_MIN,
+    STATUSES,
     Job,
     JobSummary,
 )
+from jobq.queue.unique import MAX_UNIQUE_BY, MAX_UNIQUE_FOR
 from jobq.registry import Registry
 
 # Printable characters only; the pattern states the part JSON Schema can: no C0/C1 controls.
@@ -100,11 +102,40 @@ class JobCreate(BaseModel):
         " limits and fair share group jobs by it. Not given: the handler's concurrency_key"
         " function of the payload, when the server knows the handler; else none.",
     )
+    unique_for: float | None = Field(
+        default=None,
+        ge=0.001,
+        le=MAX_UNIQUE_FOR.total_seconds(),
+        description="Seconds: a unique job. While a job of the same kind, queue and"
+        " `unique_by` payload fields was enqueued within this period and is in one of"
+        " `unique_states`, no job is created and that job is returned with 200 and"
+        " `Jobq-Unique: duplicate`. Not with an idempotency key.",
+    )
+    unique_by: list[Name] | None = Field(
+        default=None,
+        max_length=MAX_UNIQUE_BY,
+        description="The payload fields (top level) that make two jobs the same, besides kind"
+        " and queue; a field the payload lacks counts as null. Default: the whole payload.",
+    )
+    unique_states: list[Literal[STATUSES]] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        min_length=1,
+        description="The states of the earlier job that make a duplicate. Default: queued,"
+        " running, retrying, succeeded (not failed_permanent or cancelled).",
+    )
 
     # Strict otherwise: "3" and true are not integers.
     _integral_numbers = pydantic.field_validator("priority", "max_attempts", mode="before")(
         _integral
     )
+
+    @pydantic.field_validator("unique_for", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        # Strict mode takes no int for a float field; a JSON number of seconds is either.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
 
 
 class JobError(BaseModel):
@@ -364,6 +395,23 @@ class LimitStats(BaseModel):
     keys: list[KeyUsage] = Field(description="Keys with running jobs, most first (at most 20).")
 
 
+class ScheduleStats(BaseModel):
+    name: str
+    kind: str
+    queue: str
+    spec: str = Field(description="`cron <expression> (<time zone>)` or `every <seconds>s`.")
+    next_run_at: datetime | None = Field(description="The next tick the scheduler will enqueue.")
+    last_run_at: datetime | None = Field(
+        description="The tick of the latest job enqueued; null before the first."
+    )
+    last_job_id: uuid.UUID | None
+    declared_at: datetime = Field(
+        description="When a worker last declared the schedule: each one running it does so"
+        " every 15 s; a schedule no worker declared for 60 s (removed from the code, or no"
+        " worker running) is not listed."
+    )
+
+
 class StatsOut(BaseModel):
     """The queue at a glance."""
 
@@ -382,6 +430,9 @@ class StatsOut(BaseModel):
         description="Waiting jobs whose kind and queue no live worker handles."
     )
     workers: list[WorkerStats] = Field(description="Live workers and what they handle.")
+    schedules: list[ScheduleStats] = Field(
+        description="Periodic schedules the workers declare, by name, with their next run."
+    )
 
 
 # -- flow control: GET /queues, pause and resume --------------------------------------------

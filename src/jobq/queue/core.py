@@ -15,10 +15,11 @@ from jobq.queue.leases import Leases
 from jobq.queue.lookup import Lookup
 from jobq.queue.operator import Operator
 from jobq.queue.presence import Presence
+from jobq.queue.schedules import Schedules
 from jobq.queue.views import Views
 
 
-class Queue(Enqueue, Operator, Lookup, Leases, Flow, Views, Presence):
+class Queue(Enqueue, Operator, Lookup, Leases, Flow, Views, Presence, Schedules):
     """Queue operations over an asyncpg pool. Safe to share between tasks."""
 
     def __init__(

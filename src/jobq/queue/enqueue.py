@@ -9,7 +9,8 @@ import contextlib
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import timedelta
 
 import asyncpg
 
@@ -23,9 +24,9 @@ from jobq.queue.inserts import (
     insert_jobs_steps,
     run_steps,
 )
-from jobq.queue.lookup import Lookup
 from jobq.queue.model import NEW_JOB_CHANNEL, BulkEnqueued, EnqueueResult, Job, NewJob, _FirstUse
-from jobq.queue.validation import validate
+from jobq.queue.unique import Unique, UniqueSpec, unique_spec
+from jobq.queue.validation import encode_json, validate
 
 
 def _held_by_version_3(exc: BaseException) -> bool:
@@ -86,30 +87,50 @@ class WakeUps:
                 )
 
 
-class Enqueue(Lookup):
+class Enqueue(Unique):
     _wake_ups: WakeUps
 
     # -- producers ---------------------------------------------------------------------
 
-    async def enqueue(self, new: NewJob) -> EnqueueResult:
+    async def enqueue(
+        self,
+        new: NewJob,
+        *,
+        unique_for: timedelta | None = None,
+        unique_by: Iterable[str] | None = None,
+        unique_states: Iterable[str] | None = None,
+    ) -> EnqueueResult:
         """Insert a job; with an idempotency key, return the existing job for the same request.
 
         Race-safe: concurrent inserts with one key wait on each other in the key table's
         primary key, and exactly one creates the job. A key is remembered for at least
         `idempotency_window` after its job's creation, and as long as the job exists.
         Goes through the enqueue middleware (`jobq.middleware`), if any.
+
+        With `unique_for`, a unique job (`jobq.queue.unique`): while a job of the same kind,
+        queue and `unique_by` payload fields (default: the whole payload) was enqueued within
+        `unique_for` and is in one of `unique_states` (default UNIQUE_STATES), that job is
+        returned (created False) and nothing is inserted.
         """
+        spec = None
+        if unique_for is not None or unique_by is not None or unique_states is not None:
+            spec = unique_spec(unique_for, unique_by, unique_states)
         chain = enqueue_chain(self.middleware)
         if chain is None:
-            return await self._enqueue(new)
+            return await self._enqueue(new, spec)
 
         async def store(jobs: list[NewJob]) -> tuple[EnqueueResult, list[uuid.UUID]]:
-            result = await self._enqueue(jobs[0])
+            result = await self._enqueue(jobs[0], spec)
             return result, [result.job.id]
 
         return await around_enqueue(chain, [new], store)
 
-    async def _enqueue(self, new: NewJob) -> EnqueueResult:
+    async def _enqueue(self, new: NewJob, spec: UniqueSpec | None = None) -> EnqueueResult:
+        if spec is not None:
+            job = validate(new)
+            args = (job.kind, job.queue, encode_json("payload", job.payload), job.priority,
+                    job.max_attempts, job.run_at, job.concurrency_key)  # fmt: skip
+            return await self._enqueue_unique(job, args, spec)
         queue = new.queue  # checked by the steps, before any statement
         # The first insert of a debounce window carries the NOTIFY itself (see WakeUps).
         inline = self._wake_ups.claim_inline(queue)

@@ -198,7 +198,12 @@ class Worker:
             asyncio.create_task(listener.loop(), name="jobq-listen"),
             asyncio.create_task(heartbeat.loop(), name="jobq-heartbeat"),
             *maintenance_runner.start(
-                maintenance.services(queue, self.settings, backoffs=self._backoffs)
+                maintenance.services(
+                    queue,
+                    self.settings,
+                    backoffs=self._backoffs,
+                    schedules=self.registry.schedules,
+                )
             ),
         ]
         writer = asyncio.create_task(completions.loop(), name="jobq-completions")

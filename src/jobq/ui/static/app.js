@@ -364,11 +364,31 @@
         el("div", { class: "muted" }, `kinds: ${w.kinds.join(", ")} · queues: ${w.queues.join(", ")} · since ${fmtTime(w.started_at)}`),
       ),
     );
+    const schedules = (stats.schedules || []).map((p) => ({ ...p, declared_at: undefined }));
+    renderList("schedules", schedules, "No periodic schedule is declared by a running worker.", (p) =>
+      el(
+        "li",
+        { "data-schedule": p.name },
+        el(
+          "div",
+          { class: "head" },
+          el("span", {}, el("strong", {}, jobsLink({ kind: p.kind, queue: p.queue }, p.name)), " ", el("code", {}, p.spec)),
+          el("span", { class: "muted" }, p.next_run_at ? `next ${fmtTime(p.next_run_at)}` : "no next run"),
+        ),
+        el(
+          "div",
+          { class: "muted" },
+          ...(p.last_job_id
+            ? [el("a", { href: `/ui/jobs/${p.last_job_id}` }, "latest job"), ` · tick ${fmtTime(p.last_run_at)}`]
+            : ["not run yet"]),
+        ),
+      ),
+    );
   }
 
   // Until the first answer, every card says it is loading; when /stats fails, every card says
   // so (and data already shown is marked stale): never an all-clear the page does not know.
-  const OVERVIEW_LISTS = ["failing", "unhandled", "workers"];
+  const OVERVIEW_LISTS = ["failing", "unhandled", "workers", "schedules"];
 
   function overviewFailed(message) {
     const loaded = document.body.dataset.stats === "loaded" || document.body.dataset.stats === "stale";
