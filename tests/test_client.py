@@ -109,6 +109,16 @@ def test_enqueue_with_an_idempotency_key_returns_the_same_job_again(client: Clie
     assert again.job.idempotency_key == "order-42"
 
 
+def test_enqueue_of_a_unique_job_returns_the_existing_one_for_a_duplicate(
+    client: Client,
+) -> None:
+    first = client.enqueue("echo", {"account": 7, "n": 1}, unique_for=timedelta(minutes=5),
+                           unique_by=["account"])  # fmt: skip
+    again = client.enqueue("echo", {"account": 7, "n": 2}, unique_for=300, unique_by=["account"])
+    assert (first.created, again.created) == (True, False)
+    assert again.job.id == first.job.id
+
+
 def test_get_returns_the_whole_job(client: Client) -> None:
     created = client.enqueue("echo", {"hello": "world"}).job
     job = client.get(created.id)

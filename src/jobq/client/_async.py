@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -99,13 +99,18 @@ class AsyncClient:
         run_at: datetime | None = None,
         idempotency_key: str | None = None,
         concurrency_key: str | None = None,
+        unique_for: float | timedelta | None = None,
+        unique_by: Sequence[str] | None = None,
+        unique_states: Sequence[str] | None = None,
     ) -> Enqueued:
         """`POST /jobs`. With `idempotency_key`, a replay returns the job the key created
-        (`created` False), so the call is retried safely."""
+        (`created` False), so the call is retried safely. With `unique_for` (seconds or a
+        timedelta), a unique job: a duplicate returns the existing job (`created` False)."""
         return await self._send(
             _core.enqueue(
                 kind, payload, queue=queue, priority=priority, max_attempts=max_attempts,
                 run_at=run_at, idempotency_key=idempotency_key, concurrency_key=concurrency_key,
+                unique_for=unique_for, unique_by=unique_by, unique_states=unique_states,
             )
         )  # fmt: skip
 

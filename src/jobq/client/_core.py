@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -144,10 +144,14 @@ def enqueue(
     run_at: datetime | None,
     idempotency_key: str | None,
     concurrency_key: str | None = None,
+    unique_for: float | timedelta | None = None,
+    unique_by: Sequence[str] | None = None,
+    unique_states: Sequence[str] | None = None,
 ) -> Call[Enqueued]:
     new = NewJob(
         kind, payload or {}, queue, priority, max_attempts, run_at,
-        concurrency_key=concurrency_key,
+        concurrency_key=concurrency_key, unique_for=unique_for, unique_by=unique_by,
+        unique_states=unique_states,
     )  # fmt: skip
     headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
     return Call(

@@ -8,9 +8,9 @@ API adds later are ignored, so an older client keeps working against a newer API
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 Status = Literal["queued", "running", "retrying", "succeeded", "failed_permanent", "cancelled"]
@@ -186,6 +186,10 @@ class NewJob:
     run_at: datetime | None = None
     idempotency_key: str | None = None
     concurrency_key: str | None = None
+    # A unique job (see `POST /jobs`): seconds or a timedelta; payload fields; states.
+    unique_for: float | timedelta | None = None
+    unique_by: Sequence[str] | None = None
+    unique_states: Sequence[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": self.kind, "payload": dict(self.payload)}
@@ -195,4 +199,11 @@ class NewJob:
                 body[name] = value
         if self.run_at is not None:
             body["run_at"] = self.run_at.isoformat()
+        if self.unique_for is not None:
+            period = self.unique_for
+            body["unique_for"] = period.total_seconds() if isinstance(period, timedelta) else period
+        for name in ("unique_by", "unique_states"):
+            names = getattr(self, name)
+            if names is not None:
+                body[name] = list(names)
         return body
