@@ -60,12 +60,14 @@ chaos: $(VENV)/.installed
 	$(BIN)/jobq chaos --jobs $(N)
 
 ## Benchmarks (not part of `make test`): the suite against the embedded PostgreSQL (or
-## DATABASE_URL), the scale-out benchmarks (PgBouncer, a fleet of workers, added RTT), then
+## DATABASE_URL), the integration benchmarks (transactional enqueue, batch, waiters), the
+## scale-out benchmarks (PgBouncer, a fleet of workers, added RTT), then
 ## the chart. BENCH_ARGS=--quick for a smoke run. See BENCHMARKS.md.
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.suite $(BENCH_ARGS)
 	$(MAKE) --no-print-directory bench-hooks
+	$(BIN)/python -m bench.integration $(BENCH_ARGS)
 	$(MAKE) --no-print-directory pgbouncer
 	$(BIN)/python -m bench.scaleout $(BENCH_ARGS)
 	$(BIN)/python -m bench.flow $(BENCH_ARGS)

@@ -21,6 +21,7 @@ from jobq.backoff import Backoff
 from jobq.middleware import Middleware, RunFunction, as_middleware
 from jobq.periodic import DEFAULT_CATCH_UP, Schedule
 from jobq.queue import DEFAULT_QUEUE, InvalidJob, Limits, NewJob, validate
+from jobq.queue.progress import check_progress
 from jobq.queue.validation import check_concurrency_key
 
 HandlerFn = Callable[..., Any]
@@ -89,6 +90,12 @@ class JobContext:
         # context per job, so what it costs is paid on every job.
         self._cancel_flag = False
         self._cancelled: asyncio.Event | None = None
+        # The latest progress reported, and whether the worker was told of it since it last
+        # took it: a handler reporting in a tight loop costs a tuple per call, the worker
+        # writes at most a few times a second (jobq.worker.progress).
+        self._progress: tuple[float, str | None] | None = None
+        self._progress_noted = False
+        self._progress_sink: Callable[[JobContext], None] | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -112,6 +119,20 @@ class JobContext:
         """Stop here and run the job again `seconds` from now, without counting this attempt
         (raises `Snooze`)."""
         raise Snooze(seconds)
+
+    async def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the job is: `fraction` from 0 to 1, and an optional message (at most
+        1,000 characters). Stored on the job (coalesced: the latest report is written, at most
+        a few times a second), shown by `GET /jobs/{id}` and the dashboard, and wakes
+        `?wait=...&until=progress`. ValueError for a fraction outside [0, 1] or NaN."""
+        self.set_progress(fraction, message)
+
+    def set_progress(self, fraction: float, message: str | None = None) -> None:
+        """`progress` for sync handlers: callable from any thread, returns at once."""
+        self._progress = check_progress(fraction, message)
+        if not self._progress_noted and self._progress_sink is not None:
+            self._progress_noted = True
+            self._progress_sink(self)
 
     def _request_cancel(self) -> None:
         self._cancel_flag = True

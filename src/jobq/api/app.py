@@ -314,6 +314,10 @@ def _install_openapi(app: FastAPI, registry: Registry | None, settings: Settings
                 if isinstance(op, dict) and op.pop("x-jobq-batch-body", False):
                     op["requestBody"] = batch_body(body, settings.batch_max)
                 if isinstance(op, dict):
+                    for param in op.get("parameters", []):
+                        if param.get("name") == "wait" and param.get("in") == "query":
+                            _set_maximum(param["schema"], settings.wait_max_seconds)
+                if isinstance(op, dict):
                     # FastAPI's own 422 entry: ours is a problem document.
                     responses = op.get("responses", {})
                     if "422" in responses and "application/json" in responses["422"].get(
@@ -354,11 +358,16 @@ def create_app(
             dsn or "", min_size=0, max_size=settings.pool_max_size, pooler=settings.pooler
         )
         app.state.pool = the_pool
+        # Waiters (GET /jobs/{id}?wait=) listen on a connection of their own while anyone
+        # waits: JOBQ_LISTEN_DATABASE_URL behind a transaction pooler, else DATABASE_URL.
+        listen_dsn = settings.listen_database_url or dsn
         app.state.queue = Queue(
             the_pool,
             default_max_attempts=settings.default_max_attempts,
             history_leaf_width=settings.history_leaf_width,
             idempotency_window=settings.idempotency_window,
+            listen_dsn=listen_dsn,
+            pooler=_listen_pooler(settings, listen_dsn),
             middleware=registry.middleware if registry is not None else (),
         )
         own_read_pool = read_pool is None and settings.read_database_url is not None
@@ -376,6 +385,7 @@ def create_app(
         try:
             yield
         finally:
+            await app.state.queue.close_watcher()
             compactor.cancel()
             await asyncio.gather(compactor, return_exceptions=True)
             if own_read_pool and reads is not None:
@@ -420,6 +430,20 @@ def create_app(
     _install_health(app, settings)
     _install_openapi(app, registry, settings)
     return app
+
+
+def _set_maximum(schema: dict[str, Any], most: float) -> None:
+    """The configured bound (JOBQ_WAIT_MAX_SECONDS) in a parameter's schema."""
+    for variant in schema.get("anyOf", [schema]):
+        if variant.get("type") == "number":
+            variant["maximum"] = most
+
+
+def _listen_pooler(settings: Settings, listen_dsn: str | None) -> str:
+    """How the listen URL is reached: JOBQ_LISTEN_DATABASE_URL is direct or session-pooled."""
+    if settings.listen_database_url and listen_dsn == settings.listen_database_url:
+        return "none" if settings.pooler == "none" else "session"
+    return settings.pooler
 
 
 def _install_health(app: FastAPI, settings: Settings) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import pydantic
@@ -384,12 +384,64 @@ JobId = Annotated[uuid.UUID, Path(description="The job's id (a UUID).")]
 
 @router.get(
     "/jobs/{job_id}",
-    summary="Get a job",
+    summary="Get a job, or wait for it to end",
+    description="With `wait=SECONDS` (0 to JOBQ_WAIT_MAX_SECONDS, default at most 60), the"
+    " answer comes as soon as the job has ended (succeeded, failed_permanent or cancelled), or"
+    " with the job as it is when the wait is over: look at `status`. With `until=progress`, also"
+    " as soon as its progress changes. Waits cost no database connection of their own: one"
+    " API process serves every waiter with one LISTEN connection.",
     response_model=JobOut,
-    responses={**_NOT_FOUND, **_BAD_ID, **COMMON_RESPONSES},
+    responses={
+        422: openapi_problem(
+            "The job id is not a UUID, `wait` is not a number from 0 to JOBQ_WAIT_MAX_SECONDS,"
+            " or `until` is given without `wait` or is not `end` or `progress`."
+        ),
+        **_NOT_FOUND,
+        **COMMON_RESPONSES,
+    },
 )
-async def get_job(request: Request, job_id: JobId) -> Response:
-    return json_response(job_to_dict(await queue_of(request).get(job_id)))
+async def get_job(
+    request: Request,
+    job_id: JobId,
+    wait: Annotated[
+        float | None,
+        Query(
+            ge=0,
+            allow_inf_nan=False,
+            description="Seconds to wait for the job to end (at most JOBQ_WAIT_MAX_SECONDS,"
+            " default 60).",
+        ),
+    ] = None,
+    until: Annotated[
+        Literal["end", "progress"] | None,
+        Query(
+            description="With `wait`: `end` (default) answers when the job ends; `progress`"
+            " also when its progress changes."
+        ),
+    ] = None,
+) -> Response:
+    queue = queue_of(request)
+    if wait is None:
+        if until is not None:
+            raise ProblemError(
+                422,
+                "validation_error",
+                "until is only meaningful with wait",
+                errors=[{"loc": ["query", "until"], "msg": "given without wait",
+                         "type": "missing_wait"}],
+            )  # fmt: skip
+        return json_response(job_to_dict(await queue.get(job_id)))
+    most: float = request.app.state.settings.wait_max_seconds
+    if wait > most:
+        raise ProblemError(
+            422,
+            "validation_error",
+            f"wait must be at most {most:g} seconds (JOBQ_WAIT_MAX_SECONDS); ask again to wait"
+            " longer",
+            errors=[{"loc": ["query", "wait"], "msg": f"must be at most {most:g}",
+                     "type": "less_than_equal"}],
+        )  # fmt: skip
+    return json_response(job_to_dict(await queue.wait(job_id, wait, until=until or "end")))
 
 
 @router.post(

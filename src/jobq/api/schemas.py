@@ -144,6 +144,15 @@ class JobError(BaseModel):
     at: datetime
 
 
+class JobProgress(BaseModel):
+    """What the handler last reported with `ctx.progress`."""
+
+    fraction: float = Field(ge=0, le=1, description="How far the job is, from 0 to 1.")
+    message: str | None
+    attempt: int = Field(description="The attempt that reported it.")
+    updated_at: datetime
+
+
 class JobOut(BaseModel):
     """A job and everything known about its runs."""
 
@@ -171,6 +180,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     concurrency_key: str | None
+    progress: JobProgress | None = Field(
+        description="The latest progress its handler reported; null when it reported none."
+    )
 
 
 class JobBatchItemOut(JobOut):

@@ -26,6 +26,7 @@ from jobq.queue.leases import lease_of
 from jobq.queue.model import (
     CANCEL_CHANNEL,
     DEFAULT_QUEUE,
+    JOB_EVENTS_CHANNEL,
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     MAX_ATTEMPTS_MAX,
@@ -76,6 +77,7 @@ from jobq.queue.validation import (
 __all__ = [
     "CANCEL_CHANNEL",
     "DEFAULT_QUEUE",
+    "JOB_EVENTS_CHANNEL",
     "LIST_LIMIT_DEFAULT",
     "LIST_LIMIT_MAX",
     "MAX_ATTEMPTS_MAX",

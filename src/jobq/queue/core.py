@@ -15,11 +15,13 @@ from jobq.queue.leases import Leases
 from jobq.queue.lookup import Lookup
 from jobq.queue.operator import Operator
 from jobq.queue.presence import Presence
+from jobq.queue.progress import Progress
 from jobq.queue.schedules import Schedules
 from jobq.queue.views import Views
+from jobq.queue.waits import Waits, Watcher
 
 
-class Queue(Enqueue, Operator, Lookup, Leases, Flow, Views, Presence, Schedules):
+class Queue(Enqueue, Operator, Lookup, Leases, Flow, Progress, Waits, Views, Presence, Schedules):
     """Queue operations over an asyncpg pool. Safe to share between tasks."""
 
     def __init__(
@@ -33,7 +35,11 @@ class Queue(Enqueue, Operator, Lookup, Leases, Flow, Views, Presence, Schedules)
         idempotency_window: timedelta = timedelta(hours=24),
         max_result_bytes: int = 1024 * 1024,
         middleware: Sequence[Middleware] = (),
+        listen_dsn: str | None = None,
+        pooler: str = "none",
     ) -> None:
+        """`listen_dsn`: where `wait` listens (a connection opened when someone waits); None
+        borrows one from the pool while anyone waits. `pooler`: how `listen_dsn` is reached."""
         self.pool = pool
         self.default_max_attempts = default_max_attempts
         self.default_backoff = default_backoff or Backoff()
@@ -42,3 +48,6 @@ class Queue(Enqueue, Operator, Lookup, Leases, Flow, Views, Presence, Schedules)
         self.max_result_bytes = max_result_bytes
         self.middleware = tuple(as_middleware(m) for m in middleware)
         self._wake_ups = WakeUps(pool, notify_window)
+        self.listen_dsn = listen_dsn
+        self.pooler = pooler
+        self._watcher = Watcher(self, listen_dsn, pooler)

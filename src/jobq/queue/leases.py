@@ -29,6 +29,7 @@ from jobq.queue.model import (
     Lease,
     Rescued,
     into_history,
+    notify_watchers,
 )
 from jobq.queue.validation import encode_json
 
@@ -145,7 +146,7 @@ WITH done AS (
     DELETE FROM jobs AS j
     USING unnest($1::uuid[], $2::uuid[], $3::text[]) AS r(id, token, result)
     WHERE j.id = r.id AND j.lease_token = r.token AND j.status = 'running'
-    RETURNING j.*, r.result AS new_result
+    RETURNING j.*, r.result AS new_result, {notify_watchers("j")}
 )
 {into_history("done", status="'succeeded'", result="done.new_result::jsonb", finished_at="now()")}
 RETURNING id
@@ -179,7 +180,8 @@ WITH cur AS (
     WHERE j.id = cur.id AND cur.retries
     RETURNING j.status
 ), ended AS (
-    DELETE FROM jobs AS j USING cur WHERE j.id = cur.id AND NOT cur.retries RETURNING j.*
+    DELETE FROM jobs AS j USING cur WHERE j.id = cur.id AND NOT cur.retries
+    RETURNING j.*, {notify_watchers("j")}
 ), moved AS (
     {
     into_history(
@@ -197,7 +199,8 @@ SELECT status FROM retried UNION ALL SELECT status FROM moved
 
 _CANCELLED_BY_WORKER = f"""
 WITH ended AS (
-    DELETE FROM jobs WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING *
+    DELETE FROM jobs WHERE id = $1 AND lease_token = $2 AND status = 'running'
+    RETURNING *, {notify_watchers("jobs")}
 )
 {
     into_history(
@@ -236,7 +239,8 @@ WITH cur AS (
     WHERE j.id = cur.id AND NOT cur.cancelled
     RETURNING j.id, j.queue, j.status
 ), ended AS (
-    DELETE FROM jobs AS j USING cur WHERE j.id = cur.id AND cur.cancelled RETURNING j.*
+    DELETE FROM jobs AS j USING cur WHERE j.id = cur.id AND cur.cancelled
+    RETURNING j.*, {notify_watchers("j")}
 ), moved AS (
     {into_history("ended", status="'cancelled'", lease_owner="NULL", finished_at="now()")}
     RETURNING id, queue, status
@@ -270,7 +274,8 @@ WITH cur AS (
     WHERE j.id = cur.id AND NOT cur.cancelled
     RETURNING j.status
 ), ended AS (
-    DELETE FROM jobs AS j USING cur WHERE j.id = cur.id AND cur.cancelled RETURNING j.*
+    DELETE FROM jobs AS j USING cur WHERE j.id = cur.id AND cur.cancelled
+    RETURNING j.*, {notify_watchers("j")}
 ), moved AS (
     {into_history("ended", status="'cancelled'", lease_owner="NULL", finished_at="now()")}
     RETURNING status
@@ -346,7 +351,8 @@ WITH lost AS (
     WHERE j.id = lost.id AND lost.retries
     RETURNING j.id, j.kind, j.status, j.queue
 ), ended AS (
-    DELETE FROM jobs AS j USING lost WHERE j.id = lost.id AND NOT lost.retries RETURNING j.*
+    DELETE FROM jobs AS j USING lost WHERE j.id = lost.id AND NOT lost.retries
+    RETURNING j.*, {notify_watchers("j")}
 ), moved AS (
     {
     into_history(

@@ -16,6 +16,8 @@ TERMINAL_STATUSES = ("succeeded", "failed_permanent", "cancelled")
 
 NEW_JOB_CHANNEL = "jobq_jobs"
 CANCEL_CHANNEL = "jobq_cancel"
+# A job someone waits on ended, or its progress changed: the payload is the job's id.
+JOB_EVENTS_CHANNEL = "jobq_job_events"
 
 DEFAULT_QUEUE = "default"
 MAX_NAME_LENGTH = 255
@@ -131,6 +133,8 @@ class Job:
     # The tenant, customer or account the job belongs to: per-key limits and fair share group
     # by it (docs/flow-control.md). None: no key.
     concurrency_key: str | None
+    # What the handler last reported (ctx.progress): fraction, message, attempt, updated_at.
+    progress: dict[str, Any] | None = None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Job:
@@ -178,7 +182,7 @@ _SUMMARY_COLUMNS = ", ".join(_SUMMARY_FIELDS)
 _HISTORY_FIELDS = (
     "id", "kind", "queue", "payload", "status", "priority", "attempts", "max_attempts", "run_at",
     "idempotency_key", "cancel_requested", "lease_owner", "last_error", "errors", "result",
-    "created_at", "started_at", "finished_at", "concurrency_key",
+    "created_at", "started_at", "finished_at", "concurrency_key", "progress", "watched",
 )  # fmt: skip
 _HISTORY_COLUMNS = ", ".join(_HISTORY_FIELDS)
 _NOT_IN_HISTORY = {
@@ -190,6 +194,16 @@ _NOT_IN_HISTORY = {
 # A history row read as a `Job` / a `JobSummary`, so that it unions with rows of `jobs`.
 _HISTORY_AS_JOB = ", ".join(_NOT_IN_HISTORY.get(f, f) for f in _JOB_FIELDS)
 _HISTORY_AS_SUMMARY = ", ".join(_NOT_IN_HISTORY.get(f, f) for f in _SUMMARY_FIELDS)
+
+
+def notify_watchers(row: str) -> str:
+    """SQL for a RETURNING list: a NOTIFY on JOB_EVENTS_CHANNEL when `row` (the alias of a
+    `jobs` row an ending or a progress write touches) is watched. Nobody waits: no NOTIFY, and
+    so no serialised commit."""
+    return (
+        f"CASE WHEN {row}.watched THEN pg_notify('{JOB_EVENTS_CHANNEL}', {row}.id::text) END"
+        " AS _watched"
+    )
 
 
 def into_history(source: str, **changed: str) -> str:

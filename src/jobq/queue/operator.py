@@ -18,6 +18,7 @@ from jobq.queue.model import (
     Job,
     JobNotFound,
     into_history,
+    notify_watchers,
 )
 
 _LOCK_LIVE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
@@ -30,7 +31,8 @@ RETURNING {_JOB_COLUMNS}
 # A waiting job cancelled ends at once: it moves to history.
 _CANCEL_WAITING = f"""
 WITH ended AS (
-    DELETE FROM jobs WHERE id = $1 AND status IN ('queued', 'retrying') RETURNING *
+    DELETE FROM jobs WHERE id = $1 AND status IN ('queued', 'retrying')
+    RETURNING *, {notify_watchers("jobs")}
 )
 {into_history("ended", status="'cancelled'", cancel_requested="true", finished_at="now()")}
 RETURNING {_HISTORY_AS_JOB}

@@ -24,6 +24,7 @@ from jobq.backoff import Backoff
 from jobq.middleware import RunChain
 from jobq.queue import InvalidJob, Job, Queue, encode_json, lease_of
 from jobq.registry import Handler, JobCancelled, JobContext, PayloadInvalid, Registry, Snooze
+from jobq.worker.progress import ProgressWriter
 from jobq.worker.state import Retrying, Run, Stop, WorkerState
 from jobq.worker.threads import HandlerThreads, SyncCall
 
@@ -40,7 +41,9 @@ class JobRunner:
         threads: HandlerThreads | None,
         backoffs: Mapping[str, Backoff],
         middleware: RunChain | None = None,
+        progress: ProgressWriter | None = None,
     ) -> None:
+        self.progress = progress
         self.state = state
         self.queue = queue
         self.registry = registry
@@ -62,6 +65,8 @@ class JobRunner:
         )
         run = Run(job, ctx, lease_of(job))
         state.runs[run.lease] = run
+        if self.progress is not None:
+            self.progress.attach(run)
         if job.started_at is not None:
             wait = (job.started_at - max(job.created_at, job.run_at)).total_seconds()
             state.metrics_for(job.kind)[0].observe(max(0.0, wait))
@@ -190,6 +195,7 @@ class JobRunner:
             return
         if run.stop_reason is Stop.LEASE_LOST:
             return
+        await self._flush_progress(run)
         try:
             result_json = encode_json("result", result)
         except InvalidJob as exc:
@@ -248,7 +254,14 @@ class JobRunner:
         else:
             log.warning("lease lost; abandoned the run", extra=extra)
 
+    async def _flush_progress(self, run: Run) -> None:
+        """The run's last progress report, written before its outcome (best effort)."""
+        if self.progress is not None and run.lease in self.progress.pending:
+            with contextlib.suppress(Exception):
+                await self.progress.flush(run)
+
     async def _cancelled(self, run: Run, reason: str, extra: dict[str, Any]) -> None:
+        await self._flush_progress(run)
         held = await self._with_retry(lambda q: q.mark_cancelled(run.lease, reason))
         if held:
             metrics.JOBS_FINISHED.labels(run.job.kind, "cancelled").inc()
@@ -262,6 +275,7 @@ class JobRunner:
             log.info("job snoozed for %ss", seconds, extra=extra)
 
     async def _fail(self, run: Run, error: str, *, permanent: bool = False) -> None:
+        await self._flush_progress(run)
         backoff = self.backoffs[run.job.kind]
         status = await self._with_retry(
             lambda q: q.fail(run.job, error, backoff=backoff, permanent=permanent)

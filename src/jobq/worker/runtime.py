@@ -31,6 +31,7 @@ from jobq.worker.completions import CompletionWriter
 from jobq.worker.execution import JobRunner
 from jobq.worker.heartbeat import Heartbeat
 from jobq.worker.listener import Listener
+from jobq.worker.progress import ProgressWriter
 from jobq.worker.state import Retrying, Stop, WorkerState
 from jobq.worker.threads import HandlerThreads
 
@@ -170,12 +171,14 @@ class Worker:
             idempotency_window=self.settings.idempotency_window,
             max_result_bytes=self.settings.max_payload_bytes,
         )
+        progress = ProgressWriter(state, queue)
         runner = JobRunner(
             state,
             queue,
             self.registry,
             threads=self._threads,
             backoffs=self._backoffs,
+            progress=progress,
             # Process-wide middleware outermost, as installed when the worker starts.
             middleware=middleware.run_chain([*middleware.installed(), *self.registry.middleware]),
         )
@@ -197,6 +200,7 @@ class Worker:
         helpers = [
             asyncio.create_task(listener.loop(), name="jobq-listen"),
             asyncio.create_task(heartbeat.loop(), name="jobq-heartbeat"),
+            asyncio.create_task(progress.loop(), name="jobq-progress"),
             *maintenance_runner.start(
                 maintenance.services(
                     queue,

@@ -505,6 +505,15 @@
       setText($("priority"), String(j.priority));
       setText($("cancel-requested"), j.cancel_requested ? "yes" : "no");
       setText($("idempotency-key"), j.idempotency_key || "—");
+      // What the handler last reported (ctx.progress), with the attempt that reported it.
+      const p = j.progress;
+      const bar = $("progress-bar");
+      bar.hidden = !p;
+      if (p) bar.value = p.fraction;
+      setText(
+        $("progress-text"),
+        p ? `${Math.round(p.fraction * 1000) / 10}%${p.message ? ` · ${p.message}` : ""} (attempt ${p.attempt})` : "—",
+      );
       const steps = { created: j.created_at, due: j.run_at, started: j.started_at, finished: j.finished_at };
       for (const [step, at] of Object.entries(steps)) {
         const li = $("timeline").querySelector(`[data-step="${step}"]`);

@@ -1,0 +1,83 @@
+"""The progress writer: what handlers report with ctx.progress, written in batches.
+
+A handler's report only replaces the latest value on its context; the first report since the
+last write tells this writer (from any thread). The writer writes every run's latest report in
+one statement, then waits `PROGRESS_INTERVAL` before the next: however often handlers report,
+a worker writes progress at most 1 / PROGRESS_INTERVAL times a second. A run's last report is
+written before its outcome, so that the job ends with it. Each write is fenced by the run's
+lease token; progress is best effort: a write that fails is tried again at the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from jobq import db
+from jobq.queue import Lease, Queue
+from jobq.queue.progress import ProgressReport
+from jobq.registry import JobContext
+from jobq.worker.state import Run, Stop, WorkerState
+
+log = logging.getLogger("jobq.worker")
+
+PROGRESS_INTERVAL = 0.25
+
+
+class ProgressWriter:
+    def __init__(self, state: WorkerState, queue: Queue) -> None:
+        self.state = state
+        self.queue = queue
+        self.pending: dict[Lease, Run] = {}
+        self._ready = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def attach(self, run: Run) -> None:
+        """Let `run`'s handler report progress through this writer."""
+
+        def noted(_ctx: JobContext) -> None:
+            # From the handler's thread or the event loop alike.
+            self._loop.call_soon_threadsafe(self._note, run)
+
+        run.ctx._progress_sink = noted
+
+    def _note(self, run: Run) -> None:
+        self.pending[run.lease] = run
+        self._ready.set()
+
+    async def loop(self) -> None:
+        """Until cancelled."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            await self.write()
+            await asyncio.sleep(PROGRESS_INTERVAL)
+
+    async def flush(self, run: Run) -> None:
+        """Write `run`'s last report now, if it has one not yet written (before its outcome)."""
+        if run.lease in self.pending:
+            await self.write(only=run.lease)
+
+    async def write(self, only: Lease | None = None) -> None:
+        reports = []
+        for lease, run in list(self.pending.items()):
+            if only is not None and lease != only:
+                continue
+            del self.pending[lease]
+            # Cleared before the value is read: a report made meanwhile notes the run again.
+            run.ctx._progress_noted = False
+            value = run.ctx._progress
+            if value is None or run.stop_reason is Stop.LEASE_LOST:
+                continue
+            reports.append(ProgressReport(lease, value[0], value[1]))
+        if not reports:
+            return
+        try:
+            await self.queue.write_progress(reports)
+        except Exception as exc:
+            if not db.is_unavailable(exc):
+                log.exception("writing progress failed")
+            for report in reports:  # tried again at the next write, while the run lasts
+                still = self.state.runs.get(report.lease)
+                if still is not None:
+                    self._note(still)

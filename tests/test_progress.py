@@ -1,0 +1,175 @@
+"""Progress: ctx.progress / ctx.set_progress, stored on the job, coalesced, fenced by the lease."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+import pytest
+
+from jobq.api import create_app
+from jobq.queue import Lease, NewJob, Queue, lease_of
+from jobq.queue.progress import ProgressReport
+from jobq.registry import JobContext, Registry
+from jobq.settings import Settings
+from jobq.worker import Worker
+from jobq.worker.progress import PROGRESS_INTERVAL, ProgressWriter
+from jobq.worker.state import Run, WorkerState
+from tests.helpers import wait_for
+from tests.test_api import make_client
+
+FAST = Settings(poll_interval_seconds=0.1, heartbeat_seconds=0.5, lease_seconds=5.0)
+
+
+def context() -> JobContext:
+    return JobContext(
+        id=uuid.uuid4(), kind="k", queue="default", attempt=1, max_attempts=3, worker_id="w"
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(dsn: str, registry: Registry) -> AsyncIterator[Worker]:
+    worker = Worker(dsn, registry, settings=FAST, concurrency=4)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.wait_started(), 10)
+    try:
+        yield worker
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.parametrize("fraction", [-0.01, 1.01, math.nan, math.inf, True, "0.5", None])
+async def test_a_fraction_outside_0_to_1_or_not_a_number_is_a_value_error(fraction: Any) -> None:
+    ctx = context()
+    with pytest.raises(ValueError, match="progress"):
+        await ctx.progress(fraction)
+    with pytest.raises(ValueError, match="progress"):
+        ctx.set_progress(fraction)
+
+
+def test_a_message_too_long_or_with_nul_is_a_value_error() -> None:
+    ctx = context()
+    for message in ("x" * 1001, "a\x00b", 42):
+        with pytest.raises(ValueError, match="message"):
+            ctx.set_progress(0.5, message)  # type: ignore[arg-type]
+
+
+async def test_progress_is_stored_on_the_job_and_shown_by_get(
+    queue: Queue, dsn: str, pool: asyncpg.Pool
+) -> None:
+    registry = Registry()
+    release = asyncio.Event()
+
+    @registry.handler("step")
+    async def step(ctx: JobContext, payload: dict[str, Any]) -> None:
+        await ctx.progress(0.4, "four of ten")
+        await release.wait()
+
+    job = (await queue.enqueue(NewJob("step"))).job
+    async with running(dsn, registry):
+
+        async def reported() -> Any:
+            return (await queue.get(job.id)).progress
+
+        progress = await wait_for(reported, timeout=10)
+        assert progress["fraction"] == 0.4 and progress["message"] == "four of ten"
+        assert progress["attempt"] == 1
+        async with make_client(create_app(Settings(), pool=pool)) as client:
+            shown = (await client.get(f"/jobs/{job.id}")).json()["progress"]
+        assert shown["fraction"] == 0.4 and shown["message"] == "four of ten"
+        release.set()
+
+
+async def test_a_sync_handler_reports_with_set_progress_and_the_last_report_is_kept(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+
+    @registry.handler("sync.steps")
+    def steps(ctx: JobContext, payload: dict[str, Any]) -> str:
+        for i in range(1, 1001):
+            ctx.set_progress(i / 1000, f"{i} of 1000")
+        return "done"
+
+    job = (await queue.enqueue(NewJob("sync.steps"))).job
+    async with running(dsn, registry):
+
+        async def ended() -> bool:
+            return (await queue.get(job.id)).status == "succeeded"
+
+        await wait_for(ended, timeout=15)
+    progress = (await queue.get(job.id)).progress  # from history now
+    assert progress is not None
+    assert progress["fraction"] == 1.0 and progress["message"] == "1000 of 1000"
+
+
+class CountingQueue(Queue):
+    """The real queue, counting the progress statements it runs."""
+
+    writes = 0
+
+    async def write_progress(self, reports: Sequence[ProgressReport]) -> set[Lease]:
+        self.writes += 1
+        return await super().write_progress(reports)
+
+
+async def test_a_handler_reporting_in_a_tight_loop_costs_a_few_writes_a_second(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    await queue.enqueue(NewJob("echo"))
+    (job,) = await queue.claim("w", ["echo"], ["default"], 1, lease_seconds=30)
+    counting = CountingQueue(pool)
+    state = WorkerState("w", FAST, kinds=["echo"], queues=["default"], concurrency=1)
+    writer = ProgressWriter(state, counting)
+    run = Run(job, context(), lease_of(job))
+    state.runs[run.lease] = run
+    writer.attach(run)
+    task = asyncio.create_task(writer.loop())
+    seconds = 1.5
+    calls = 0
+
+    def tight_loop() -> None:
+        nonlocal calls
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            calls += 1
+            run.ctx.set_progress((calls % 1000) / 1000)
+
+    try:
+        await asyncio.to_thread(tight_loop)
+        run.ctx.set_progress(0.75, "last")
+        await writer.flush(run)
+        await asyncio.sleep(PROGRESS_INTERVAL * 2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert calls > 10_000
+    assert counting.writes <= seconds / PROGRESS_INTERVAL + 3
+    stored = (await queue.get(job.id)).progress
+    assert stored is not None and stored["fraction"] == 0.75 and stored["message"] == "last"
+
+
+async def test_progress_from_a_lost_lease_writes_nothing(queue: Queue) -> None:
+    await queue.enqueue(NewJob("echo"))
+    (job,) = await queue.claim("w", ["echo"], ["default"], 1, lease_seconds=30)
+    written = await queue.write_progress([ProgressReport(Lease(job.id, uuid.uuid4()), 0.9, None)])
+    assert written == set()
+    assert (await queue.get(job.id)).progress is None
+
+
+async def test_the_dashboard_job_page_has_a_progress_field(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    job = (await queue.enqueue(NewJob("echo"))).job
+    async with make_client(create_app(Settings(), pool=pool)) as client:
+        page = await client.get(f"/ui/jobs/{job.id}")
+        script = await client.get("/ui/static/app.js")
+    assert page.status_code == 200 and 'id="progress-bar"' in page.text
+    assert "j.progress" in script.text
