@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from jobq import db, schema
+from jobq.queue import NewJob, Queue, lease_of
 from tests.helpers import ALL_JOBS, ROOT, wait_for, worker_process
 from tests.realparts import pgbouncer, require_pgbouncer, tcp_dsn, tcp_server
 from tests.registries import EXECUTIONS_DDL
@@ -265,3 +266,24 @@ async def test_a_worker_whose_listen_cannot_receive_warns_once_and_polls(
         err = worker.stderr.read().decode()
     warnings = [line for line in err.splitlines() if "JOBQ_LISTEN_DATABASE_URL" in line]
     assert len(warnings) == 1, err
+
+
+async def test_a_waiter_behind_transaction_pooling_polls_and_still_sees_the_job_end(
+    pooled: str, direct: str
+) -> None:
+    # LISTEN through the pooler hears nothing: the watcher's self-check says so and it reads
+    # the waited jobs every POLL_SECONDS instead; the wait still ends when the job does.
+    pool = await db.create_pool(pooled, min_size=1, max_size=4, pooler="transaction")
+    try:
+        queue = Queue(pool, pooler="transaction")
+        await queue.enqueue(NewJob("wait.me", queue="pooled-wait"))
+        (job,) = await queue.claim("w", ["wait.me"], ["pooled-wait"], 1, lease_seconds=60)
+        waiting = asyncio.create_task(queue.wait(job.id, timeout=30))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        await queue.complete(lease_of(job), {"done": True})
+        ended = await asyncio.wait_for(waiting, 15)
+        assert ended.status == "succeeded"
+        assert queue._watcher.poll_only
+    finally:
+        await pool.close()
