@@ -18,8 +18,9 @@ A plain `async def f(ctx, call_next)` given to `Registry.use` is a run middlewar
 
 Where they apply: a registry's middleware (`Registry.use`) around the runs of a worker started
 with it, and around the enqueues of an API started with it (`--app`); a `Queue`'s
-(`Queue(pool, middleware=[...])`) around its enqueues; a process-wide one (`install`) around
-both, everywhere in the process, outermost. The first registered is the outermost.
+(`Queue(pool, middleware=[...])`) around its enqueues; a process-wide one (`install`, what
+`jobq.otel.instrument()` uses) around both, everywhere in the process, outermost. The first
+registered is the outermost.
 
 What a run's outcome is: whatever the whole chain returns or raises, exactly as if the handler
 had. A middleware that raises before or after `call_next` fails the attempt like a handler

@@ -78,6 +78,7 @@ class JobContext:
         attempt: int,
         max_attempts: int,
         worker_id: str,
+        trace_context: Mapping[str, str] | None = None,
     ) -> None:
         self.id = id
         self.kind = kind
@@ -85,6 +86,8 @@ class JobContext:
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.worker_id = worker_id
+        # Where the job was enqueued from (jobq.otel): the propagation fields, or None.
+        self.trace_context = trace_context
         # A plain flag, set once on the event loop: reading it from a thread-pool thread (a
         # sync handler) is safe. The event is made only for a handler that waits on it: one
         # context per job, so what it costs is paid on every job.

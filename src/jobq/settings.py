@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -165,6 +166,8 @@ class Settings:
     retention_failed: timedelta | None = timedelta(days=30)
     # An idempotency key is remembered at least this long after its job was created.
     idempotency_window: timedelta = timedelta(hours=24)
+    # OpenTelemetry spans for enqueues and runs (JOBQ_OTEL=1; needs jobq[otel]): see jobq.otel.
+    otel: bool = False
 
     @property
     def leaf_width_done(self) -> timedelta:
@@ -238,4 +241,14 @@ class Settings:
             retention=_retention("JOBQ_RETENTION", timedelta(days=7)),
             retention_failed=_retention("JOBQ_RETENTION_FAILED", timedelta(days=30)),
             idempotency_window=_duration("JOBQ_IDEMPOTENCY_WINDOW", timedelta(hours=24)),
+            otel=_otel(),
         )
+
+
+def _otel() -> bool:
+    on = _bool("JOBQ_OTEL", False)
+    if on and importlib.util.find_spec("opentelemetry") is None:
+        raise SettingsError(
+            "JOBQ_OTEL=1 needs OpenTelemetry: pip install 'jobq[otel]' (or unset JOBQ_OTEL)"
+        )
+    return on

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -419,6 +420,11 @@ def create_app(
         app.state.read_queue = app.state.queue if read_pool is None else Queue(read_pool)
     # Starlette's slash redirect builds its Location from the Host header: see _slash_redirect.
     app.router.redirect_slashes = False
+    if settings.otel or _otel_instrumented():
+        from jobq import otel
+
+        otel.instrument()
+        app.add_middleware(otel.RequestContext)  # innermost: inside the request id's
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(RequestContextMiddleware)  # added last: outermost
     _install_error_handlers(app)
@@ -489,6 +495,12 @@ def _install_health(app: FastAPI, settings: Settings) -> None:
             metrics.set_job_counts(await request.app.state.read_queue.counts())
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+
+def _otel_instrumented() -> bool:
+    """jobq.otel.instrument() was called in this process (without importing OpenTelemetry)."""
+    otel = sys.modules.get("jobq.otel")
+    return otel is not None and bool(otel.instrumented())
 
 
 def _version() -> str:

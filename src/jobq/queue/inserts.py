@@ -58,7 +58,7 @@ class Statement:
 # Steps: yield a statement, receive its rows, return the outcome.
 Steps = Generator[Statement, Sequence[Row], T]
 
-_JSON_COLUMNS = frozenset({"payload", "errors", "result", "progress"})
+_JSON_COLUMNS = frozenset({"payload", "errors", "result", "progress", "trace_context"})
 # A job as every driver reads it the same way: jsonb as text.
 _JOB_TEXT = ", ".join(f"{f}::text AS {f}" if f in _JSON_COLUMNS else f for f in _JOB_FIELDS)
 _HISTORY_TEXT = ", ".join(
@@ -66,7 +66,7 @@ _HISTORY_TEXT = ", ".join(
 )
 
 _INSERT_COLUMNS = """kind, queue, payload, priority, max_attempts, run_at, idempotency_key,
-                  request_fingerprint, concurrency_key"""
+                  request_fingerprint, concurrency_key, trace_context"""
 # What an insert of one job returns: the job; or the job and the NOTIFY that wakes workers
 # when it commits (in a caller's transaction: at its commit, with no round trip of its own).
 _QUIET = "SELECT * FROM ins"
@@ -76,7 +76,7 @@ _INSERT_UNKEYED_QUIET = f"""
 WITH ins AS (
 INSERT INTO jobs (id, {_INSERT_COLUMNS})
 VALUES (jobq_uuid_v7(), $1, $2, $3::text::jsonb, $4, $5, coalesce($6::timestamptz, now()),
-        NULL, NULL, $7)
+        NULL, NULL, $7, $8::text::jsonb)
 RETURNING {_JOB_TEXT}
 ) """
 _INSERT_UNKEYED = _INSERT_UNKEYED_QUIET + _WAKING
@@ -105,7 +105,7 @@ WITH firsts AS (
 ), taken AS ({_TAKE_KEYS}), ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
     SELECT firsts.job_id, $1, $2, $3::text::jsonb, $4, $5, coalesce($6::timestamptz, now()),
-           $7, $8, $10
+           $7, $8, $10, $11::text::jsonb
     FROM firsts JOIN taken USING (key)
     RETURNING {_JOB_TEXT}
 )
@@ -152,8 +152,8 @@ WITH input AS (
     -- Ids drawn here, row by row in input order, so that they sort as the input does.
     SELECT t.*, jobq_uuid_v7() AS id
     FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
-                $6::timestamptz[], $7::text[], $8::text[], $10::text[])
-         WITH ORDINALITY AS t(k, q, p, pr, ma, ra, ik, fp, ck, n)
+                $6::timestamptz[], $7::text[], $8::text[], $10::text[], $11::text[])
+         WITH ORDINALITY AS t(k, q, p, pr, ma, ra, ik, fp, ck, tc, n)
 ), firsts AS (
     SELECT DISTINCT ON (ik) ik AS key, n, id AS job_id, fp AS fingerprint
     FROM input WHERE ik IS NOT NULL
@@ -161,7 +161,7 @@ WITH input AS (
 ), taken AS ({_TAKE_KEYS}), ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
     SELECT i.id, i.k, i.q, i.p::jsonb, i.pr, i.ma,
-           coalesce(i.ra, now()), i.ik, i.fp, i.ck
+           coalesce(i.ra, now()), i.ik, i.fp, i.ck, i.tc::jsonb
     FROM input AS i LEFT JOIN firsts AS f ON f.n = i.n
     WHERE i.ik IS NULL OR f.key IN (SELECT key FROM taken)
     ORDER BY i.n
@@ -176,9 +176,10 @@ def _insert_many_unkeyed_sql(returning: str) -> str:
     return f"""
 WITH ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
-    SELECT jobq_uuid_v7(), k, q, p::jsonb, pr, ma, coalesce(ra, now()), NULL, NULL, ck
+    SELECT jobq_uuid_v7(), k, q, p::jsonb, pr, ma, coalesce(ra, now()), NULL, NULL, ck,
+           tc::jsonb
     FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
-                $6::timestamptz[], $7::text[]) AS t(k, q, p, pr, ma, ra, ck)
+                $6::timestamptz[], $7::text[], $8::text[]) AS t(k, q, p, pr, ma, ra, ck, tc)
     RETURNING {returning}
 ), {_NOTIFY_QUEUES}
 SELECT *, (SELECT count(*) FROM notified) AS _n FROM ins
@@ -191,6 +192,10 @@ _INSERT_MANY_UNKEYED = _insert_many_unkeyed_sql(_IDS)
 # The whole jobs, for callers that answer with them (POST /jobs/batch).
 _INSERT_MANY_JOBS = _insert_many_sql(_JOB_TEXT)
 _INSERT_MANY_JOBS_UNKEYED = _insert_many_unkeyed_sql(_JOB_TEXT)
+
+
+def _trace_json(job: NewJob) -> str | None:
+    return None if not job.trace_context else orjson.dumps(dict(job.trace_context)).decode()
 
 
 def _aware(value: Any) -> Any:
@@ -243,13 +248,16 @@ def enqueue_steps(new: NewJob, window: timedelta, *, notify: bool = True) -> Ste
     key = job.idempotency_key
     if key is None:
         rows = yield Statement(
-            _INSERT_UNKEYED if notify else _INSERT_UNKEYED_QUIET, (*args, job.concurrency_key)
+            _INSERT_UNKEYED if notify else _INSERT_UNKEYED_QUIET,
+            (*args, job.concurrency_key, _trace_json(job)),
         )
         return EnqueueResult(job_from_row(rows[0]), created=True)
     fp = fingerprint(job)
     sql = _INSERT_KEYED if notify else _INSERT_KEYED_QUIET
     for _ in range(3):
-        rows = yield Statement(sql, (*args, key, fp, window, job.concurrency_key), keyed=True)
+        rows = yield Statement(
+            sql, (*args, key, fp, window, job.concurrency_key, _trace_json(job)), keyed=True
+        )
         if rows:
             return EnqueueResult(job_from_row(rows[0]), created=True)
         # The key is held. A fresh statement sees the committed key row.
@@ -397,16 +405,19 @@ def _rows_statement(
         [j.max_attempts for j in jobs],
         [j.run_at for j in jobs],
     )
+    # NULL (no array) when no job has one: unnest pads it with NULLs.
+    traces = [_trace_json(j) for j in jobs] if any(j.trace_context for j in jobs) else None
     if all(fp is None for fp in fps):  # no key: nothing a version 3 process can hold
         return Statement(
             _INSERT_MANY_JOBS_UNKEYED if whole else _INSERT_MANY_UNKEYED,
-            (*args, [j.concurrency_key for j in jobs]),
+            (*args, [j.concurrency_key for j in jobs], traces),
         )
     args += (
         [j.idempotency_key for j in jobs],
         list(fps),
         window,
         [j.concurrency_key for j in jobs],
+        traces,
     )
     return Statement(_INSERT_MANY_JOBS if whole else _INSERT_MANY, args, keyed=True)
 

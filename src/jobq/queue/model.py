@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -135,6 +136,8 @@ class Job:
     concurrency_key: str | None
     # What the handler last reported (ctx.progress): fraction, message, attempt, updated_at.
     progress: dict[str, Any] | None = None
+    # The enqueuer's trace context (jobq.otel), or None; not shown by the API.
+    trace_context: dict[str, str] | None = None
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Job:
@@ -183,6 +186,7 @@ _HISTORY_FIELDS = (
     "id", "kind", "queue", "payload", "status", "priority", "attempts", "max_attempts", "run_at",
     "idempotency_key", "cancel_requested", "lease_owner", "last_error", "errors", "result",
     "created_at", "started_at", "finished_at", "concurrency_key", "progress", "watched",
+    "trace_context",
 )  # fmt: skip
 _HISTORY_COLUMNS = ", ".join(_HISTORY_FIELDS)
 _NOT_IN_HISTORY = {
@@ -226,6 +230,10 @@ class NewJob:
     idempotency_key: str | None = None
     # Groups jobs for per-key limits and fair share (docs/flow-control.md).
     concurrency_key: str | None = None
+    # Propagation fields of the enqueuer's trace (`traceparent`, `tracestate`), stored with
+    # the job for the span of its run to link to; set by jobq.otel. Not part of the request
+    # an idempotency key stands for.
+    trace_context: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from datetime import UTC
 from typing import Any
 
@@ -80,6 +81,22 @@ def _has_non_finite(value: Any) -> bool:
     return False
 
 
+# The largest trace context stored with a job, as the sum of its names' and values' lengths:
+# a W3C traceparent is 55 characters, a tracestate at most 32 members.
+MAX_TRACE_CONTEXT_BYTES = 4096
+
+
+def _check_trace_context(value: object) -> None:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidJob("trace_context", "must map names to strings")
+    if sum(len(k) + len(v) for k, v in value.items()) > MAX_TRACE_CONTEXT_BYTES:
+        raise InvalidJob("trace_context", f"must be at most {MAX_TRACE_CONTEXT_BYTES} characters")
+    if any("\x00" in k or "\x00" in v for k, v in value.items()):
+        raise InvalidJob("trace_context", "must not contain NUL characters")
+
+
 def validate(job: NewJob) -> NewJob:
     """Return the job checked (naive run_at taken as UTC), or raise InvalidJob.
 
@@ -116,6 +133,8 @@ def validate(job: NewJob) -> NewJob:
         check_idempotency_key(job.idempotency_key)
     if job.concurrency_key is not None:
         check_concurrency_key(job.concurrency_key)
+    if job.trace_context is not None:
+        _check_trace_context(job.trace_context)
     if run_at is job.run_at:
         return job
     # The constructor, not dataclasses.replace: this runs once per job of a bulk enqueue.
@@ -128,6 +147,7 @@ def validate(job: NewJob) -> NewJob:
         run_at,
         job.idempotency_key,
         job.concurrency_key,
+        job.trace_context,
     )
 
 

@@ -62,6 +62,7 @@ class JobRunner:
             attempt=job.attempts,
             max_attempts=job.max_attempts or state.settings.default_max_attempts,
             worker_id=state.worker_id,
+            trace_context=job.trace_context,
         )
         run = Run(job, ctx, lease_of(job))
         state.runs[run.lease] = run

@@ -161,6 +161,10 @@ class Worker:
 
     async def run(self) -> None:
         state = self._state
+        if self.settings.otel:
+            from jobq import otel
+
+            otel.instrument()
         pool = await self._connect_pool()
         await self._wait_for_primary(pool)
         self.queue = queue = Queue(
