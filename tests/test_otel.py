@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+import jobq.txn
 from jobq import otel
 from jobq.api import create_app
 from jobq.queue import InvalidJob, NewJob, Queue
@@ -126,6 +127,18 @@ async def test_a_batch_is_one_span_and_every_job_carries_its_context(
     assert (send.attributes or {})["messaging.batch.message_count"] == 3
     stored = {(await stored_trace_context(pool, i))["traceparent"][:-3] for i in ids}
     assert stored == {traceparent(send)}
+
+
+async def test_an_enqueue_in_the_callers_transaction_is_a_span_too(
+    queue: Queue, pool: asyncpg.Pool, spans: InMemorySpanExporter
+) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        stored = await jobq.txn.enqueue(conn, NewJob("ok"))
+    send = only(spans, "send default")
+    assert (send.attributes or {})["messaging.message.id"] == str(stored.job.id)
+    assert (await stored_trace_context(pool, stored.job.id))["traceparent"][:-3] == traceparent(
+        send
+    )
 
 
 async def test_a_failed_enqueue_has_error_status(queue: Queue, spans: InMemorySpanExporter) -> None:

@@ -21,10 +21,12 @@ Connections accepted (a driver is imported only when the caller uses it):
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from jobq import middleware
 from jobq.queue.inserts import (
     Row,
     Statement,
@@ -51,8 +53,18 @@ async def enqueue(
     With an idempotency key, the job stored before for the same request is returned
     (`created=False`), and a different request raises IdempotencyConflict, as `Queue.enqueue`
     does. `idempotency_window`: how long a key is remembered at least; default
-    JOBQ_IDEMPOTENCY_WINDOW (24h)."""
-    return await _run(conn, enqueue_steps(job, _window(idempotency_window)))
+    JOBQ_IDEMPOTENCY_WINDOW (24h). Goes through the process-wide enqueue middleware
+    (`jobq.middleware.install`, e.g. jobq.otel), if any; the sync forms do not."""
+    window = _window(idempotency_window)
+    chain = middleware.enqueue_chain(())
+    if chain is None:
+        return await _run(conn, enqueue_steps(job, window))
+
+    async def store(jobs: list[NewJob]) -> tuple[EnqueueResult, list[uuid.UUID]]:
+        result = await _run(conn, enqueue_steps(jobs[0], window))
+        return result, [result.job.id]
+
+    return await middleware.around_enqueue(chain, [job], store)
 
 
 async def enqueue_many(
@@ -60,11 +72,21 @@ async def enqueue_many(
 ) -> list[BulkEnqueued]:
     """Insert many jobs in one statement in `conn`'s current transaction; each job's id and
     whether this call created it, in input order. Every job is validated before anything runs;
-    an idempotency conflict raises IdempotencyConflict (roll back to drop the rest)."""
+    an idempotency conflict raises IdempotencyConflict (roll back to drop the rest). Goes
+    through the process-wide enqueue middleware, as `enqueue` does."""
     checked = [validate(j) for j in jobs]
     if not checked:
         return []
-    return await _run(conn, insert_batch_steps(checked, _window(idempotency_window)))
+    window = _window(idempotency_window)
+    chain = middleware.enqueue_chain(())
+    if chain is None:
+        return await _run(conn, insert_batch_steps(checked, window))
+
+    async def store(changed: list[NewJob]) -> tuple[list[BulkEnqueued], list[uuid.UUID]]:
+        stored = await _run(conn, insert_batch_steps([validate(j) for j in changed], window))
+        return stored, [s.id for s in stored]
+
+    return await middleware.around_enqueue(chain, checked, store)
 
 
 def enqueue_sync(
