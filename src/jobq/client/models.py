@@ -58,6 +58,8 @@ class Job:
     finished_at: datetime | None
     # The tenant or account it belongs to, for per-key limits and fair share.
     concurrency_key: str | None = None
+    # What its handler last reported: fraction, message, attempt, updated_at (as JSON).
+    progress: dict[str, Any] | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -85,6 +87,7 @@ class Job:
             started_at=_maybe_time(d.get("started_at")),
             finished_at=_maybe_time(d.get("finished_at")),
             concurrency_key=d.get("concurrency_key"),
+            progress=d.get("progress"),
         )
 
 
