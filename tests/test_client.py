@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ import pytest
 
 from jobq.api import schemas
 from jobq.client import AsyncClient, Client, NewJob, RetryPolicy, errors, models
-from jobq.queue import Queue
+from jobq.queue import Queue, lease_of
 from tests.helpers import ROOT, wait_for
 from tests.servers import free_port, start_api, stop, wait_ready
 
@@ -318,6 +319,27 @@ def test_a_batch_is_retried_on_503_only_when_every_job_has_a_key(down_api: str) 
             with pytest.raises(errors.DatabaseUnavailable):
                 client.enqueue_batch(jobs)
     assert counting.sent == ["POST"] * 3 + ["POST"]
+
+
+# -- wait --------------------------------------------------------------------------------
+
+
+async def test_wait_returns_as_soon_as_the_job_ends(api: str, queue: Queue) -> None:
+    async with AsyncClient(api, token=TOKEN) as client:
+        job = (await client.enqueue("echo", {"n": 1})).job
+        waiting = asyncio.create_task(client.wait(job.id, timeout=30))
+        (claimed,) = await queue.claim("w", ["echo"], ["default"], 1, lease_seconds=30)
+        await asyncio.sleep(0.2)  # the waiter is waiting now (or answers at once if not)
+        assert await queue.complete(lease_of(claimed), {"n": 1})
+        done = await asyncio.wait_for(waiting, 10)  # long before its 30 s
+    assert (done.status, done.result, done.is_terminal) == ("succeeded", {"n": 1}, True)
+
+
+def test_wait_returns_the_job_as_it_is_when_the_time_is_up(client: Client) -> None:
+    job = client.enqueue("echo").job
+    started = time.monotonic()
+    assert client.wait(job.id, timeout=0.3).status == "queued"
+    assert time.monotonic() - started < 5
 
 
 # -- the package -----------------------------------------------------------------------------
