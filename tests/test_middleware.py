@@ -318,6 +318,24 @@ async def test_installed_middleware_wraps_every_queue_and_worker_outermost(
                           "registry before ok"]  # fmt: skip
 
 
+def test_installing_a_function_twice_installs_it_once(no_installed: None) -> None:
+    async def tag(ctx: JobContext, call_next: CallNext) -> Any:
+        return await call_next()
+
+    middleware.install(tag)
+    middleware.install(tag)
+    assert len(middleware.installed()) == 1
+
+
+def test_a_function_installed_can_be_uninstalled(no_installed: None) -> None:
+    async def tag(ctx: JobContext, call_next: CallNext) -> Any:
+        return await call_next()
+
+    middleware.install(tag)
+    middleware.uninstall(tag)
+    assert middleware.installed() == ()
+
+
 # -- the documented example: a SQLAlchemy session per job -----------------------------------
 
 

@@ -105,17 +105,22 @@ def as_middleware(obj: Middleware | RunFunction) -> Middleware:
 _installed: tuple[Middleware, ...] = ()
 
 
-def install(middleware: Middleware) -> None:
+def _original(mw: Middleware) -> object:
+    """What the caller passed: the function a run middleware was made from."""
+    return mw.fn if isinstance(mw, _RunFunction) else mw
+
+
+def install(middleware: Middleware | RunFunction) -> None:
     """Add a middleware to every worker started and every enqueue made in this process from
     now on, outside those of registries and queues. Installing one twice does nothing."""
     global _installed
-    if middleware not in _installed:
+    if all(middleware not in (m, _original(m)) for m in _installed):
         _installed = (*_installed, as_middleware(middleware))
 
 
-def uninstall(middleware: Middleware) -> None:
+def uninstall(middleware: Middleware | RunFunction) -> None:
     global _installed
-    _installed = tuple(m for m in _installed if m is not middleware)
+    _installed = tuple(m for m in _installed if middleware not in (m, _original(m)))
 
 
 def installed() -> tuple[Middleware, ...]:
