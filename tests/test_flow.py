@@ -230,3 +230,28 @@ async def test_fair_share_takes_keys_in_turn(queue: Queue) -> None:
     # Without fair share the oldest jobs go first: all of the big tenant's.
     await queue.declare_limits("w", {}, {"default": Limits()})
     assert {j.concurrency_key for j in await _claim(queue, 10)} == {"big"}
+
+
+async def test_a_kind_no_limit_covers_does_not_wait_behind_a_limited_backlog(
+    queue: Queue, dsn: str
+) -> None:
+    # A worker that runs a limited kind claims the kinds no limit covers with the plain claim
+    # too: they must not queue behind the limited kind's backlog (30 s of it here).
+    from jobq import JobContext, Registry
+    from tests.test_worker import finished, running
+
+    registry = Registry()
+
+    @registry.handler("held", concurrency_key="tenant", max_per_key=1)
+    async def held(ctx: JobContext, payload: dict[str, str]) -> None:
+        await asyncio.sleep(1)
+
+    @registry.handler("free")
+    async def free(ctx: JobContext, payload: dict[str, str]) -> None:
+        return None
+
+    await queue.enqueue_many([registry.new_job("held", {"tenant": "t"}) for _ in range(30)])
+    free_ids = await queue.enqueue_many([NewJob(kind="free") for _ in range(3)])
+    async with running(dsn, registry):
+        for job_id in free_ids:
+            assert (await finished(queue, job_id, timeout=10)).status == "succeeded"

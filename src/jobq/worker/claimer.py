@@ -6,19 +6,20 @@ It stops claiming while too many successes wait to be written (the database is a
 worker never runs far ahead of what it can record.
 
 Once a second it asks whether a limit covers one of its kinds or queues (whichever worker
-stored it): then it claims with the limited claim, which honours them, and tries again soon
-after a short claim, since slots and tokens free up without a NOTIFY. Otherwise it claims with
-the plain claim, which costs what it did before flow control existed (docs/flow-control.md).
+stored it): then it claims with the limited claim, which honours them, as well as with the
+plain claim, which takes what no limit covers, and tries again soon after a short claim, since
+slots and tokens free up without a NOTIFY. Otherwise it claims with the plain claim only,
+which costs what it did before flow control existed (docs/flow-control.md).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from jobq import db, metrics
-from jobq.queue import Queue
+from jobq.queue import Job, Queue
 from jobq.worker.completions import MAX_COMPLETION_BATCH
 from jobq.worker.execution import JobRunner
 from jobq.worker.state import Retrying, WorkerState
@@ -50,6 +51,7 @@ class Claimer:
         # What a job enqueued without max_attempts gets when this worker claims it.
         self.max_attempts = max_attempts
         self.limited = False
+        self._limited_first = False
         self._limits_checked = -float("inf")
 
     async def _refresh_limited(self) -> None:
@@ -59,6 +61,34 @@ class Claimer:
         state = self.state
         self.limited = await self.queue.limits_apply(state.kinds, state.queues)
         self._limits_checked = now
+
+    async def _claim(self, want: int) -> list[Job]:
+        """Up to `want` jobs. Under limits, the plain claim still takes the kinds and queues no
+        limit covers (it leaves limited ones out), so that they never wait behind a limited
+        backlog nor pay for the limited claim; the limited claim takes the rest of the slots.
+        The two take turns going first, so that neither side's backlog starves the other."""
+        state = self.state
+        claims: list[Callable[..., Awaitable[list[Job]]]] = [self.queue.claim]
+        if self.limited:
+            self._limited_first = not self._limited_first
+            claims = (
+                [self.queue.claim_limited, self.queue.claim]
+                if self._limited_first
+                else [self.queue.claim, self.queue.claim_limited]
+            )
+        jobs: list[Job] = []
+        for claim in claims:
+            if len(jobs) >= want:
+                break
+            jobs += await claim(
+                state.worker_id,
+                state.kinds,
+                state.queues,
+                want - len(jobs),
+                lease_seconds=state.settings.lease_seconds,
+                max_attempts=self.max_attempts,
+            )
+        return jobs
 
     async def loop(self) -> None:
         """Until a stop is requested."""
@@ -76,15 +106,7 @@ class Claimer:
             state.wake.clear()
             try:
                 await self._refresh_limited()
-                claim = self.queue.claim_limited if self.limited else self.queue.claim
-                jobs = await claim(
-                    state.worker_id,
-                    state.kinds,
-                    state.queues,
-                    want,
-                    lease_seconds=settings.lease_seconds,
-                    max_attempts=self.max_attempts,
-                )
+                jobs = await self._claim(want)
             except Exception as exc:
                 if not db.is_unavailable(exc):
                     log.exception("claim failed", extra={"worker_id": state.worker_id})
