@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from jobq.queue.leases import _CLAIM_RETURNING
+from jobq.queue.leases import _CLAIM_RETURNING, _LEASE
 from jobq.queue.model import InvalidJob, Job
 from jobq.queue.validation import _check_name
 from jobq.queue.views import Views
@@ -415,17 +415,7 @@ WITH RECURSIVE ctl AS (
     FOR UPDATE OF j SKIP LOCKED
 ), claimed AS (
     UPDATE jobs AS j
-    SET status = 'running',
-        attempts = j.attempts + 1,
-        max_attempts = coalesce(
-            j.max_attempts,
-            (SELECT m.n FROM unnest($6::text[], $7::int[]) AS m(kind, n) WHERE m.kind = j.kind),
-            $8),
-        started_at = now(),
-        updated_at = now(),
-        lease_owner = $1,
-        lease_token = gen_random_uuid(),
-        lease_expires_at = now() + make_interval(secs => $5)
+    SET {_LEASE}
     FROM locked
     WHERE j.id = locked.id
     RETURNING {_CLAIM_RETURNING}, locked.turn AS _turn

@@ -55,6 +55,20 @@ _CLAIM_RETURNING = ", ".join(
     for f in _JOB_FIELDS
 )  # fmt: skip
 
+# What a claim writes on each job it takes (every claim statement: plain and limited): the
+# attempt, max_attempts left unspecified resolved ($6, $7, $8), a fresh lease for $1 of $5 s.
+_LEASE = """status = 'running',
+    attempts = j.attempts + 1,
+    max_attempts = coalesce(
+        j.max_attempts,
+        (SELECT m.n FROM unnest($6::text[], $7::int[]) AS m(kind, n) WHERE m.kind = j.kind),
+        $8),
+    started_at = now(),
+    updated_at = now(),
+    lease_owner = $1,
+    lease_token = gen_random_uuid(),
+    lease_expires_at = now() + make_interval(secs => $5)"""
+
 # A paused or limited queue or kind ({scope}, {name}): a row of jobq_flow_controls says so.
 _HELD = """SELECT 1 FROM jobq_flow_controls AS c
            WHERE c.scope = '{scope}' AND c.name = {name}
@@ -121,17 +135,7 @@ WITH RECURSIVE open_queues AS (
     LIMIT $4
 )
 UPDATE jobs AS j
-SET status = 'running',
-    attempts = j.attempts + 1,
-    max_attempts = coalesce(
-        j.max_attempts,
-        (SELECT m.n FROM unnest($6::text[], $7::int[]) AS m(kind, n) WHERE m.kind = j.kind),
-        $8),
-    started_at = now(),
-    updated_at = now(),
-    lease_owner = $1,
-    lease_token = gen_random_uuid(),
-    lease_expires_at = now() + make_interval(secs => $5)
+SET {_LEASE}
 FROM picked
 WHERE j.id = picked.id
 RETURNING {_CLAIM_RETURNING}
