@@ -86,6 +86,11 @@ async def test_bad_pause_names_are_refused(queue: Queue) -> None:
 # -- declarations ----------------------------------------------------------------------------
 
 
+def test_a_limit_too_large_for_the_database_is_refused_at_declaration() -> None:
+    with pytest.raises(ValueError, match="max_concurrency"):
+        Limits.declare(max_concurrency=2**31)
+
+
 def test_limit_declarations_are_checked() -> None:
     with pytest.raises(ValueError, match="max_concurrency"):
         Limits.declare(max_concurrency=0)
@@ -98,6 +103,7 @@ def test_limit_declarations_are_checked() -> None:
     with pytest.raises(ValueError, match="rate_burst"):
         Limits.declare(rate_burst=3)
     assert Limits.declare(rate_limit="120/min").rate == 2.0
+    assert Limits.declare(max_concurrency=2**31 - 1).max_concurrency == 2**31 - 1
     assert Limits.declare(rate_limit="50/s").burst == 50.0
 
 

@@ -46,11 +46,15 @@ def default_burst(rate: float) -> float:
     return max(1.0, math.floor(rate))
 
 
+_INT4_MAX = 2**31 - 1
+
+
 def _positive(name: str, value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    # The limit columns are integers: a larger value would fail the worker's start-up instead.
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT4_MAX:
+        raise ValueError(f"{name} must be an integer from 1 to {_INT4_MAX}, got {value!r}")
     return value
 
 
