@@ -9,7 +9,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 import psycopg
@@ -214,13 +214,15 @@ class Django(SyncDriver):
         from django.conf import settings
 
         parts = urlsplit(dsn)
+        # The embedded server is reached through a Unix socket given as ?host=…&port=….
+        query = dict(parse_qsl(parts.query))
         database = {
             "ENGINE": "django.db.backends.postgresql",
             "NAME": parts.path.lstrip("/"),
             "USER": parts.username or "",
             "PASSWORD": parts.password or "",
-            "HOST": parts.hostname or "",
-            "PORT": str(parts.port or 5432),
+            "HOST": query.get("host") or parts.hostname or "",
+            "PORT": str(query.get("port") or parts.port or 5432),
         }
         if not settings.configured:
             settings.configure(DATABASES={"default": database}, USE_TZ=True, INSTALLED_APPS=[])

@@ -507,7 +507,7 @@ async def test_stats_keeps_its_shape(queue: Queue, client: httpx.AsyncClient) ->
 
     assert set(body) == {
         "generated_at", "window_minutes", "queues", "finished_per_minute", "failing_kinds",
-        "unhandled", "workers", "paused_kinds", "limits",
+        "unhandled", "workers", "paused_kinds", "limits", "schedules",
     }  # fmt: skip
     (q,) = body["queues"]
     assert set(q) == {
