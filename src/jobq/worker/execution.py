@@ -257,7 +257,7 @@ class JobRunner:
 
     async def _flush_progress(self, run: Run) -> None:
         """The run's last progress report, written before its outcome (best effort)."""
-        if self.progress is not None and run.lease in self.progress.pending:
+        if self.progress is not None and self.progress.unwritten(run):
             with contextlib.suppress(Exception):
                 await self.progress.flush(run)
 

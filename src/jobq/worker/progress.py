@@ -29,6 +29,10 @@ class ProgressWriter:
         self.state = state
         self.queue = queue
         self.pending: dict[Lease, Run] = {}
+        # Leases whose report a write has taken and not yet stored: a run that ends meanwhile
+        # must wait for it, or its outcome can move the job before the report lands.
+        self.writing: set[Lease] = set()
+        self._lock = asyncio.Lock()
         self._ready = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
@@ -53,12 +57,21 @@ class ProgressWriter:
             await self.write()
             await asyncio.sleep(PROGRESS_INTERVAL)
 
+    def unwritten(self, run: Run) -> bool:
+        return run.lease in self.pending or run.lease in self.writing
+
     async def flush(self, run: Run) -> None:
-        """Write `run`'s last report now, if it has one not yet written (before its outcome)."""
-        if run.lease in self.pending:
-            await self.write(only=run.lease)
+        """Write `run`'s last report now, if it has one not yet written (before its outcome),
+        after any write of it under way."""
+        async with self._lock:
+            if run.lease in self.pending:
+                await self._write(only=run.lease)
 
     async def write(self, only: Lease | None = None) -> None:
+        async with self._lock:
+            await self._write(only)
+
+    async def _write(self, only: Lease | None = None) -> None:
         reports = []
         for lease, run in list(self.pending.items()):
             if only is not None and lease != only:
@@ -72,6 +85,7 @@ class ProgressWriter:
             reports.append(ProgressReport(lease, value[0], value[1]))
         if not reports:
             return
+        self.writing.update(r.lease for r in reports)
         try:
             await self.queue.write_progress(reports)
         except Exception as exc:
@@ -81,3 +95,5 @@ class ProgressWriter:
                 still = self.state.runs.get(report.lease)
                 if still is not None:
                     self._note(still)
+        finally:
+            self.writing.difference_update(r.lease for r in reports)
