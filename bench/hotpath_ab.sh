@@ -4,24 +4,16 @@
 # virtualenv), then the ratios after/before of the medians.
 #   bench/hotpath_ab.sh BEFORE_REV AFTER_REV [RUNS=3]     (DATABASE_URL: a server to use)
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BEFORE=${1:?before revision}; AFTER=${2:?after revision}; RUNS=${3:-3}
-PY=${PYTHON:-$ROOT/.venv/bin/python}
+source "$(dirname "$0")/ab_common.sh"
+ab_setup hotpath-ab 3 "$@"
 OUT=${OUT:-$ROOT/bench/results/hotpath-ab.jsonl}
 DSN=${DATABASE_URL:?set DATABASE_URL to the server to measure on}
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/jobq-hotpath-ab.XXXXXX")
-trap 'git -C "$ROOT" worktree remove --force "$TMP/before" 2>/dev/null || true;
-      git -C "$ROOT" worktree remove --force "$TMP/after" 2>/dev/null || true; rm -rf "$TMP"' EXIT
-git -C "$ROOT" worktree add --detach -q "$TMP/before" "$BEFORE"
-git -C "$ROOT" worktree add --detach -q "$TMP/after" "$AFTER"
 : > "$OUT"
-run() {  # label
+run() {  # label run-number
     (cd "$ROOT" && PYTHONPATH="$TMP/$1/src:$ROOT" "$PY" -m bench.hotpath --dsn "$DSN" \
         --label "$1" --rounds 1) | tee -a "$OUT"
 }
-for i in $(seq 1 "$RUNS"); do
-    if (( i % 2 )); then run before; run after; else run after; run before; fi
-done
+ab_alternate run
 "$PY" - "$OUT" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"round"' in l]

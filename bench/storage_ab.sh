@@ -5,16 +5,9 @@
 #   bench/storage_ab.sh BEFORE_REV AFTER_REV [RUNS=1] -- [python -m bench.storage args]
 # e.g. bench/storage_ab.sh storage-before main 1 -- --only wal,history --finished 1000000
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BEFORE=${1:?before revision}; AFTER=${2:?after revision}; RUNS=${3:-1}
-shift $(( $# >= 3 ? 3 : $# )); [ "${1:-}" = "--" ] && shift
-PY=${PYTHON:-$ROOT/.venv/bin/python}
+source "$(dirname "$0")/ab_common.sh"
+ab_setup storage-ab 1 "$@"
 OUT=${OUT:-$ROOT/bench/results/storage-ab}
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/jobq-storage-ab.XXXXXX")
-trap 'git -C "$ROOT" worktree remove --force "$TMP/before" 2>/dev/null || true;
-      git -C "$ROOT" worktree remove --force "$TMP/after" 2>/dev/null || true; rm -rf "$TMP"' EXIT
-git -C "$ROOT" worktree add --detach -q "$TMP/before" "$BEFORE"
-git -C "$ROOT" worktree add --detach -q "$TMP/after" "$AFTER"
 mkdir -p "$OUT"
 run() {  # label run-number [bench.storage args]
     local label=$1 n=$2 tree="$TMP/$1"; shift 2
@@ -26,9 +19,6 @@ run() {  # label run-number [bench.storage args]
         if [ -e "$f" ]; then cp "$f" "$OUT/$label-$n-$(basename "$f")"; fi
     done
 }
-for i in $(seq 1 "$RUNS"); do
-    if (( i % 2 )); then run before "$i" "$@"; run after "$i" "$@"
-    else run after "$i" "$@"; run before "$i" "$@"; fi
-done
+ab_alternate run
 "$PY" -m bench.storage_report --before "$OUT"/before-*.jsonl --after "$OUT"/after-*.jsonl \
     | tee "$OUT/table.md"
