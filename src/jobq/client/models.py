@@ -68,24 +68,10 @@ class Job:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Job:
         return cls(
-            id=uuid.UUID(d["id"]),
-            kind=d["kind"],
-            queue=d["queue"],
-            status=d["status"],
+            **_summary_fields(d),
             payload=d["payload"],
             result=d.get("result"),
-            priority=d["priority"],
-            attempts=d["attempts"],
-            max_attempts=d.get("max_attempts"),
-            last_error=d.get("last_error"),
             errors=[JobError(e["attempt"], e["error"], _time(e["at"])) for e in d["errors"]],
-            idempotency_key=d.get("idempotency_key"),
-            cancel_requested=d["cancel_requested"],
-            run_at=_time(d["run_at"]),
-            created_at=_time(d["created_at"]),
-            updated_at=_time(d["updated_at"]),
-            started_at=_maybe_time(d.get("started_at")),
-            finished_at=_maybe_time(d.get("finished_at")),
             concurrency_key=d.get("concurrency_key"),
             progress=d.get("progress"),
         )
@@ -117,23 +103,28 @@ class JobSummary:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> JobSummary:
-        return cls(
-            id=uuid.UUID(d["id"]),
-            kind=d["kind"],
-            queue=d["queue"],
-            status=d["status"],
-            priority=d["priority"],
-            attempts=d["attempts"],
-            max_attempts=d.get("max_attempts"),
-            last_error=d.get("last_error"),
-            idempotency_key=d.get("idempotency_key"),
-            cancel_requested=d["cancel_requested"],
-            run_at=_time(d["run_at"]),
-            created_at=_time(d["created_at"]),
-            updated_at=_time(d["updated_at"]),
-            started_at=_maybe_time(d.get("started_at")),
-            finished_at=_maybe_time(d.get("finished_at")),
-        )
+        return cls(**_summary_fields(d))
+
+
+def _summary_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a job has in a list and in full alike (`JobSummary`'s), read from JSON."""
+    return {
+        "id": uuid.UUID(d["id"]),
+        "kind": d["kind"],
+        "queue": d["queue"],
+        "status": d["status"],
+        "priority": d["priority"],
+        "attempts": d["attempts"],
+        "max_attempts": d.get("max_attempts"),
+        "last_error": d.get("last_error"),
+        "idempotency_key": d.get("idempotency_key"),
+        "cancel_requested": d["cancel_requested"],
+        "run_at": _time(d["run_at"]),
+        "created_at": _time(d["created_at"]),
+        "updated_at": _time(d["updated_at"]),
+        "started_at": _maybe_time(d.get("started_at")),
+        "finished_at": _maybe_time(d.get("finished_at")),
+    }
 
 
 @dataclass(frozen=True, slots=True)
