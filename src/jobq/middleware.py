@@ -210,12 +210,16 @@ R = TypeVar("R")
 
 
 async def around_enqueue(
-    chain: EnqueueChain,
+    own: Sequence[Middleware],
     jobs: Sequence[NewJob],
     store: Callable[[list[NewJob]], Awaitable[tuple[R, list[uuid.UUID]]]],
 ) -> R:
-    """Run `store` (which returns what the enqueue returns, and the ids) inside `chain`: the
+    """Run `store` (which returns what the enqueue returns, and the ids) inside the enqueue
+    hooks of the process-wide middleware and `own` (directly when there are none): the
     caller gets what was stored, whatever a middleware returns."""
+    chain = enqueue_chain(own)
+    if chain is None:
+        return (await store(list(jobs)))[0]
     stored: list[R] = []
 
     async def innermost(changed: list[NewJob]) -> list[uuid.UUID]:

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import asyncpg
 
-from jobq.middleware import around_enqueue, enqueue_chain
+from jobq.middleware import around_enqueue
 from jobq.queue.base import Connection
 from jobq.queue.inserts import (
     Row,
@@ -115,15 +115,12 @@ class Enqueue(Unique):
         spec = None
         if unique_for is not None or unique_by is not None or unique_states is not None:
             spec = unique_spec(unique_for, unique_by, unique_states)
-        chain = enqueue_chain(self.middleware)
-        if chain is None:
-            return await self._enqueue(new, spec)
 
         async def store(jobs: list[NewJob]) -> tuple[EnqueueResult, list[uuid.UUID]]:
             result = await self._enqueue(jobs[0], spec)
             return result, [result.job.id]
 
-        return await around_enqueue(chain, [new], store)
+        return await around_enqueue(self.middleware, [new], store)
 
     async def _enqueue(self, new: NewJob, spec: UniqueSpec | None = None) -> EnqueueResult:
         if spec is not None:
@@ -161,15 +158,12 @@ class Enqueue(Unique):
         """
         if not jobs:
             return []
-        chain = enqueue_chain(self.middleware)
-        if chain is None:
-            return await self._enqueue_many(jobs, connection)
 
         async def store(changed: list[NewJob]) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
             ids = await self._enqueue_many(changed, connection)
             return ids, ids
 
-        return await around_enqueue(chain, jobs, store)
+        return await around_enqueue(self.middleware, jobs, store)
 
     async def _enqueue_many(
         self, jobs: Sequence[NewJob], connection: Connection | None
@@ -190,15 +184,14 @@ class Enqueue(Unique):
         stored or none is (an idempotency conflict in the last batch undoes the first ones),
         and workers are woken when it commits. `on_batch(n)` is called after each batch.
         Returns, in input order, each job's id and whether this call created it."""
-        chain = enqueue_chain(self.middleware) if jobs else None
-        if chain is None:
-            return await self._enqueue_all(jobs, batch_size, on_batch)
+        if not jobs:
+            return []
 
         async def store(changed: list[NewJob]) -> tuple[list[BulkEnqueued], list[uuid.UUID]]:
             stored = await self._enqueue_all(changed, batch_size, on_batch)
             return stored, [s.id for s in stored]
 
-        return await around_enqueue(chain, jobs, store)
+        return await around_enqueue(self.middleware, jobs, store)
 
     async def _enqueue_all(
         self,
@@ -245,9 +238,6 @@ class Enqueue(Unique):
         enqueue middleware, if any (jobs a middleware changed are checked and encoded again)."""
         if not jobs:
             return []
-        chain = enqueue_chain(self.middleware)
-        if chain is None:
-            return await self._enqueue_jobs(jobs, payloads, validated)
 
         async def store(changed: list[NewJob]) -> tuple[list[tuple[Job, bool]], list[uuid.UUID]]:
             same = all(a is b for a, b in zip(changed, jobs, strict=True))
@@ -256,7 +246,7 @@ class Enqueue(Unique):
             )
             return stored, [job.id for job, _ in stored]
 
-        return await around_enqueue(chain, jobs, store)
+        return await around_enqueue(self.middleware, jobs, store)
 
     async def _enqueue_jobs(
         self, jobs: Sequence[NewJob], payloads: Sequence[str] | None, validated: bool

@@ -56,15 +56,12 @@ async def enqueue(
     JOBQ_IDEMPOTENCY_WINDOW (24h). Goes through the process-wide enqueue middleware
     (`jobq.middleware.install`, e.g. jobq.otel), if any; the sync forms do not."""
     window = _window(idempotency_window)
-    chain = middleware.enqueue_chain(())
-    if chain is None:
-        return await _run(conn, enqueue_steps(job, window))
 
     async def store(jobs: list[NewJob]) -> tuple[EnqueueResult, list[uuid.UUID]]:
         result = await _run(conn, enqueue_steps(jobs[0], window))
         return result, [result.job.id]
 
-    return await middleware.around_enqueue(chain, [job], store)
+    return await middleware.around_enqueue((), [job], store)
 
 
 async def enqueue_many(
@@ -78,15 +75,12 @@ async def enqueue_many(
     if not checked:
         return []
     window = _window(idempotency_window)
-    chain = middleware.enqueue_chain(())
-    if chain is None:
-        return await _run(conn, insert_batch_steps(checked, window))
 
     async def store(changed: list[NewJob]) -> tuple[list[BulkEnqueued], list[uuid.UUID]]:
         stored = await _run(conn, insert_batch_steps([validate(j) for j in changed], window))
         return stored, [s.id for s in stored]
 
-    return await middleware.around_enqueue(chain, checked, store)
+    return await middleware.around_enqueue((), checked, store)
 
 
 def enqueue_sync(
