@@ -28,11 +28,11 @@ from typing import Any
 
 import orjson
 
+from jobq.queue.inserts import _WAKING
 from jobq.queue.lookup import Lookup, finished_not_before
 from jobq.queue.model import (
     _JOB_COLUMNS,
     MAX_NAME_LENGTH,
-    NEW_JOB_CHANNEL,
     STATUSES,
     EnqueueResult,
     InvalidJob,
@@ -122,7 +122,7 @@ WITH firsts AS (
     SELECT firsts.job_id, {_VALUES} FROM firsts JOIN taken USING (key)
     RETURNING {_JOB_COLUMNS}
 )
-SELECT ins.*, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified FROM ins
+{_WAKING}
 """
 
 _HOLDER = "SELECT job_id, expires_at > now() AS live FROM jobq_unique_keys WHERE key = $1"
@@ -146,7 +146,7 @@ WITH taken AS (
     SELECT taken.job_id, {_VALUES} FROM taken
     RETURNING {_JOB_COLUMNS}
 )
-SELECT ins.*, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified FROM ins
+{_WAKING}
 """
 
 
