@@ -156,6 +156,49 @@ async def test_a_handler_reporting_in_a_tight_loop_costs_a_few_writes_a_second(
     assert stored is not None and stored["fraction"] == 0.75 and stored["message"] == "last"
 
 
+class HeldQueue(Queue):
+    """The real queue, whose progress statements wait until `release` is set."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__(pool)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.stored = False
+
+    async def write_progress(self, reports: Sequence[ProgressReport]) -> set[Lease]:
+        self.entered.set()
+        await self.release.wait()
+        written = await super().write_progress(reports)
+        self.stored = True
+        return written
+
+
+async def test_a_run_ending_while_its_report_is_being_written_waits_for_the_write(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    # The run's outcome moves the job to history: a report written after it is lost.
+    await queue.enqueue(NewJob("echo"))
+    (job,) = await queue.claim("w", ["echo"], ["default"], 1, lease_seconds=30)
+    held = HeldQueue(pool)
+    state = WorkerState("w", FAST, kinds=["echo"], queues=["default"], concurrency=1)
+    writer = ProgressWriter(state, held)
+    run = Run(job, context(), lease_of(job))
+    state.runs[run.lease] = run
+    writer.attach(run)
+    task = asyncio.create_task(writer.loop())
+    try:
+        run.ctx.set_progress(0.5, "half")
+        await asyncio.wait_for(held.entered.wait(), 5)  # the writer's own write is under way
+        assert writer.unwritten(run)
+        flushing = asyncio.create_task(writer.flush(run))
+        held.release.set()
+        await flushing
+        assert held.stored
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_progress_from_a_lost_lease_writes_nothing(queue: Queue) -> None:
     await queue.enqueue(NewJob("echo"))
     (job,) = await queue.claim("w", ["echo"], ["default"], 1, lease_seconds=30)
