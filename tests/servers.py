@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
+from jobq.api.server import uvicorn_config
+from jobq.settings import Settings
 from tests.helpers import ROOT, wait_for
 
 
@@ -61,3 +66,27 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(asgi: Any, settings: Settings) -> AsyncIterator[str]:
+    """`asgi` served on this event loop by the server `jobq api` uses (its protocol, limits
+    and lifespan) on a free port: a real socket without a child process. Yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn_config(asgi, "127.0.0.1", port, settings))
+    # Signals stay the test runner's.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        assert not task.done(), "the server stopped"
+        return server.started
+
+    try:
+        await wait_for(started, timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 
+from jobq import Middleware, NewJob, Registry
+from jobq.api.app import create_app
+from jobq.settings import Settings
 from tests.helpers import wait_for
-from tests.servers import start_api, stop, wait_ready
+from tests.servers import serve_in_process, start_api, stop, wait_ready
 
 MAX_HEADER_BYTES = 4096
 HEADER_TIMEOUT = 1.0
@@ -266,3 +272,76 @@ async def test_a_client_that_disconnects_mid_body_leaves_no_error_and_no_5xx(
     log = api[1].read_text()
     assert "Traceback" not in log
     assert "ERROR" not in log
+
+
+# -- an internal error -----------------------------------------------------------------------
+
+SECRET = "/srv/secret/config.py"
+
+
+class _BrokenEnqueue(Middleware):
+    """A bug in an application's middleware: enqueueing kind `broken` raises."""
+
+    async def enqueue(self, jobs: list[NewJob], call_next: Any) -> list[uuid.UUID]:
+        if jobs[0].kind == "broken":
+            raise RuntimeError(f"bug in {SECRET}")
+        ids: list[uuid.UUID] = await call_next(jobs)
+        return ids
+
+
+@pytest.fixture(scope="module")
+async def broken_api(dsn: str) -> AsyncIterator[str]:
+    registry = Registry()
+    registry.use(_BrokenEnqueue())
+
+    @registry.handler("broken")
+    async def broken(ctx: Any, payload: Any) -> None: ...
+
+    settings = Settings()
+    async with serve_in_process(create_app(settings, dsn=dsn, registry=registry), settings) as b:
+        yield b
+
+
+async def test_after_an_internal_error_the_connection_serves_the_next_request(
+    broken_api: str,
+) -> None:
+    opened: list[str] = []
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.complete":
+            opened.append(event)
+
+    async with httpx.AsyncClient(base_url=broken_api) as client:
+        failed = await client.post("/jobs", json={"kind": "broken"}, extensions={"trace": trace})
+        after = await client.get("/healthz", extensions={"trace": trace})
+    assert (failed.status_code, after.status_code) == (500, 200)
+    assert len(opened) == 1
+
+
+async def test_an_internal_error_is_a_500_problem_document_that_shows_nothing_of_it(
+    broken_api: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=broken_api) as client:
+        response = await client.post("/jobs", json={"kind": "broken"})
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert (problem["error"], problem["instance"]) == ("internal_error", "/jobs")
+    assert problem["request_id"] == response.headers["x-request-id"]
+    assert SECRET not in response.text
+    assert "Traceback" not in response.text
+
+
+async def test_an_internal_error_is_logged_once_with_its_traceback_and_request_id(
+    broken_api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with httpx.AsyncClient(base_url=broken_api) as client:
+        response = await client.post(
+            "/jobs", json={"kind": "broken"}, headers={"x-request-id": "broken-once"}
+        )
+        await client.get("/healthz")  # the server is done with the first request
+    assert response.status_code == 500
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert logged[0].exc_info is not None
+    assert getattr(logged[0], "request_id", None) == "broken-once"

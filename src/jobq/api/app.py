@@ -104,6 +104,38 @@ class RequestContextMiddleware:
                 )
 
 
+class InternalErrorMiddleware:
+    """An exception no handler answered becomes a 500 problem document here, logged once.
+
+    Innermost, so the answer is an ordinary complete response: Starlette's own catch-all
+    (ServerErrorMiddleware, outermost) re-raises after answering, and the server then logs the
+    error a second time and closes the client's keep-alive connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception:
+            if started:
+                raise  # half a response: only closing the connection ends it
+            request = Request(scope)
+            log.exception("unhandled error", extra={"request_id": _request_id(request)})
+            response = _problem(request, 500, "internal_error", "an internal error occurred")
+            await response(scope, receive, send)
+
+
 class HeadAsGetMiddleware:
     """HEAD is answered on every GET route (RFC 9110 9.3.2): run GET, send no body.
 
@@ -288,6 +320,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> Response:
+        # Only an error in the middleware outside InternalErrorMiddleware gets here.
         log.exception("unhandled error", extra={"request_id": _request_id(request)})
         return _problem(request, 500, "internal_error", "an internal error occurred")
 
@@ -420,11 +453,12 @@ def create_app(
         app.state.read_queue = app.state.queue if read_pool is None else Queue(read_pool)
     # Starlette's slash redirect builds its Location from the Host header: see _slash_redirect.
     app.router.redirect_slashes = False
+    app.add_middleware(InternalErrorMiddleware)  # added first: innermost
     if settings.otel or _otel_instrumented():
         from jobq import otel
 
         otel.instrument()
-        app.add_middleware(otel.RequestContext)  # innermost: inside the request id's
+        app.add_middleware(otel.RequestContext)  # inside the request id's
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(RequestContextMiddleware)  # added last: outermost
     _install_error_handlers(app)
