@@ -10,7 +10,7 @@ import pytest
 
 from jobq.api import create_app
 from jobq.examples import registry as examples
-from jobq.queue import NewJob, Queue
+from jobq.queue import NewJob, Queue, lease_of
 from jobq.settings import Settings
 from tests.helpers import ALL_JOBS
 from tests.test_api import PROBLEM, make_client
@@ -81,6 +81,28 @@ async def test_per_job_keys_say_which_jobs_were_created_and_which_existed(
     again = await client.post("/jobs/batch", json={"jobs": jobs[:3]})
     assert again.status_code == 200  # nothing new: a replay of the whole batch
     assert [j["id"] for j in again.json()["jobs"]] == [j["id"] for j in out[:3]]
+
+
+async def test_each_job_answered_is_the_job_get_answers(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    # A replay of a job that has ended (result, in history) and new jobs: every field as
+    # GET /jobs/{id} has it, the JSON ones included.
+    ended = await queue.enqueue(NewJob("echo", {"n": [1, {"x": None}]}, idempotency_key="e1"))
+    [claimed] = await queue.claim("w", ["echo"], ["default"], 1, lease_seconds=60)
+    assert await queue.complete(lease_of(claimed), {"r": [1.5, "é", None]})
+    jobs = [
+        {"kind": "echo", "payload": {"n": [1, {"x": None}]}, "idempotency_key": "e1"},
+        {"kind": "echo", "payload": {"s": "ü\u2028", "f": 0.1, "big": 2**63}, "priority": 3},
+        {"kind": "echo", "run_at": "2030-01-02T03:04:05.5Z", "concurrency_key": "t1"},
+    ]
+    r = await client.post("/jobs/batch", json={"jobs": jobs})
+    assert r.status_code == 201
+    out = r.json()["jobs"]
+    assert out[0]["id"] == str(ended.job.id) and out[0]["result"] == {"r": [1.5, "é", None]}
+    for job in out:
+        assert job.pop("created") is (job["id"] != str(ended.job.id))
+        assert job == (await client.get(f"/jobs/{job['id']}")).json()
 
 
 async def test_a_key_reused_for_another_job_refuses_the_whole_batch(

@@ -11,7 +11,7 @@ from jobq import metrics
 from jobq.api.auth import require_token
 from jobq.api.problems import COMMON_RESPONSES, ProblemError, openapi_problem
 from jobq.api.routes import json_response, new_job, queue_of, read_json_body, strict_query
-from jobq.api.schemas import JobBatchOut, job_to_dict
+from jobq.api.schemas import JobBatchOut, job_row_to_dict
 from jobq.queue import IdempotencyConflict, InvalidJob, NewJob, encode_json, validate
 
 router = APIRouter(dependencies=[Depends(require_token), Depends(strict_query)], tags=["jobs"])
@@ -124,7 +124,7 @@ async def enqueue_batch(
             errors=errors,
         )
     try:
-        stored = await queue_of(request).enqueue_jobs(jobs, payloads=payloads, validated=True)
+        stored = await queue_of(request).enqueue_job_rows(jobs, payloads=payloads, validated=True)
     except IdempotencyConflict as exc:
         index = exc.index if exc.index is not None else 0
         loc: list[str | int] = ["body", "jobs", index, "idempotency_key"]
@@ -137,12 +137,12 @@ async def enqueue_batch(
         ) from None
     created: dict[str, int] = {}
     out = []
-    for stored_job, was_created in stored:
-        entry = job_to_dict(stored_job)
+    for row, was_created in stored:
+        entry = job_row_to_dict(row)
         entry["created"] = was_created
         out.append(entry)
         if was_created:
-            created[stored_job.kind] = created.get(stored_job.kind, 0) + 1
+            created[entry["kind"]] = created.get(entry["kind"], 0) + 1
     for kind, n in created.items():
         metrics.JOBS_ENQUEUED.labels(metrics.kind_label(kind, registry)).inc(n)
     return json_response({"jobs": out}, 201 if created else 200)

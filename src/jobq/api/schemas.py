@@ -7,6 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
+import orjson
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +25,7 @@ from jobq.queue import (
     Job,
     JobSummary,
 )
+from jobq.queue.inserts import Row
 from jobq.queue.unique import MAX_UNIQUE_BY, MAX_UNIQUE_FOR
 from jobq.registry import Registry
 
@@ -247,6 +249,21 @@ def job_to_dict(job: Job) -> dict[str, Any]:
     """The JSON shape of `JobOut`, without a validation pass on every response."""
     out = dict(zip(_OUT_FIELDS, _out_values(job), strict=True))
     out["id"] = str(job.id)  # asyncpg's UUID type is not one orjson knows
+    return out
+
+
+_JSON_OUT_FIELDS = ("payload", "result", "errors", "progress")
+
+
+def job_row_to_dict(row: Row) -> dict[str, Any]:
+    """`job_to_dict` of a job as the queue core read it back (`Queue.enqueue_job_rows`): its
+    jsonb columns, text already, go into the answer as they are (`orjson.Fragment`), not
+    decoded to be encoded again."""
+    out = {f: row[f] for f in _OUT_FIELDS}
+    for f in _JSON_OUT_FIELDS:
+        if out[f] is not None:
+            out[f] = orjson.Fragment(out[f])
+    out["id"] = str(out["id"])
     return out
 
 

@@ -21,7 +21,8 @@ from jobq.queue.inserts import (
     Statement,
     enqueue_steps,
     insert_batch_steps,
-    insert_jobs_steps,
+    insert_job_rows_steps,
+    jobs_from_rows,
     run_steps,
 )
 from jobq.queue.model import NEW_JOB_CHANNEL, BulkEnqueued, EnqueueResult, Job, NewJob, _FirstUse
@@ -236,23 +237,37 @@ class Enqueue(Unique):
         `payloads`: the jobs' payloads as `encode_json` made them, and `validated`: every job
         is what `validate` returned, when the caller has checked them itself. Goes through the
         enqueue middleware, if any (jobs a middleware changed are checked and encoded again)."""
+        return jobs_from_rows(
+            await self.enqueue_job_rows(jobs, payloads=payloads, validated=validated)
+        )
+
+    async def enqueue_job_rows(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        payloads: Sequence[str] | None = None,
+        validated: bool = False,
+    ) -> list[tuple[Row, bool]]:
+        """As enqueue_jobs, each job as the row read back (jsonb as text; see
+        `inserts.job_from_row`): for a caller that writes the jobs out again (POST
+        /jobs/batch), 1,000 `Job`s built only to be taken apart cost more than the insert."""
         if not jobs:
             return []
 
-        async def store(changed: list[NewJob]) -> tuple[list[tuple[Job, bool]], list[uuid.UUID]]:
+        async def store(changed: list[NewJob]) -> tuple[list[tuple[Row, bool]], list[uuid.UUID]]:
             same = all(a is b for a, b in zip(changed, jobs, strict=True))
-            stored = await self._enqueue_jobs(
+            stored = await self._enqueue_job_rows(
                 changed, payloads if same else None, validated and same
             )
-            return stored, [job.id for job, _ in stored]
+            return stored, [row["id"] for row, _ in stored]
 
         return await around_enqueue(self.middleware, jobs, store)
 
-    async def _enqueue_jobs(
+    async def _enqueue_job_rows(
         self, jobs: Sequence[NewJob], payloads: Sequence[str] | None, validated: bool
-    ) -> list[tuple[Job, bool]]:
+    ) -> list[tuple[Row, bool]]:
         checked = list(jobs) if validated else [validate(j) for j in jobs]
-        steps = insert_jobs_steps(checked, self.idempotency_window, payloads=payloads)
+        steps = insert_job_rows_steps(checked, self.idempotency_window, payloads=payloads)
         async with self.pool.acquire() as conn:
             if all(j.idempotency_key is None for j in checked):
                 # One statement, atomic by itself: one round trip, no BEGIN and COMMIT.

@@ -298,32 +298,40 @@ def insert_batch_steps(
     return stored
 
 
-def insert_jobs_steps(
+def insert_job_rows_steps(
     checked: Sequence[NewJob], window: timedelta, *, payloads: Sequence[str] | None = None
-) -> Steps[list[tuple[Job, bool]]]:
-    """As insert_batch_steps, answering each job whole with whether this call created it, in
-    input order. One statement when no key was stored before; jobs of replays are read by one
-    more."""
+) -> Steps[list[tuple[Row, bool]]]:
+    """As insert_batch_steps, answering each job whole, as its row (`jobs_from_rows` makes
+    them `Job`s), with whether this call created it, in input order. One statement when no key
+    was stored before; jobs of replays are read by one more."""
     stored, rows = yield from _batch(checked, window, 0, None, payloads, jobs=True)
     if len(rows) == len(stored) and all(s.created for s in stored):
         # Every job created, in input order (the insert's ORDER BY): nothing to look up.
-        return [(job_from_row(r), True) for r in rows]
+        return [(r, True) for r in rows]
     by_id = {r["id"]: r for r in rows}
     missing = list({s.id for s in stored if s.id not in by_id})
     if missing:
         bound = min(finished_not_before(i) for i in missing)
         for r in (yield Statement(_GET_MANY_TEXT, (missing, bound))):
             by_id[r["id"]] = r
-    jobs: dict[uuid.UUID, Job] = {}
     out = []
     for i, (new, s) in enumerate(zip(checked, stored, strict=True)):
-        job = jobs.get(s.id)
+        row = by_id.get(s.id)
+        if row is None:  # its key is remembered, its job was removed by retention
+            raise IdempotencyConflict(new.idempotency_key or "", s.id, index=i, gone=True)
+        out.append((row, s.created))
+    return out
+
+
+def jobs_from_rows(stored: Sequence[tuple[Row, bool]]) -> list[tuple[Job, bool]]:
+    """The jobs of `insert_job_rows_steps`; a key used twice in its input, one job twice."""
+    jobs: dict[int, Job] = {}  # by row
+    out = []
+    for row, created in stored:
+        job = jobs.get(id(row))
         if job is None:
-            row = by_id.get(s.id)
-            if row is None:  # its key is remembered, its job was removed by retention
-                raise IdempotencyConflict(new.idempotency_key or "", s.id, index=i, gone=True)
-            job = jobs[s.id] = job_from_row(row)
-        out.append((job, s.created))
+            job = jobs[id(row)] = job_from_row(row)
+        out.append((job, created))
     return out
 
 
