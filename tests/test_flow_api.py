@@ -68,10 +68,43 @@ async def test_the_handler_s_key_function_sets_the_concurrency_key_at_enqueue(
 ) -> None:
     r = await client.post("/jobs", json={"kind": "tenant.task", "payload": {"tenant": 7}})
     assert r.json()["concurrency_key"] == "7"
-    given = await client.post(
-        "/jobs", json={"kind": "tenant.task", "payload": {"tenant": 7}, "concurrency_key": "z"}
-    )
-    assert given.json()["concurrency_key"] == "z"
+
+
+async def test_a_concurrency_key_given_as_the_handler_derives_it_is_accepted(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"kind": "tenant.task", "payload": {"tenant": 7}, "concurrency_key": "7"}
+    r = await client.post("/jobs", json=body)
+    assert r.status_code == 201 and r.json()["concurrency_key"] == "7"
+
+
+async def test_a_concurrency_key_that_conflicts_with_the_derived_one_is_a_422_problem(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"kind": "tenant.task", "payload": {"tenant": 7}, "concurrency_key": "z"}
+    problem = assert_problem(await client.post("/jobs", json=body), 422, "validation_error")
+    (error,) = problem["errors"]
+    assert error["loc"] == ["body", "concurrency_key"] and error["type"] == "key_conflict"
+    assert "conflicts with the key derived from payload" in error["msg"]
+
+
+async def test_a_conflicting_concurrency_key_in_a_batch_names_its_item(
+    client: httpx.AsyncClient,
+) -> None:
+    jobs = [{"kind": "tenant.task", "payload": {"tenant": 1}},
+            {"kind": "tenant.task", "payload": {"tenant": 2}, "concurrency_key": "1"}]  # fmt: skip
+    r = await client.post("/jobs/batch", json={"jobs": jobs})
+    problem = assert_problem(r, 422, "validation_error")
+    assert [e["loc"] for e in problem["errors"]] == [["body", "jobs", 1, "concurrency_key"]]
+
+
+async def test_a_job_enqueued_over_http_without_a_registry_gets_the_declared_key(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    await queue.declare_limits("w", registry.kind_limits, {})
+    async with make_client(create_app(Settings(), pool=pool)) as bare:
+        r = await bare.post("/jobs", json={"kind": "tenant.task", "payload": {"tenant": "t"}})
+    assert r.status_code == 201 and r.json()["concurrency_key"] == "t"
 
 
 @pytest.mark.parametrize("key", ["", "k" * 256, 5, "a\nb"])

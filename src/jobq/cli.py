@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -590,19 +591,30 @@ def _parse_json(text: str, what: str) -> Any:
         _fail(exc.message)
 
 
-def _check_with_registry(registry: Registry | None, job: NewJob, where: str) -> None:
-    """What the API checks with a registry: a known kind and a payload that fits it."""
+def _check_with_registry(registry: Registry | None, job: NewJob, where: str) -> NewJob:
+    """What the API checks with a registry: a known kind and a payload that fits it; and the
+    job's concurrency key as the handler derives it (a conflicting one given is refused)."""
     if registry is None:
-        return
+        return job
     if job.kind not in registry:
         _fail(f"{where}no handler for kind {job.kind!r}; known kinds: {', '.join(registry.kinds)}")
+    handler = registry[job.kind]
     try:
-        registry[job.kind].parse_payload(job.payload)
+        handler.parse_payload(job.payload)
     except PayloadInvalid as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors
         )
         _fail(f"{where}the payload does not fit {job.kind!r}: {problems}")
+    try:
+        derived = handler.key_of(job.payload)
+    except InvalidJob as exc:
+        _fail(f"{where}concurrency key: {exc.message}")
+    if job.concurrency_key is None:
+        return dataclasses.replace(job, concurrency_key=derived)
+    if derived is not None and derived != job.concurrency_key:
+        _fail(f"{where}--concurrency-key conflicts with the key derived from payload ({derived!r})")
+    return job
 
 
 @app.command()
@@ -641,7 +653,7 @@ def enqueue(
     except InvalidJob as exc:
         what = "KIND" if exc.field == "kind" else f"--{exc.field.replace('_', '-')}"
         _fail(f"{what}: {exc.message}")
-    _check_with_registry(registry, new, "")
+    new = _check_with_registry(registry, new, "")
     with _database(settings) as dsn:
 
         async def go() -> dict[str, Any]:
@@ -672,7 +684,7 @@ def _read_jobs(lines: Iterable[bytes], registry: Registry | None) -> tuple[list[
         if not line.strip():
             continue
         job = _job_from_line(line.rstrip("\r\n"), number)
-        _check_with_registry(registry, job, f"line {number}: ")
+        job = _check_with_registry(registry, job, f"line {number}: ")
         jobs.append(job)
         numbers.append(number)
     return jobs, numbers

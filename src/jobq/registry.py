@@ -26,8 +26,31 @@ from jobq.queue.validation import check_concurrency_key
 
 HandlerFn = Callable[..., Any]
 M = typing.TypeVar("M", bound="Middleware | RunFunction")
-# A job's concurrency key from its payload: a function, or the name of a payload field.
-KeyFn = Callable[[dict[str, Any]], object] | str
+# A job's concurrency key from its payload: a function, the name of a payload field, or the
+# names down to a nested field. A field (or path) is also stored with the limits and derived by
+# the database at every insert; a function applies only where the registry is (new_job, an
+# API or CLI given it).
+KeyFn = Callable[[dict[str, Any]], object] | str | tuple[str, ...]
+MAX_KEY_PATH = 16
+
+
+def key_path_of(source: object, where: str) -> tuple[str, ...] | None:
+    """The payload path a `concurrency_key=` declaration names (None for a function), or
+    TypeError."""
+    if callable(source):
+        return None
+    path = (source,) if isinstance(source, str) else source
+    if (
+        not isinstance(path, tuple)
+        or not 1 <= len(path) <= MAX_KEY_PATH
+        or not all(isinstance(p, str) and 1 <= len(p) <= 255 for p in path)
+    ):
+        raise TypeError(
+            f"{where}: concurrency_key must be a function of the payload, the name of a payload"
+            f" field, or a tuple of 1 to {MAX_KEY_PATH} names down to a nested field, got"
+            f" {source!r}"
+        )
+    return path
 
 
 class JobCancelled(Exception):
@@ -165,7 +188,12 @@ class Handler:
         if source is None:
             return None
         try:
-            key = payload.get(source) if isinstance(source, str) else source(payload)
+            if callable(source):
+                key = source(payload)
+            else:
+                key = payload
+                for name in (source,) if isinstance(source, str) else source:
+                    key = key.get(name) if isinstance(key, dict) else None
         except Exception as exc:
             raise InvalidJob(
                 "concurrency_key", f"the handler's concurrency_key function failed: {exc!r}"
@@ -322,11 +350,16 @@ class Registry:
         rate_limit: str | None = None,
         rate_burst: int | None = None,
         fair: bool = False,
+        concurrency_key: str | tuple[str, ...] | None = None,
     ) -> None:
         """Declare limits for a queue, across every worker and host: running jobs at most
         (`max_concurrency`), per concurrency key (`max_per_key`), starts per second, minute or
         hour (`rate_limit="100/s"`, a bucket of `rate_burst` starts, default one second's
-        worth), and fair share across keys (`fair=True`). Workers store them at start-up."""
+        worth), and fair share across keys (`fair=True`). Workers store them at start-up.
+
+        `concurrency_key`: the payload field (or tuple of names down to a nested field) that
+        gives the key of the queue's jobs enqueued without one, whatever their kind, unless
+        their kind's handler declares its own; the database derives it at every insert."""
         validate(NewJob(kind="k", queue=name))
         if name in self._queue_limits:
             raise ValueError(f"limits for queue {name!r} are already declared")
@@ -337,6 +370,14 @@ class Registry:
             rate_burst=rate_burst,
             fair=fair,
         )
+        if concurrency_key is not None:
+            if callable(concurrency_key):
+                raise TypeError(
+                    f"queue {name!r}: concurrency_key must name a payload field (a function"
+                    " belongs to a handler)"
+                )
+            path = key_path_of(concurrency_key, f"queue {name!r}")
+            limits = dataclasses.replace(limits, key_path=path)
         self._queue_limits[name] = limits
 
     @property
@@ -377,9 +418,14 @@ class Registry:
 
         Flow control, across every worker and host (docs/flow-control.md): at most
         `max_concurrency` jobs of this kind run at once, at most `max_per_key` per
-        concurrency key (set at enqueue, or taken from the payload by `concurrency_key`, a
-        function or a field name), and they start no faster than `rate_limit` ("100/s",
-        "30/min", "1000/h"; a bucket of `rate_burst` starts, default one second's worth)."""
+        concurrency key, and they start no faster than `rate_limit` ("100/s", "30/min",
+        "1000/h"; a bucket of `rate_burst` starts, default one second's worth).
+
+        `concurrency_key`: where a job's key comes from when it is enqueued without one. A
+        payload field's name (or a tuple of names down to a nested field) is stored with the
+        limits and derived by the database at every insert, however the job is enqueued; a
+        function of the payload applies only where this registry is (`new_job`, an API or
+        `jobq enqueue --app` given it)."""
         # The queue's own rules for a kind: a handler for a kind no job can have would never run.
         validate(NewJob(kind=kind))
         if kind in self._handlers:
@@ -412,13 +458,9 @@ class Registry:
             )
         except ValueError as exc:
             raise ValueError(f"handler {kind!r}: {exc}") from None
-        if concurrency_key is not None and not (
-            (isinstance(concurrency_key, str) and concurrency_key) or callable(concurrency_key)
-        ):
-            raise TypeError(
-                f"handler {kind!r}: concurrency_key must be a function of the payload or the"
-                f" name of a payload field, got {concurrency_key!r}"
-            )
+        if concurrency_key is not None:
+            path = key_path_of(concurrency_key, f"handler {kind!r}")
+            limits = dataclasses.replace(limits, key_path=path)
 
         def register(fn: HandlerFn) -> HandlerFn:
             _check_callable(fn)

@@ -221,8 +221,19 @@ def new_job(
             ) from None
         if max_attempts is None:
             max_attempts = handler.max_attempts
+        derived = handler.key_of(req.payload)
         if concurrency_key is None:
-            concurrency_key = handler.key_of(req.payload)
+            concurrency_key = derived
+        elif derived is not None and derived != concurrency_key:
+            # A key given that the handler would not give puts the job under another tenant's
+            # limits: refused, not silently preferred (docs/flow-control.md).
+            msg = f"conflicts with the key derived from payload ({derived!r})"
+            raise ProblemError(
+                422,
+                "validation_error",
+                f"`concurrency_key` {msg}; omit it or give the same",
+                errors=[{"loc": ["body", "concurrency_key"], "msg": msg, "type": "key_conflict"}],
+            )
     key = req.idempotency_key
     if header_key is not None:
         key = header_key.strip(" \t")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from jobq.queue.leases import _CLAIM_RETURNING, _LEASE
 from jobq.queue.model import InvalidJob, Job
 from jobq.queue.validation import _check_name
@@ -67,6 +69,10 @@ class Limits:
     rate: float | None = None  # jobs per second
     burst: float | None = None
     fair: bool = False
+    # Where a job's concurrency key comes from: a path into its payload (a field's name, or
+    # the names down to a nested one), derived by the database at every insert. Not a limit:
+    # `any` ignores it.
+    key_path: tuple[str, ...] | None = None
 
     @classmethod
     def declare(
@@ -174,26 +180,35 @@ RETURNING {_STATE_COLUMNS}, limited
 # is configured.
 _DROP_UNUSED = """
 DELETE FROM jobq_flow_controls
-WHERE scope = $1 AND name = $2 AND paused_at IS NULL AND NOT limited
+WHERE scope = $1 AND name = $2 AND paused_at IS NULL AND NOT limited AND key_path IS NULL
 """
 
-_STATES = f"SELECT {_STATE_COLUMNS} FROM jobq_flow_controls ORDER BY scope, name"
+# A row holding only a key path is neither paused nor limited: not a state operators see.
+_STATES = f"""
+SELECT {_STATE_COLUMNS} FROM jobq_flow_controls WHERE paused_at IS NOT NULL OR limited
+ORDER BY scope, name
+"""
 
 # A worker's declaration replaces what is stored for its kinds and queues (the last worker to
 # start wins), and keeps a pause. The bucket starts full; it is kept while the rate stays.
 _DECLARE = """
 WITH d AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::float8[],
-                         $6::float8[], $7::bool[]) AS d(scope, name, mc, mk, rate, burst, fair)
+    SELECT d.scope, d.name, d.mc, d.mk, d.rate, d.burst, d.fair,
+           CASE WHEN d.kp IS NOT NULL
+                THEN ARRAY(SELECT jsonb_array_elements_text(d.kp::jsonb)) END AS kp
+    FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::float8[], $6::float8[],
+                $7::bool[], $9::text[]) AS d(scope, name, mc, mk, rate, burst, fair, kp)
 ), upserted AS (
     INSERT INTO jobq_flow_controls AS c (scope, name, max_concurrency, max_per_key, rate, burst,
-                                         fair, tokens, refilled_at, declared_by, declared_at)
-    SELECT scope, name, mc, mk, rate, burst, fair, burst, now(), $8, now()
-    FROM d WHERE mc IS NOT NULL OR mk IS NOT NULL OR rate IS NOT NULL OR fair
+                                         fair, tokens, refilled_at, declared_by, declared_at,
+                                         key_path)
+    SELECT scope, name, mc, mk, rate, burst, fair, burst, now(), $8, now(), kp
+    FROM d WHERE mc IS NOT NULL OR mk IS NOT NULL OR rate IS NOT NULL OR fair OR kp IS NOT NULL
     ORDER BY scope, name
     ON CONFLICT (scope, name) DO UPDATE
         SET max_concurrency = excluded.max_concurrency, max_per_key = excluded.max_per_key,
             fair = excluded.fair, declared_by = excluded.declared_by, declared_at = now(),
+            key_path = excluded.key_path,
             tokens = CASE WHEN c.rate IS NOT DISTINCT FROM excluded.rate
                           AND c.burst IS NOT DISTINCT FROM excluded.burst
                           THEN c.tokens ELSE excluded.burst END,
@@ -205,10 +220,11 @@ WITH d AS (
 ), cleared AS (
     UPDATE jobq_flow_controls AS c
     SET max_concurrency = NULL, max_per_key = NULL, rate = NULL, burst = NULL, fair = false,
-        tokens = NULL, refilled_at = NULL, declared_by = $8, declared_at = now()
+        tokens = NULL, refilled_at = NULL, key_path = NULL, declared_by = $8,
+        declared_at = now()
     FROM d
-    WHERE c.scope = d.scope AND c.name = d.name AND c.limited
-      AND d.mc IS NULL AND d.mk IS NULL AND d.rate IS NULL AND NOT d.fair
+    WHERE c.scope = d.scope AND c.name = d.name AND (c.limited OR c.key_path IS NOT NULL)
+      AND d.mc IS NULL AND d.mk IS NULL AND d.rate IS NULL AND NOT d.fair AND d.kp IS NULL
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM cleared)
@@ -218,6 +234,7 @@ SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM cleared)
 _DROP_EMPTY = """
 DELETE FROM jobq_flow_controls
 WHERE scope = ANY($1::text[]) AND name = ANY($2::text[]) AND paused_at IS NULL AND NOT limited
+  AND key_path IS NULL
 """
 
 _APPLIES = """
@@ -544,6 +561,7 @@ class Flow(Views):
             [r[2].burst for r in rows],
             [r[2].fair for r in rows],
             worker,
+            [None if r[2].key_path is None else orjson.dumps(r[2].key_path).decode() for r in rows],
         )
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.fetchval(_DECLARE, *args)

@@ -67,6 +67,32 @@ _HISTORY_TEXT = ", ".join(
 
 _INSERT_COLUMNS = """kind, queue, payload, priority, max_attempts, run_at, idempotency_key,
                   request_fingerprint, concurrency_key, trace_context"""
+
+
+def _derived_key(given: str, payload: str, kind: str, queue: str, paths: str) -> str:
+    """A job's concurrency key: the one given, else the one its kind's (or else its queue's)
+    declared payload path derives (jobq_flow_controls.key_path, stored by workers from their
+    registries). The path lookup is only made for a job given no key."""
+    return f"""coalesce({given}, (
+        SELECT jobq_key_from_payload({payload}, c.key_path) FROM {paths} AS c
+        WHERE c.key_path IS NOT NULL
+          AND ((c.scope = 'kind' AND c.name = {kind}) OR (c.scope = 'queue' AND c.name = {queue}))
+        ORDER BY c.scope LIMIT 1))"""
+
+
+# Many jobs in one statement read the declared paths once: with none (the common case), the
+# EXISTS is one initplan over an empty CTE and no job looks anything up.
+_PATHS = """paths AS MATERIALIZED (
+    SELECT scope, name, key_path FROM jobq_flow_controls WHERE key_path IS NOT NULL
+)"""
+
+
+def _derived_key_of_row(given: str, payload: str, kind: str, queue: str) -> str:
+    return f"""CASE WHEN {given} IS NOT NULL THEN {given}
+        WHEN EXISTS (SELECT FROM paths) THEN {_derived_key("NULL", payload, kind, queue, "paths")}
+    END"""
+
+
 # What an insert of one job returns: the job; or the job and the NOTIFY that wakes workers
 # when it commits (in a caller's transaction: at its commit, with no round trip of its own).
 _QUIET = "SELECT * FROM ins"
@@ -76,7 +102,8 @@ _INSERT_UNKEYED_QUIET = f"""
 WITH ins AS (
 INSERT INTO jobs (id, {_INSERT_COLUMNS})
 VALUES (jobq_uuid_v7(), $1, $2, $3::text::jsonb, $4, $5, coalesce($6::timestamptz, now()),
-        NULL, NULL, $7, $8::text::jsonb)
+        NULL, NULL, {_derived_key("$7::text", "$3::text::jsonb", "$1", "$2", "jobq_flow_controls")},
+        $8::text::jsonb)
 RETURNING {_JOB_TEXT}
 ) """
 _INSERT_UNKEYED = _INSERT_UNKEYED_QUIET + _WAKING
@@ -105,7 +132,9 @@ WITH firsts AS (
 ), taken AS ({_TAKE_KEYS}), ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
     SELECT firsts.job_id, $1, $2, $3::text::jsonb, $4, $5, coalesce($6::timestamptz, now()),
-           $7, $8, $10, $11::text::jsonb
+           $7, $8,
+           {_derived_key("$10::text", "$3::text::jsonb", "$1", "$2", "jobq_flow_controls")},
+           $11::text::jsonb
     FROM firsts JOIN taken USING (key)
     RETURNING {_JOB_TEXT}
 )
@@ -158,10 +187,11 @@ WITH input AS (
     SELECT DISTINCT ON (ik) ik AS key, n, id AS job_id, fp AS fingerprint
     FROM input WHERE ik IS NOT NULL
     ORDER BY ik, n
-), taken AS ({_TAKE_KEYS}), ins AS (
+), {_PATHS}, taken AS ({_TAKE_KEYS}), ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
     SELECT i.id, i.k, i.q, i.p::jsonb, i.pr, i.ma,
-           coalesce(i.ra, now()), i.ik, i.fp, i.ck, i.tc::jsonb
+           coalesce(i.ra, now()), i.ik, i.fp,
+           {_derived_key_of_row("i.ck", "i.p::jsonb", "i.k", "i.q")}, i.tc::jsonb
     FROM input AS i LEFT JOIN firsts AS f ON f.n = i.n
     WHERE i.ik IS NULL OR f.key IN (SELECT key FROM taken)
     ORDER BY i.n
@@ -174,10 +204,10 @@ SELECT *, (SELECT count(*) FROM notified) AS _n FROM ins
 def _insert_many_unkeyed_sql(returning: str) -> str:
     """The same without keys: no key to take, so no join to make."""
     return f"""
-WITH ins AS (
+WITH {_PATHS}, ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
-    SELECT jobq_uuid_v7(), k, q, p::jsonb, pr, ma, coalesce(ra, now()), NULL, NULL, ck,
-           tc::jsonb
+    SELECT jobq_uuid_v7(), k, q, p::jsonb, pr, ma, coalesce(ra, now()), NULL, NULL,
+           {_derived_key_of_row("ck", "p::jsonb", "k", "q")}, tc::jsonb
     FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
                 $6::timestamptz[], $7::text[], $8::text[]) AS t(k, q, p, pr, ma, ra, ck, tc)
     RETURNING {returning}

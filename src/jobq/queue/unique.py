@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from jobq.queue.inserts import _WAKING
+from jobq.queue.inserts import _WAKING, _derived_key
 from jobq.queue.lookup import Lookup, finished_not_before
 from jobq.queue.model import (
     _JOB_COLUMNS,
@@ -107,7 +107,9 @@ def unique_key(job: NewJob, spec: UniqueSpec) -> str:
 
 
 _COLUMNS = "kind, queue, payload, priority, max_attempts, run_at, concurrency_key"
-_VALUES = "$1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), $7"
+_VALUES = "$1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), " + _derived_key(
+    "$7::text", "$3::text::jsonb", "$1", "$2", "jobq_flow_controls"
+)
 
 _FIRST = f"""
 WITH firsts AS (

@@ -1,0 +1,180 @@
+"""The concurrency key a kind or queue declares as a payload field: derived by the database at
+every insert, however the job is enqueued (docs/flow-control.md, "Where the key comes from")."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from jobq import txn
+from jobq.queue import Limits, NewJob, Queue
+from jobq.registry import Registry
+
+BY_TENANT = Limits(key_path=("tenant",))
+
+
+async def _declare(queue: Queue, kinds: dict[str, Limits], queues: dict[str, Limits]) -> None:
+    await queue.declare_limits("w", kinds, queues)
+
+
+async def _keys(queue: Queue) -> list[str | None]:
+    rows = await queue.pool.fetch("SELECT concurrency_key FROM jobs ORDER BY id")
+    return [r["concurrency_key"] for r in rows]
+
+
+async def test_a_kind_s_key_field_keys_a_job_of_queue_enqueue(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    job = (await queue.enqueue(NewJob(kind="a", payload={"tenant": "acme"}))).job
+    assert job.concurrency_key == "acme"
+
+
+async def test_a_kind_s_key_field_keys_a_job_with_an_idempotency_key(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    new = NewJob(kind="a", payload={"tenant": "acme"}, idempotency_key="k1")
+    assert (await queue.enqueue(new)).job.concurrency_key == "acme"
+
+
+async def test_a_kind_s_key_field_keys_the_jobs_of_enqueue_many(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    await queue.enqueue_many(
+        [NewJob(kind="a", payload={"tenant": f"t{i}"}) for i in range(3)] + [NewJob(kind="b")]
+    )
+    assert await _keys(queue) == ["t0", "t1", "t2", None]
+
+
+async def test_a_kind_s_key_field_keys_the_jobs_of_a_keyed_enqueue_many(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    await queue.enqueue_many(
+        [NewJob(kind="a", payload={"tenant": "t"}, idempotency_key="k"), NewJob(kind="a")]
+    )
+    assert await _keys(queue) == ["t", None]
+
+
+async def test_a_kind_s_key_field_keys_the_jobs_of_enqueue_jobs(queue: Queue) -> None:
+    # The statement POST /jobs/batch runs.
+    await _declare(queue, {"a": BY_TENANT}, {})
+    stored = await queue.enqueue_jobs([NewJob(kind="a", payload={"tenant": 9})])
+    assert [job.concurrency_key for job, _ in stored] == ["9"]
+
+
+async def test_a_kind_s_key_field_keys_a_job_of_the_transactional_enqueue(
+    queue: Queue, dsn: str
+) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await txn.enqueue(conn, NewJob(kind="a", payload={"tenant": "acme"}))
+            await txn.enqueue_many(conn, [NewJob(kind="a", payload={"tenant": "b"})])
+    finally:
+        await conn.close()
+    assert await _keys(queue) == ["acme", "b"]
+
+
+async def test_a_kind_s_key_field_keys_a_unique_job(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    new = NewJob(kind="a", payload={"tenant": "acme"})
+    result = await queue.enqueue(new, unique_for=timedelta(minutes=1))
+    assert result.job.concurrency_key == "acme"
+
+
+async def test_a_key_given_at_enqueue_is_kept_over_the_derived_one(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    new = NewJob(kind="a", payload={"tenant": "acme"}, concurrency_key="given")
+    assert (await queue.enqueue(new)).job.concurrency_key == "given"
+
+
+async def test_a_queue_s_key_field_keys_its_jobs_of_any_kind(queue: Queue) -> None:
+    await _declare(queue, {}, {"tenants": Limits(fair=True, key_path=("account",))})
+    await queue.enqueue_many(
+        [NewJob(kind=k, queue="tenants", payload={"account": k}) for k in ("x", "y")]
+        + [NewJob(kind="x", payload={"account": "other-queue"})]
+    )
+    assert await _keys(queue) == ["x", "y", None]
+
+
+async def test_a_kind_s_key_field_comes_before_its_queue_s(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {"default": Limits(key_path=("account",))})
+    new = NewJob(kind="a", payload={"tenant": "by-kind", "account": "by-queue"})
+    assert (await queue.enqueue(new)).job.concurrency_key == "by-kind"
+
+
+async def test_a_key_path_reaches_a_nested_field(queue: Queue) -> None:
+    await _declare(queue, {"a": Limits(key_path=("account", "id"))}, {})
+    new = NewJob(kind="a", payload={"account": {"id": "acme"}})
+    assert (await queue.enqueue(new)).job.concurrency_key == "acme"
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [("acme", "acme"), (42, "42"), (-7, "-7"), (1.5, None), (True, None), (None, None),
+     ({"x": 1}, None), ([1], None), ("", None), ("a\nb", None), ("k" * 256, None)],
+)  # fmt: skip
+async def test_a_derived_key_is_a_valid_string_or_an_integer_else_none(
+    queue: Queue, value: object, key: str | None
+) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    new = NewJob(kind="a", payload={"tenant": value})
+    assert (await queue.enqueue(new)).job.concurrency_key == key
+
+
+async def test_the_database_derives_the_key_the_handler_derives(queue: Queue) -> None:
+    registry = Registry()
+
+    @registry.handler("a", concurrency_key=("account", "id"))
+    async def a(ctx: object, payload: dict) -> None: ...
+
+    await _declare(queue, registry.kind_limits, {})
+    payloads = [{"account": {"id": v}} for v in ("acme", 42, None)] + [{}]
+    for payload in payloads:
+        stored = (await queue.enqueue(NewJob(kind="a", payload=payload))).job.concurrency_key
+        assert stored == registry["a"].key_of(payload)
+
+
+async def test_a_declaration_without_a_key_field_stops_deriving_it(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    await _declare(queue, {"a": Limits()}, {})  # the last worker to start wins
+    new = NewJob(kind="a", payload={"tenant": "acme"})
+    assert (await queue.enqueue(new)).job.concurrency_key is None
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobq_flow_controls") == 0
+
+
+async def test_a_kind_with_only_a_key_field_is_neither_paused_nor_limited(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    await queue.enqueue(NewJob(kind="a", payload={"tenant": "acme"}))
+    assert await queue.flow_states() == []
+    assert not await queue.limits_apply(["a"], ["default"])
+    claimed = await queue.claim("w", ["a"], ["default"], 10, lease_seconds=30)
+    assert [j.concurrency_key for j in claimed] == ["acme"]
+
+
+async def test_a_resume_keeps_a_kind_s_key_field(queue: Queue) -> None:
+    await _declare(queue, {"a": BY_TENANT}, {})
+    await queue.pause("kind", "a")
+    await queue.resume("kind", "a")
+    new = NewJob(kind="a", payload={"tenant": "acme"})
+    assert (await queue.enqueue(new)).job.concurrency_key == "acme"
+
+
+def test_a_handler_s_key_field_is_declared_with_its_limits_and_a_function_is_not() -> None:
+    registry = Registry()
+
+    @registry.handler("by-field", concurrency_key="tenant")
+    async def by_field(ctx: object, payload: dict) -> None: ...
+
+    @registry.handler("by-function", concurrency_key=lambda p: p["tenant"])
+    async def by_function(ctx: object, payload: dict) -> None: ...
+
+    registry.queue("q", concurrency_key=("account", "id"))
+    assert registry.kind_limits["by-field"].key_path == ("tenant",)
+    assert registry.kind_limits["by-function"].key_path is None
+    assert registry.queue_limits["q"].key_path == ("account", "id")
+
+
+@pytest.mark.parametrize("bad", ["", (), ("a", ""), ("x",) * 17, 5, ["tenant"]])
+def test_a_bad_key_field_is_refused_at_declaration(bad: object) -> None:
+    registry = Registry()
+    with pytest.raises(TypeError, match="concurrency_key"):
+        registry.handler("k", concurrency_key=bad)  # type: ignore[arg-type]
