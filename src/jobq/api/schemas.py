@@ -101,8 +101,10 @@ class JobCreate(BaseModel):
         max_length=MAX_CONCURRENCY_KEY_LENGTH,
         pattern=r"^[^\x00-\x1f\x7f-\x9f]+$",
         description="The tenant, customer or account the job belongs to: per-key concurrency"
-        " limits and fair share group jobs by it. Not given: the handler's concurrency_key"
-        " function of the payload, when the server knows the handler; else none.",
+        " limits and fair share group jobs by it. Not given: the key the kind's (or queue's)"
+        " declared payload field holds, or the handler's function of the payload when the"
+        " server knows the handler; else none. A key that differs from the one the handler"
+        " derives is a 422 problem (`key_conflict`).",
     )
     unique_for: float | None = Field(
         default=None,
