@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
+# Test modules are independent (each has a database of its own): run them on this many
+# processes, whole modules each (TEST_PROCESSES=0 runs them in this process).
+TEST_PROCESSES ?= 2
 
 .PHONY: run test lint typecheck unit browser pgbouncer bench bench-flow bench-hooks bench-peers bench-storage bench-soak bench-cron chaos clean
 
@@ -34,7 +37,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 unit: $(VENV)/.installed-dev browser pgbouncer
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 ## Debian's Chromium for the dashboard's browser tests: installed when missing and possible
 ## (root with apt-get); without it those tests are skipped and say why.
