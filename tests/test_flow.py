@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from jobq.queue import Limits, NewJob, Queue, lease_of
+from jobq.queue import Limits, NewJob, Queue, flow, lease_of
 
 KINDS = ["a", "b"]
 QUEUES = ["default", "other"]
@@ -157,6 +157,21 @@ async def test_a_per_key_limit_holds_under_a_race_of_many_claimers(queue: Queue)
     assert {r["concurrency_key"]: r["n"] for r in per_key} == {f"t{i}": 2 for i in range(5)}
 
 
+async def test_a_per_key_limit_holds_under_a_race_when_keys_outnumber_the_walk(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flow, "KEY_WALK", 4)
+    await queue.declare_limits("w", {"a": Limits(max_per_key=2)}, {})
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key=f"t{i % 20}") for i in range(100)])
+    for _ in range(8):  # claims that each see at most 4 keys: enough rounds to fill all 20
+        await asyncio.gather(*(_claim(queue, 3, limited=True, worker=f"w{i}") for i in range(8)))
+    per_key = await queue.pool.fetch(
+        "SELECT concurrency_key, count(*) AS n FROM jobs WHERE status = 'running'"
+        " GROUP BY concurrency_key"
+    )
+    assert {r["concurrency_key"]: r["n"] for r in per_key} == {f"t{i}": 2 for i in range(20)}
+
+
 async def test_a_queue_limit_counts_every_kind_in_it(queue: Queue) -> None:
     await queue.declare_limits("w", {}, {"default": Limits(max_concurrency=3)})
     await queue.enqueue_many([NewJob(kind=k) for k in "abababab"])
@@ -238,6 +253,20 @@ async def test_fair_share_takes_keys_in_turn(queue: Queue) -> None:
     assert {j.concurrency_key for j in await _claim(queue, 10)} == {"big"}
 
 
+async def test_claims_that_walk_fewer_keys_than_wait_still_serve_every_key_in_turn(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flow, "KEY_WALK", 3)
+    await queue.declare_limits("w", {}, {"default": Limits(fair=True)})
+    await queue.enqueue_many(
+        [NewJob(kind="a", concurrency_key=f"k{k}") for _ in range(3) for k in range(10)]
+    )
+    rounds = [[j.concurrency_key for j in await _claim(queue, 2, limited=True)] for _ in range(5)]
+    assert rounds == [[f"k{k}", f"k{k + 1}"] for k in range(0, 10, 2)]
+    # Once around, the walk starts again at the first key.
+    assert [j.concurrency_key for j in await _claim(queue, 2, limited=True)] == ["k0", "k1"]
+
+
 async def test_a_kind_no_limit_covers_does_not_wait_behind_a_limited_backlog(
     queue: Queue, dsn: str
 ) -> None:
@@ -261,3 +290,42 @@ async def test_a_kind_no_limit_covers_does_not_wait_behind_a_limited_backlog(
     async with running(dsn, registry):
         for job_id in free_ids:
             assert (await finished(queue, job_id, timeout=10)).status == "succeeded"
+
+
+# -- what a limited claim tells the worker ---------------------------------------------------
+
+
+async def _held(queue: Queue, n: int) -> tuple[int, bool]:
+    claim = await queue.claim_limited_held("w", KINDS, QUEUES, n, lease_seconds=30)
+    return len(claim.jobs), claim.held_back
+
+
+async def test_a_limited_claim_that_took_all_that_waits_holds_nothing_back(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=5, max_per_key=3)}, {})
+    assert await _held(queue, 10) == (0, False)
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key="k"), NewJob(kind="a")])
+    assert await _held(queue, 10) == (2, False)
+
+
+@pytest.mark.parametrize(
+    ("kind_limits", "queue_limits", "key_walk"),
+    [
+        (Limits(max_concurrency=2), Limits(), flow.KEY_WALK),
+        (Limits(max_per_key=2), Limits(), flow.KEY_WALK),
+        (Limits.declare(rate_limit="2/min", rate_burst=2), Limits(), flow.KEY_WALK),
+        (Limits(), Limits(fair=True), 2),
+    ],
+    ids=["max_concurrency", "max_per_key", "rate_limit", "key_walk"],
+)
+async def test_a_limited_claim_cut_short_by_a_bound_says_it_held_jobs_back(
+    queue: Queue,
+    monkeypatch: pytest.MonkeyPatch,
+    kind_limits: Limits,
+    queue_limits: Limits,
+    key_walk: int,
+) -> None:
+    monkeypatch.setattr(flow, "KEY_WALK", key_walk)
+    await queue.declare_limits("w", {"a": kind_limits}, {"default": queue_limits})
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key=f"k{i % 3}") for i in range(9)])
+    got, held = await _held(queue, 10)
+    assert got < 9 and held

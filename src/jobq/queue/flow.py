@@ -142,6 +142,14 @@ class QueueInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitedClaim:
+    """What a limited claim took, and whether a bound kept back more it could have taken."""
+
+    jobs: list[Job]
+    held_back: bool
+
+
+@dataclass(frozen=True, slots=True)
 class LimitUsage:
     """A limited queue or kind: its limits and what runs under them now."""
 
@@ -245,13 +253,72 @@ SELECT EXISTS (
 )
 """
 
-# The limited claim runs in a transaction of two statements. The first locks the rows of the
-# limits this worker's kinds and queues fall under, in one order (no deadlock between
-# claimers); claims that share a limit take turns here. The second starts after the lock is
-# held, so its snapshot sees every claim committed by the previous holder: the running jobs it
-# counts, the tokens it reads, are current, and no other claim under these limits can commit
-# until this one does. Jobs that end meanwhile only free slots: a count that still sees them
-# errs on the safe side.
+# How many concurrency keys one limited claim visits per keyed queue, at most. A claim's cost
+# (and the time it holds the limit's row lock) is bounded by it, not by the number of keys
+# waiting; successive claims continue from where the last one stopped (jobq_flow_cursors).
+KEY_WALK = 128
+
+_WAITING = "status IN ('queued', 'retrying')"
+
+# The first key of queue {queue} after {after} (or, unless {wrapped}, the smallest key: the walk
+# wraps around once): a probe of jobs_queue_key_claim_idx.
+_NEXT_KEY = f"""
+    SELECT x.key, x.wrapped FROM (
+        (SELECT concurrency_key AS key, {{wrapped}} AS wrapped FROM jobs
+         WHERE {_WAITING} AND queue = {{queue}} AND concurrency_key IS NOT NULL
+           AND concurrency_key > {{after}}
+         ORDER BY concurrency_key LIMIT 1)
+        UNION ALL
+        (SELECT concurrency_key, true FROM jobs
+         WHERE {_WAITING} AND queue = {{queue}} AND concurrency_key IS NOT NULL
+           AND NOT {{wrapped}}
+         ORDER BY concurrency_key LIMIT 1)
+    ) AS x LIMIT 1"""
+_FIRST_KEY = _NEXT_KEY.format(queue="w.queue", after="w.after_key", wrapped="false")
+_STEP_KEY = _NEXT_KEY.format(queue="keys.queue", after="keys.key", wrapped="keys.wrapped")
+
+# The limited claim is one transaction of three statements. The first (this one) finds, for
+# every keyed queue (fair share or a per-key limit applies), the keys the claim will consider:
+# a loose index scan of jobs_queue_key_claim_idx, one probe per key, starting after the key
+# the previous claim stopped at and wrapping around once, at most $3 keys. It takes no lock:
+# which keys have waiting jobs is only a hint (the claim reads their jobs again below).
+# $1 kinds, $2 queues, $3 the walk's bound.
+_WALK_KEYS = f"""
+WITH RECURSIVE ctl AS (
+    SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.max_per_key, c.fair
+    FROM jobq_flow_controls AS c
+    WHERE c.limited AND ((c.scope = 'kind' AND c.name = ANY($1::text[]))
+                         OR (c.scope = 'queue' AND c.name = ANY($2::text[])))
+), walked AS (
+    SELECT q.queue, coalesce(cur.after_key, '') AS after_key
+    FROM unnest($2::text[]) AS q(queue)
+    LEFT JOIN ctl ON ctl.scope = 'queue' AND ctl.name = q.queue
+    LEFT JOIN jobq_flow_cursors AS cur ON cur.queue = q.queue
+    WHERE NOT coalesce(ctl.paused, false)
+      AND (coalesce(ctl.fair, false) OR ctl.max_per_key IS NOT NULL
+           OR EXISTS (SELECT 1 FROM ctl AS k
+                      WHERE k.scope = 'kind' AND k.max_per_key IS NOT NULL AND NOT k.paused))
+), keys AS (
+    SELECT w.queue, w.after_key, k.key, k.wrapped, 1 AS pos
+    FROM walked AS w
+    CROSS JOIN LATERAL ({_FIRST_KEY}) AS k
+    UNION ALL
+    SELECT keys.queue, keys.after_key, k.key, k.wrapped, keys.pos + 1
+    FROM keys
+    CROSS JOIN LATERAL ({_STEP_KEY}) AS k
+    -- Stop at the bound, or once around: back at the keys after the cursor.
+    WHERE keys.pos < $3 AND NOT (k.wrapped AND k.key > keys.after_key)
+)
+SELECT queue, key, pos FROM keys
+"""
+
+# The second locks the rows of the limits this worker's kinds and queues fall under, in one
+# order (no deadlock between claimers); claims that share a limit take turns here. The third
+# starts after the lock is held, so its snapshot sees every claim committed by the previous
+# holder: the running jobs it counts, the tokens it reads, are current, and no other claim
+# under these limits can commit until this one does. Jobs that end meanwhile only free slots:
+# a count that still sees them errs on the safe side. The key walk came before the lock, so the
+# lock is held only for the decision: a probe per key visited, not per key waiting.
 _LOCK_LIMITS = """
 SELECT 1 FROM jobq_flow_controls
 WHERE limited AND ((scope = 'kind' AND name = ANY($1::text[]))
@@ -260,11 +327,15 @@ ORDER BY scope, name
 FOR UPDATE
 """
 
-_ORDER = "turn, priority, run_at, id"
+# In a fair queue, `turn` is a job's place within its key and `pos` its key's place in the walk
+# (round robin from the cursor); elsewhere both are constant and claim order applies.
+_ORDER = "turn, priority, pos, run_at, id"
 
-# $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8 max attempts (see _CLAIM).
+# $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8 max attempts (see _CLAIM);
+# $9/$10/$11 the keys walked (queue, key, place in the walk), $12 whether a walk stopped at its
+# bound with keys left.
 _CLAIM_LIMITED = f"""
-WITH RECURSIVE ctl AS (
+WITH ctl AS (
     -- The bucket refilled up to `at`, at most full. `at` is read now, after the lock was
     -- granted, not at the transaction's start (now()): a claim that began before the previous
     -- holder of the lock but got it after must not move the bucket's time back and be
@@ -315,72 +386,46 @@ WITH RECURSIVE ctl AS (
     LEFT JOIN room AS r ON r.scope = 'queue' AND r.name = q.queue
     WHERE NOT EXISTS (SELECT 1 FROM ctl WHERE scope = 'queue' AND name = q.queue AND paused)
       AND coalesce(r.free, 1) > 0
-), kind_key_running AS MATERIALIZED (
-    SELECT kind, key, sum(n)::int AS n FROM running WHERE key IS NOT NULL GROUP BY 1, 2
 ), kind_key_bound AS MATERIALIZED (
     -- When every kind claimed has a per-key limit, the most jobs of one key any of them may
-    -- still start (for a key with none running: the largest limit); else no bound.
+    -- start; else no bound.
     SELECT bool_and(r.max_per_key IS NOT NULL) AS all_bounded, max(r.max_per_key) AS most
     FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
     LEFT JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind
-), key_room AS MATERIALIZED (
-    SELECT x.queue, x.key, x.n AS queue_running,
-           (SELECT max(r.max_per_key - coalesce(kk.n, 0))
-            FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
-            JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind
-            LEFT JOIN kind_key_running AS kk ON kk.kind = k.kind AND kk.key = x.key) AS kind_room
-    FROM (SELECT queue, key, sum(n)::int AS n FROM running WHERE key IS NOT NULL
-          GROUP BY 1, 2) AS x
-), keys AS (
-    -- The keys with waiting jobs, per keyed queue: a loose index scan of
-    -- jobs_queue_key_claim_idx, one probe per key.
-    (SELECT q.queue, k.key
-     FROM open_queues AS q
-     CROSS JOIN LATERAL (
-         SELECT concurrency_key AS key FROM jobs
-         WHERE status IN ('queued', 'retrying') AND queue = q.queue
-           AND concurrency_key IS NOT NULL
-         ORDER BY concurrency_key LIMIT 1
-     ) AS k
-     WHERE q.keyed)
-    UNION ALL
-    SELECT keys.queue, k.key
-    FROM keys
-    CROSS JOIN LATERAL (
-        SELECT concurrency_key AS key FROM jobs
-        WHERE status IN ('queued', 'retrying') AND queue = keys.queue
-          AND concurrency_key IS NOT NULL AND concurrency_key > keys.key
-        ORDER BY concurrency_key LIMIT 1
-    ) AS k
+), walk AS (
+    SELECT * FROM unnest($9::text[], $10::text[], $11::int[]) AS w(queue, key, pos)
+), key_caps AS MATERIALIZED (
+    -- Per key walked, how many of its jobs to read at most: what a key with nothing running
+    -- could start (what runs is counted below, with the candidates).
+    SELECT w.queue, w.key, w.pos,
+           least(q.cap, q.max_per_key, CASE WHEN kb.all_bounded THEN kb.most END) AS cap
+    FROM walk AS w
+    JOIN open_queues AS q ON q.queue = w.queue AND q.keyed
+    CROSS JOIN kind_key_bound AS kb
 ), keyed AS (
     -- Per key, its first due jobs in claim order, no more than the key can still start: read,
     -- not locked (the rows picked are locked below). `rk`: each one's turn within its key.
-    SELECT d.*, row_number() OVER (
+    SELECT d.*, kc.pos, row_number() OVER (
                PARTITION BY d.queue, d.key ORDER BY d.priority, d.run_at, d.id) AS rk
-    FROM keys
-    JOIN open_queues AS q ON q.queue = keys.queue
-    LEFT JOIN key_room AS kr ON kr.queue = keys.queue AND kr.key = keys.key
-    CROSS JOIN kind_key_bound AS kb
+    FROM key_caps AS kc
     CROSS JOIN LATERAL (
         SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at
         FROM jobs AS j
-        WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue
-          AND j.concurrency_key = keys.key AND j.run_at <= now()
+        WHERE j.{_WAITING} AND j.queue = kc.queue
+          AND j.concurrency_key = kc.key AND j.run_at <= now()
           AND j.kind = ANY((SELECT kinds FROM open_kinds)::text[])
         ORDER BY j.priority, j.run_at, j.id
-        LIMIT greatest(0, least(
-            q.cap,
-            q.max_per_key - coalesce(kr.queue_running, 0),
-            CASE WHEN kb.all_bounded THEN coalesce(kr.kind_room, kb.most) END))
+        LIMIT kc.cap
     ) AS d
 ), unkeyed AS (
     -- In a keyed queue, the jobs without a key among its first $4 due jobs in claim order:
-    -- they take turns as one more key.
-    SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at, 1::bigint AS rk
+    -- they take turns as one more key, walked first.
+    SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at, 0 AS pos,
+           1::bigint AS rk
     FROM open_queues AS q
     CROSS JOIN LATERAL (
         SELECT h.id FROM jobs AS h
-        WHERE h.status IN ('queued', 'retrying') AND h.queue = q.queue AND h.run_at <= now()
+        WHERE h.{_WAITING} AND h.queue = q.queue AND h.run_at <= now()
         ORDER BY h.priority, h.run_at, h.id
         LIMIT $4
     ) AS ahead
@@ -390,12 +435,12 @@ WITH RECURSIVE ctl AS (
 ), plain AS (
     -- An unkeyed queue: its jobs in claim order, skipping rows other claims hold (jobs of
     -- kinds no limit covers may be claimed by anyone).
-    SELECT d.*, 1::bigint AS rk
+    SELECT d.*, 0 AS pos, 1::bigint AS rk
     FROM open_queues AS q
     CROSS JOIN LATERAL (
         SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at
         FROM jobs AS j
-        WHERE j.status IN ('queued', 'retrying') AND j.queue = q.queue AND j.run_at <= now()
+        WHERE j.{_WAITING} AND j.queue = q.queue AND j.run_at <= now()
           AND j.kind = ANY((SELECT kinds FROM open_kinds)::text[])
         ORDER BY j.priority, j.run_at, j.id
         LIMIT q.cap
@@ -403,35 +448,43 @@ WITH RECURSIVE ctl AS (
     ) AS d
     WHERE NOT q.keyed
 ), candidates AS (
-    SELECT c.*, CASE WHEN q.fair THEN c.rk ELSE 1 END AS turn
+    SELECT c.id, c.kind, c.queue, c.key, c.priority, c.run_at, c.pos AS walked,
+           CASE WHEN q.fair THEN c.rk ELSE 1 END AS turn,
+           CASE WHEN q.fair THEN c.pos ELSE 0 END AS pos
     FROM (SELECT * FROM keyed UNION ALL SELECT * FROM unkeyed UNION ALL SELECT * FROM plain) AS c
     JOIN open_queues AS q ON q.queue = c.queue
 ), ranked AS (
-    -- Each candidate's place under every bound it falls under, in claim order. A candidate
-    -- turned down by one bound still takes a place under the others: a claim may take fewer
-    -- than it could, never more.
+    -- Each candidate's place under every bound it falls under, in claim order; under a per-key
+    -- bound, after the jobs of its key that run now (`w`: how many a row stands for). A
+    -- candidate turned down by one bound still takes a place under the others: a claim may
+    -- take fewer than it could, never more.
     SELECT c.*,
-           row_number() OVER (ORDER BY {_ORDER}) AS n_all,
-           row_number() OVER (PARTITION BY c.kind ORDER BY {_ORDER}) AS n_kind,
-           row_number() OVER (PARTITION BY c.queue ORDER BY {_ORDER}) AS n_queue,
-           row_number() OVER (PARTITION BY c.kind, c.key ORDER BY {_ORDER}) AS n_kind_key
-    FROM candidates AS c
+           row_number() OVER (PARTITION BY c.cand ORDER BY {_ORDER}) AS n_all,
+           row_number() OVER (PARTITION BY c.cand, c.kind ORDER BY {_ORDER}) AS n_kind,
+           row_number() OVER (PARTITION BY c.cand, c.queue ORDER BY {_ORDER}) AS n_queue,
+           sum(c.w) OVER (PARTITION BY c.kind, c.key ORDER BY c.cand, {_ORDER}
+                          ROWS UNBOUNDED PRECEDING) AS n_kind_key,
+           sum(c.w) OVER (PARTITION BY c.queue, c.key ORDER BY c.cand, {_ORDER}
+                          ROWS UNBOUNDED PRECEDING) AS n_queue_key
+    FROM (SELECT *, true AS cand, 1 AS w FROM candidates
+          UNION ALL
+          SELECT NULL, kind, queue, key, 0, NULL, 0, 0, 0, false, n FROM running
+          WHERE key IS NOT NULL) AS c
 ), picked AS (
-    SELECT r.id, r.turn
+    SELECT r.id, r.turn, r.pos, r.walked
     FROM ranked AS r
     LEFT JOIN room AS rk ON rk.scope = 'kind' AND rk.name = r.kind
     LEFT JOIN room AS rq ON rq.scope = 'queue' AND rq.name = r.queue
-    LEFT JOIN kind_key_running AS kk ON kk.kind = r.kind AND kk.key = r.key
-    WHERE r.n_all <= $4
+    WHERE r.cand AND r.n_all <= $4
       AND (rk.free IS NULL OR r.n_kind <= rk.free)
       AND (rq.free IS NULL OR r.n_queue <= rq.free)
-      AND (r.key IS NULL OR rk.max_per_key IS NULL
-           OR r.n_kind_key <= rk.max_per_key - coalesce(kk.n, 0))
+      AND (r.key IS NULL OR rk.max_per_key IS NULL OR r.n_kind_key <= rk.max_per_key)
+      AND (r.key IS NULL OR rq.max_per_key IS NULL OR r.n_queue_key <= rq.max_per_key)
 ), locked AS (
     -- Only the rows picked are locked. A row another claim took meanwhile (or one cancelled)
     -- is skipped: this claim then takes fewer jobs, never more.
-    SELECT j.id, p.turn FROM jobs AS j JOIN picked AS p ON p.id = j.id
-    WHERE j.status IN ('queued', 'retrying')
+    SELECT j.id, p.turn, p.pos, p.walked FROM jobs AS j JOIN picked AS p ON p.id = j.id
+    WHERE j.{_WAITING}
     ORDER BY j.id
     FOR UPDATE OF j SKIP LOCKED
 ), claimed AS (
@@ -439,7 +492,8 @@ WITH RECURSIVE ctl AS (
     SET {_LEASE}
     FROM locked
     WHERE j.id = locked.id
-    RETURNING {_CLAIM_RETURNING}, locked.turn AS _turn
+    RETURNING {_CLAIM_RETURNING}, locked.turn AS _turn, locked.pos AS _pos,
+              locked.walked AS _walked
 ), spent AS (
     -- Tokens taken by this claim; the bucket's time moves to `at` (never back).
     UPDATE jobq_flow_controls AS c
@@ -451,8 +505,41 @@ WITH RECURSIVE ctl AS (
     WHERE c.scope = ctl.scope AND c.name = ctl.name AND ctl.tokens IS NOT NULL
       AND NOT ctl.paused
     RETURNING 1
+), moved AS (
+    -- The next claim's walk starts after the last key this one took a job from, when it took
+    -- all it asked for; else after the last key it walked. Queues in lock order.
+    INSERT INTO jobq_flow_cursors AS cur (queue, after_key)
+    SELECT w.queue, w.key
+    FROM (SELECT w.queue, CASE WHEN (SELECT count(*) FROM claimed) >= $4
+                               THEN (SELECT max(x._walked) FROM claimed AS x
+                                     WHERE x.queue = w.queue AND x._walked > 0)
+                               ELSE max(w.pos) END AS pos
+          FROM walk AS w GROUP BY w.queue) AS t
+    JOIN walk AS w ON w.queue = t.queue AND w.pos = t.pos
+    ORDER BY w.queue
+    ON CONFLICT (queue) DO UPDATE SET after_key = excluded.after_key, updated_at = now()
+    RETURNING 1
+), held AS (
+    -- Whether a bound kept back jobs this claim could otherwise have taken: then the worker
+    -- tries again soon (slots and tokens free up without a NOTIFY); else, like the plain
+    -- claim, it waits for a NOTIFY or the poll.
+    SELECT $12::bool
+        OR (SELECT count(*) FROM candidates) > (SELECT count(*) FROM picked)
+        OR EXISTS (SELECT 1 FROM open_queues AS q
+                   WHERE NOT q.keyed AND q.cap < $4
+                     AND (SELECT count(*) FROM plain AS p WHERE p.queue = q.queue) >= q.cap)
+        OR (EXISTS (SELECT 1 FROM room WHERE free <= 0)
+            AND EXISTS (
+                SELECT 1 FROM jobs AS j
+                WHERE j.{_WAITING} AND j.queue = ANY($3::text[]) AND j.kind = ANY($2::text[])
+                  AND j.run_at <= now()
+                  AND (j.kind IN (SELECT name FROM room WHERE scope = 'kind' AND free <= 0)
+                       OR j.queue IN (SELECT name FROM room WHERE scope = 'queue' AND free <= 0))
+            )) AS held
 )
-SELECT * FROM claimed, (SELECT count(*) FROM spent) AS s(_spent)
+SELECT claimed.*, held.held AS _held,
+       (SELECT count(*) FROM spent) + (SELECT count(*) FROM moved) AS _written
+FROM held LEFT JOIN claimed ON true
 """
 
 _USAGE = """
@@ -584,10 +671,29 @@ class Flow(Views):
     ) -> list[Job]:
         """`claim` under every pause and limit stored: concurrency per kind, queue and key,
         rate limits, fair share. Jobs come back in claim order (turn, priority, run_at, id)."""
+        claim = await self.claim_limited_held(
+            worker, kinds, queues, n, lease_seconds=lease_seconds, max_attempts=max_attempts
+        )
+        return claim.jobs
+
+    async def claim_limited_held(
+        self,
+        worker: str,
+        kinds: Sequence[str],
+        queues: Sequence[str],
+        n: int,
+        *,
+        lease_seconds: float,
+        max_attempts: Mapping[str, int] | None = None,
+    ) -> LimitedClaim:
+        """`claim_limited`, and whether a bound (a limit full, a bucket empty, the key walk's
+        bound) kept back jobs it could otherwise have taken."""
         if n <= 0 or not kinds or not queues:
-            return []
+            return LimitedClaim([], held_back=False)
         per_kind = max_attempts or {}
+        walk_bound = KEY_WALK
         async with self.pool.acquire() as conn, conn.transaction():
+            walked = await conn.fetch(_WALK_KEYS, list(kinds), list(queues), walk_bound)
             await conn.execute(_LOCK_LIMITS, list(kinds), list(queues))
             rows = await conn.fetch(
                 _CLAIM_LIMITED,
@@ -599,9 +705,14 @@ class Flow(Views):
                 list(per_kind),
                 list(per_kind.values()),
                 self.default_max_attempts,
+                [w["queue"] for w in walked],
+                [w["key"] for w in walked],
+                [w["pos"] for w in walked],
+                any(w["pos"] >= walk_bound for w in walked),
             )
-        ordered = sorted(rows, key=lambda r: (r["_turn"], r["priority"], r["run_at"], r["id"]))
-        return [Job.from_record(r) for r in ordered]
+        got = [r for r in rows if r["id"] is not None]
+        got.sort(key=lambda r: (r["_turn"], r["priority"], r["_pos"], r["run_at"], r["id"]))
+        return LimitedClaim([Job.from_record(r) for r in got], held_back=bool(rows[0]["_held"]))
 
     async def limit_usage(self) -> list[LimitUsage]:
         """Every limited queue and kind: running jobs against the limits, per key too."""
