@@ -329,3 +329,50 @@ async def test_a_limited_claim_cut_short_by_a_bound_says_it_held_jobs_back(
     await queue.enqueue_many([NewJob(kind="a", concurrency_key=f"k{i % 3}") for i in range(9)])
     got, held = await _held(queue, 10)
     assert got < 9 and held
+
+
+def _claimer_waits(held_back: list[bool]) -> list[tuple[str, float]]:
+    """What an idle limited worker's claim loop waits for after each short claim, the limited
+    claim answering `held_back` in turn."""
+    from jobq.queue.flow import LimitedClaim
+    from jobq.settings import Settings
+    from jobq.worker.claimer import Claimer
+    from jobq.worker.state import WorkerState
+
+    state = WorkerState("w", Settings(poll_interval_seconds=3.0), kinds=["a"], queues=["default"],
+                        concurrency=4)  # fmt: skip
+    answers = list(held_back)
+    waits: list[tuple[str, float]] = []
+
+    class FakeQueue:
+        async def limits_apply(self, kinds: object, queues: object) -> bool:
+            return True
+
+        async def claim(self, *args: object, **kwargs: object) -> list[object]:
+            return []
+
+        async def claim_limited_held(self, *args: object, **kwargs: object) -> LimitedClaim:
+            return LimitedClaim([], held_back=answers.pop(0))
+
+    async def wait_any(event: asyncio.Event, timeout: float) -> None:
+        waits.append(("slot_freed" if event is state.slot_freed else "wake", timeout))
+        if not answers:
+            state.stopping.set()
+
+    state.wait_any = wait_any  # type: ignore[method-assign]
+    claimer = Claimer(state, FakeQueue(), None, batch_size=10, max_attempts={})  # type: ignore[arg-type]
+    asyncio.run(claimer.loop())
+    return waits
+
+
+def test_an_idle_limited_worker_waits_for_a_notify_or_the_poll_not_a_fast_retry() -> None:
+    assert _claimer_waits([False, False]) == [("wake", 3.0), ("wake", 3.0)]
+
+
+def test_a_limited_worker_held_back_by_a_bound_tries_again_soon() -> None:
+    from jobq.worker.claimer import LIMITED_RETRY_SECONDS
+
+    assert _claimer_waits([True, False]) == [
+        ("slot_freed", LIMITED_RETRY_SECONDS),
+        ("wake", 3.0),
+    ]

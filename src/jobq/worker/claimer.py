@@ -7,9 +7,11 @@ worker never runs far ahead of what it can record.
 
 Once a second it asks whether a limit covers one of its kinds or queues (whichever worker
 stored it): then it claims with the limited claim, which honours them, as well as with the
-plain claim, which takes what no limit covers, and tries again soon after a short claim, since
-slots and tokens free up without a NOTIFY. Otherwise it claims with the plain claim only,
-which costs what it did before flow control existed (docs/flow-control.md).
+plain claim, which takes what no limit covers. After a short claim it tries again soon only
+when a bound (a limit full, a bucket empty, the key walk's bound) kept jobs back, since slots
+and tokens free up without a NOTIFY; when nothing was kept back it waits for a NOTIFY or the
+poll, like the plain claim. Otherwise it claims with the plain claim only, which costs what it
+did before flow control existed (docs/flow-control.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from jobq import db, metrics
 from jobq.queue import Job, Queue
@@ -29,8 +32,8 @@ log = logging.getLogger("jobq.worker")
 MAX_CLAIM_BATCH = 500
 # How often a worker looks for limits stored for its kinds and queues.
 LIMITS_REFRESH_SECONDS = 1.0
-# Under limits, a claim that got fewer jobs than it asked for is tried again this soon: slots
-# freed and tokens refilled wake nobody.
+# Under limits, a claim that got fewer jobs than it asked for because a bound kept some back is
+# tried again this soon: slots freed and tokens refilled wake nobody.
 LIMITED_RETRY_SECONDS = 0.05
 
 
@@ -53,6 +56,9 @@ class Claimer:
         self.limited = False
         self._limited_first = False
         self._limits_checked = -float("inf")
+        # Whether the last limited claim was cut short by a bound (jobs wait that it could not
+        # take): then the next claim comes soon, not at the next NOTIFY or poll.
+        self.held_back = False
 
     async def _refresh_limited(self) -> None:
         now = time.monotonic()
@@ -72,10 +78,11 @@ class Claimer:
         if self.limited:
             self._limited_first = not self._limited_first
             claims = (
-                [self.queue.claim_limited, self.queue.claim]
+                [self._claim_limited, self.queue.claim]
                 if self._limited_first
-                else [self.queue.claim, self.queue.claim_limited]
+                else [self.queue.claim, self._claim_limited]
             )
+        self.held_back = False
         jobs: list[Job] = []
         for claim in claims:
             if len(jobs) >= want:
@@ -90,6 +97,11 @@ class Claimer:
             )
         return jobs
 
+    async def _claim_limited(self, *args: Any, **kwargs: Any) -> list[Job]:
+        claim = await self.queue.claim_limited_held(*args, **kwargs)
+        self.held_back = claim.held_back
+        return claim.jobs
+
     async def loop(self) -> None:
         """Until a stop is requested."""
         state = self.state
@@ -103,7 +115,9 @@ class Claimer:
                 await state.wait_any(state.slot_freed, timeout=settings.poll_interval_seconds)
                 continue
             want = min(free, self.batch_size)
+            # Cleared before the claim: a slot freed or a NOTIFY while it runs is not missed.
             state.wake.clear()
+            state.slot_freed.clear()
             try:
                 await self._refresh_limited()
                 jobs = await self._claim(want)
@@ -120,10 +134,9 @@ class Claimer:
             for job in jobs:
                 self.runner.start(job)
             if len(jobs) < want:
-                if self.limited:
+                if self.held_back:
                     # A slot of this worker's own freed (a completion written) may be the one
                     # the limit was waiting for: try again then, or soon anyway.
-                    state.slot_freed.clear()
                     await state.wait_any(state.slot_freed, timeout=LIMITED_RETRY_SECONDS)
                 else:
                     await state.wait_any(state.wake, timeout=settings.poll_interval_seconds)
