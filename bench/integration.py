@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import orjson
 
+import jobq
 from bench.suite import BENCH_PG_SETTINGS, child_env, fresh_db, pct, r
 from jobq import NewJob, Queue, db, txn
 from jobq.embedded import EmbeddedPostgres
@@ -308,9 +309,12 @@ async def bench_txn(admin: str, a: argparse.Namespace) -> None:
 
 @contextlib.asynccontextmanager
 async def api(dsn: str, port: int, env: dict[str, str]) -> AsyncIterator[subprocess.Popen[bytes]]:
+    # The jobq this benchmark imported (bench/integration_ab.sh runs two revisions' jobq
+    # with this checkout's benchmark).
+    src = Path(jobq.__file__).resolve().parent.parent
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobq", "api", "--port", str(port)],
-        env=child_env(dsn, env),
+        env=child_env(dsn, {"PYTHONPATH": f"{src}{os.pathsep}{ROOT}", **env}),
         cwd=ROOT,
     )
     try:
@@ -474,12 +478,17 @@ async def run_waiters(queue: Queue, port: int, app: str, n: int, mode: str) -> N
 
     await until(all_watched, 120)
     by_id = {j.id: j for j in jobs}
+    # When each job's completion statement returned: it committed before then. (finished_at
+    # is the statement's start, now(): a statement ending 1,000 jobs takes a while itself.)
+    returned: dict[uuid.UUID, float] = {}
     t0 = time.monotonic()
     if mode == "burst":  # every job ends in one statement
         await queue.complete_many([(lease_of(j), "1") for j in jobs])
+        returned.update(dict.fromkeys(ids, time.time()))
     else:  # 1,000 jobs/s: 10 jobs every 10 ms, each batch one completion statement
         for s in range(0, n, 10):
             await queue.complete_many([(lease_of(by_id[i]), "1") for i in ids[s : s + 10]])
+            returned.update(dict.fromkeys(ids[s : s + 10], time.time()))
             if s % 100 == 0:
                 await sample()
             await asyncio.sleep(max(0.0, t0 + (s + 10) / 1000 - time.monotonic()))
@@ -498,6 +507,8 @@ async def run_waiters(queue: Queue, port: int, app: str, n: int, mode: str) -> N
         )
     }
     lat = [(received[i] - finished[i]) * 1000 for i in ids if i in received]
+    after_return = [(received[i] - returned[i]) * 1000 for i in ids if i in received]
+    statement = [(returned[i] - finished[i]) * 1000 for i in ids]
     emit(
         {
             "bench": "wait",
@@ -511,6 +522,18 @@ async def run_waiters(queue: Queue, port: int, app: str, n: int, mode: str) -> N
                 "p99": r(pct(lat, 99), 1),
                 "max": r(max(lat), 1),
                 "mean": r(statistics.fmean(lat), 1),
+            },
+            # From the completion statement's return (after its commit, so this is less than
+            # the time from the commit), and how long the statement took (finished_at to its
+            # return): the answer cannot come before the commit.
+            "after_statement_returned_ms": {
+                "p50": r(pct(after_return, 50), 1),
+                "p99": r(pct(after_return, 99), 1),
+                "max": r(max(after_return), 1),
+            },
+            "completion_statement_ms": {
+                "p50": r(pct(statement, 50), 1),
+                "max": r(max(statement), 1),
             },
             # Connections of the API process seen running the waiters' statements (LISTEN,
             # the marks, the shared reads), and all it had (its pool also serves the rollup
