@@ -62,6 +62,21 @@ async def test_one_invalid_job_stores_nothing_and_every_bad_job_is_listed(
     assert await stored(pool) == 0
 
 
+async def test_jobs_well_formed_but_refused_by_the_registry_are_listed_as_post_jobs_words_them(
+    client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    bad = [{"kind": "nope"}, {"kind": "sleep", "payload": {"seconds": "x"}}]
+    r = await client.post("/jobs/batch", json={"jobs": [{"kind": "echo"}, *bad]})
+    assert r.status_code == 422
+    alone = [(await client.post("/jobs", json=job)).json()["errors"] for job in bad]
+    assert r.json()["errors"] == [
+        {**e, "loc": ["body", "jobs", i, *e["loc"][1:]]}
+        for i, errors in enumerate(alone, start=1)
+        for e in errors
+    ]
+    assert await stored(pool) == 0
+
+
 async def test_per_job_keys_say_which_jobs_were_created_and_which_existed(
     client: httpx.AsyncClient, queue: Queue
 ) -> None:

@@ -198,6 +198,18 @@ def new_job(
         raise ProblemError(
             422, "validation_error", "the job is invalid", errors=_field_errors(exc)
         ) from None
+    return job_of(req, header_key, registry, unique=unique)
+
+
+def job_of(
+    req: JobCreate,
+    header_key: str | None,
+    registry: Registry | None,
+    *,
+    unique: dict[str, Any] | None = None,
+) -> NewJob:
+    """`new_job` of a body already validated as a `JobCreate`: the registry's checks and
+    defaults, the idempotency key, the unique options."""
     max_attempts = req.max_attempts
     concurrency_key = req.concurrency_key
     if registry is not None:
