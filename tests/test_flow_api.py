@@ -121,3 +121,51 @@ async def test_flow_routes_are_in_the_openapi_document(client: httpx.AsyncClient
                  "/kinds/{name}/pause", "/kinds/{name}/resume"):  # fmt: skip
         assert path in paths
     assert "422" in paths["/queues/{name}/pause"]["post"]["responses"]
+
+
+@pytest.mark.parametrize("path", ["a%2Fb", "a/b"])
+async def test_a_queue_name_with_a_slash_is_paused_and_resumed(
+    client: httpx.AsyncClient, queue: Queue, path: str
+) -> None:
+    paused = await client.post(f"/queues/{path}/pause")
+    assert paused.status_code == 200, paused.text
+    assert paused.json()["name"] == "a/b" and paused.json()["paused"] is True
+    assert [s.name for s in await queue.flow_states()] == ["a/b"]
+    resumed = await client.post(f"/queues/{path}/resume")
+    assert resumed.json()["paused"] is False and await queue.flow_states() == []
+
+
+async def test_a_kind_name_with_a_slash_is_paused(client: httpx.AsyncClient) -> None:
+    r = await client.post("/kinds/reports%2Fmonthly/pause")
+    assert r.status_code == 200 and r.json()["name"] == "reports/monthly"
+
+
+@pytest.mark.parametrize("url", ["/queues/a%FFb/pause", "/queues/a%C3/resume", "/kinds/%FF/pause"])
+async def test_a_name_that_is_not_utf8_is_a_422_invalid_utf8_problem(
+    client: httpx.AsyncClient, queue: Queue, url: str
+) -> None:
+    problem = assert_problem(await client.post(url), 422, "invalid_utf8")
+    assert [e["loc"] for e in problem["errors"]] == [["path", "name"]]
+    assert await queue.flow_states() == []
+
+
+@pytest.mark.parametrize("name", ["a%C2%85b", "a%C2%9Fb", "x%E2%80%A8"])
+async def test_a_name_with_a_c1_or_other_control_character_is_reported_at_the_path(
+    client: httpx.AsyncClient, name: str
+) -> None:
+    problem = assert_problem(await client.post(f"/queues/{name}/pause"), 422, "validation_error")
+    assert [e["loc"] for e in problem["errors"]] == [["path", "name"]]
+
+
+async def test_a_new_pause_beyond_jobq_max_paused_is_a_409_problem(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    async with make_client(create_app(Settings(max_paused=2), pool=pool)) as c:
+        assert (await c.post("/queues/a/pause")).status_code == 200
+        assert (await c.post("/kinds/b/pause")).status_code == 200
+        problem = assert_problem(await c.post("/queues/c/pause"), 409, "too_many_paused")
+        assert problem["max_paused"] == 2
+        assert (await c.post("/queues/a/pause")).status_code == 200  # paused already
+        assert (await c.post("/queues/a/resume")).status_code == 200
+        assert (await c.post("/queues/c/pause")).status_code == 200
+    assert sorted(s.name for s in await queue.flow_states()) == ["b", "c"]

@@ -115,7 +115,7 @@ def _documented_rejection(case: Any, response: Any) -> bool:
     # Schema cannot say "printable" in full, nor bound a date-time or its calendar.
     return bool(errors) and all(
         (
-            e.get("loc") in (["body", "kind"], ["body", "queue"])
+            e.get("loc") in (["body", "kind"], ["body", "queue"], ["path", "name"])
             and e.get("msg") == "must not contain control characters"
         )
         or (

@@ -29,6 +29,7 @@ from jobq.queue import (
     InvalidJob,
     NewJob,
     Queue,
+    TooManyPaused,
     history,
     validate,
 )
@@ -979,7 +980,13 @@ def _flow(name: str, kind: bool, resume: bool) -> None:
         async def go() -> dict[str, Any]:
             await _prepare(dsn, migrate=settings.database_url is None)
             async with _queue(dsn, settings) as q:
-                state = await (q.resume(scope, name) if resume else q.pause(scope, name))
+                if resume:
+                    state = await q.resume(scope, name)
+                else:
+                    try:
+                        state = await q.pause(scope, name, max_paused=settings.max_paused)
+                    except TooManyPaused as exc:
+                        _fail(str(exc))
             return {scope: state.name, "paused": state.paused, "paused_at": state.paused_at}
 
         out = _run_against(dsn, go())

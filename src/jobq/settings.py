@@ -147,6 +147,9 @@ class Settings:
     # POST /jobs/batch: at most this many jobs, and this many bytes of body.
     batch_max: int = 1000
     batch_max_bytes: int = 16 * 1024 * 1024
+    # Paused queues and kinds at most (JOBQ_MAX_PAUSED): any name can be paused, so what
+    # clients can create (rows, and GET /queues) is bounded here.
+    max_paused: int = 1000
     # GET /jobs/{id}?wait=: the longest wait a request may ask for, in seconds.
     wait_max_seconds: float = 60.0
     # The HTTP server's own limits (see jobq.api.server): slow or oversized requests and idle
@@ -226,6 +229,7 @@ class Settings:
             max_payload_bytes=_int("JOBQ_MAX_PAYLOAD_BYTES", 1024 * 1024, minimum=1),
             batch_max=_int("JOBQ_BATCH_MAX", 1000, minimum=1),
             batch_max_bytes=_int("JOBQ_BATCH_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
+            max_paused=_int("JOBQ_MAX_PAUSED", 1000, minimum=1),
             wait_max_seconds=_float("JOBQ_WAIT_MAX_SECONDS", 60.0, minimum=1.0),
             http_max_header_bytes=_int("JOBQ_HTTP_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
             http_header_timeout_seconds=_float(

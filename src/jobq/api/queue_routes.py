@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
 from starlette.responses import Response
 
+from jobq import wire
 from jobq.api.auth import require_token
-from jobq.api.problems import COMMON_RESPONSES, openapi_problem
-from jobq.api.routes import NO_CONTROL_CHARS, strict_query
+from jobq.api.problems import COMMON_RESPONSES, ProblemError, openapi_problem
+from jobq.api.routes import strict_query
 from jobq.api.schemas import FlowStateOut, QueuesOut, flow_state_to_dict
-from jobq.queue import MAX_NAME_LENGTH, STATUSES, FlowState, Queue
+from jobq.queue import (
+    MAX_NAME_LENGTH,
+    STATUSES,
+    FlowState,
+    InvalidJob,
+    Queue,
+    TooManyPaused,
+)
+from jobq.queue.validation import _check_name
 
 router = APIRouter(dependencies=[Depends(require_token), Depends(strict_query)], tags=["queues"])
 
+# Printable characters only; the pattern states the part JSON Schema can: no C0/C1 controls.
+_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$"
 QueueName = Annotated[
     str,
     Path(
         min_length=1,
         max_length=MAX_NAME_LENGTH,
-        pattern=NO_CONTROL_CHARS,
+        pattern=_NAME_PATTERN,
         description="The queue's name (1 to 255 printable characters). It need not have jobs.",
     ),
 ]
@@ -30,13 +42,66 @@ KindName = Annotated[
     Path(
         min_length=1,
         max_length=MAX_NAME_LENGTH,
-        pattern=NO_CONTROL_CHARS,
+        pattern=_NAME_PATTERN,
         description="The job kind (1 to 255 printable characters). It need not have jobs.",
     ),
 ]
 _BAD_NAME: dict[int | str, dict[str, Any]] = {
-    422: openapi_problem("The name is empty, too long or holds control characters.")
+    422: openapi_problem(
+        "The name is empty, too long, holds control characters or is not UTF-8 (percent-"
+        'encoded bytes that decode to no text): `loc` is `["path", "name"]`.'
+    )
 }
+_TOO_MANY: dict[int | str, dict[str, Any]] = {
+    409: openapi_problem(
+        "`too_many_paused`: JOBQ_MAX_PAUSED queues and kinds are paused already (pausing one"
+        " that is paused is always accepted)."
+    )
+}
+# A name may hold `/` (`a/b`, or `a%2Fb`): the path converter takes it whole.
+_QUEUE = "/queues/{name:path}"
+_KIND = "/kinds/{name:path}"
+
+
+def _name(request: Request, scope: str, name: str) -> str:
+    """The name the path holds, checked as the queue core checks it, every error at the path:
+    the server decodes percent-escapes that are not UTF-8 to replacement characters, which
+    would pause another name, so the raw path is read first."""
+    raw = request.scope.get("raw_path")
+    if raw is not None:
+        try:
+            wire.decode_utf8(unquote_to_bytes(raw), "the path")
+        except wire.WireError as exc:
+            raise ProblemError(
+                422,
+                exc.error,
+                exc.message,
+                errors=[{"loc": ["path", "name"], "msg": exc.message, "type": exc.error}],
+            ) from None
+    try:
+        return _check_name(scope, name)
+    except InvalidJob as exc:
+        raise ProblemError(
+            422,
+            "validation_error",
+            f"the {scope} name {exc.message}",
+            errors=[{"loc": ["path", "name"], "msg": exc.message, "type": "value_error"}],
+        ) from None
+
+
+async def _pause(request: Request, scope: str, name: str) -> Response:
+    checked = _name(request, scope, name)
+    try:
+        state = await _queue(request).pause(
+            scope, checked, max_paused=request.app.state.settings.max_paused
+        )
+    except TooManyPaused as exc:
+        raise ProblemError(409, "too_many_paused", str(exc), max_paused=exc.limit) from None
+    return _state(state)
+
+
+async def _resume(request: Request, scope: str, name: str) -> Response:
+    return _state(await _queue(request).resume(scope, _name(request, scope, name)))
 
 
 def _json(body: object) -> Response:
@@ -75,21 +140,22 @@ async def list_queues(request: Request) -> Response:
 
 
 @router.post(
-    "/queues/{name}/pause",
+    _QUEUE + "/pause",
     summary="Pause a queue",
     response_model=FlowStateOut,
-    responses={**_BAD_NAME, **COMMON_RESPONSES},
+    responses={**_BAD_NAME, **_TOO_MANY, **COMMON_RESPONSES},
 )
 async def pause_queue(request: Request, name: QueueName) -> Response:
     """No worker, on any host, claims this queue's jobs once this returns (a claim that
     started before it may still finish). Running jobs finish; enqueue goes on. The pause is
     stored: it holds across restarts until resumed. A queue with no jobs yet can be paused.
-    Pausing a paused queue changes nothing."""
-    return _state(await _queue(request).pause("queue", name))
+    Pausing a paused queue changes nothing. At most JOBQ_MAX_PAUSED (default 1,000) queues and
+    kinds are paused at once: a new pause beyond it is a 409 problem."""
+    return await _pause(request, "queue", name)
 
 
 @router.post(
-    "/queues/{name}/resume",
+    _QUEUE + "/resume",
     summary="Resume a queue",
     response_model=FlowStateOut,
     responses={**_BAD_NAME, **COMMON_RESPONSES},
@@ -97,25 +163,25 @@ async def pause_queue(request: Request, name: QueueName) -> Response:
 async def resume_queue(request: Request, name: QueueName) -> Response:
     """Workers claim this queue's jobs again. Resuming a queue that is not paused changes
     nothing."""
-    return _state(await _queue(request).resume("queue", name))
+    return await _resume(request, "queue", name)
 
 
 @router.post(
-    "/kinds/{name}/pause",
+    _KIND + "/pause",
     summary="Pause a kind, in every queue",
     response_model=FlowStateOut,
-    responses={**_BAD_NAME, **COMMON_RESPONSES},
+    responses={**_BAD_NAME, **_TOO_MANY, **COMMON_RESPONSES},
 )
 async def pause_kind(request: Request, name: KindName) -> Response:
     """As pausing a queue, for the jobs of one kind wherever they are queued."""
-    return _state(await _queue(request).pause("kind", name))
+    return await _pause(request, "kind", name)
 
 
 @router.post(
-    "/kinds/{name}/resume",
+    _KIND + "/resume",
     summary="Resume a kind",
     response_model=FlowStateOut,
     responses={**_BAD_NAME, **COMMON_RESPONSES},
 )
 async def resume_kind(request: Request, name: KindName) -> Response:
-    return _state(await _queue(request).resume("kind", name))
+    return await _resume(request, "kind", name)

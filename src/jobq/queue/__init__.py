@@ -21,7 +21,7 @@ retry), `leases` (what workers do: claim, complete, fail, release, heartbeat, re
 
 from jobq.queue.base import Connection
 from jobq.queue.core import Queue
-from jobq.queue.flow import FlowState, Limits, LimitUsage, QueueInfo, parse_rate
+from jobq.queue.flow import FlowState, Limits, LimitUsage, QueueInfo, TooManyPaused, parse_rate
 from jobq.queue.leases import lease_of
 from jobq.queue.model import (
     CANCEL_CHANNEL,
@@ -120,6 +120,7 @@ __all__ = [
     "QueueLag",
     "Rescued",
     "SummaryPage",
+    "TooManyPaused",
     "Unhandled",
     "WorkerInfo",
     "check_idempotency_key",

@@ -168,9 +168,16 @@ def check_scope(scope: str) -> str:
 
 _STATE_COLUMNS = "scope, name, paused_at, max_concurrency, max_per_key, rate, burst, fair"
 
+# A name already paused is paused again (idempotent) whatever the count; a new pause only
+# while fewer than $4 are paused. Concurrent new pauses each count before the others commit,
+# so the bound can be passed by as many pauses as are made at the same moment.
 _PAUSE = f"""
 INSERT INTO jobq_flow_controls AS c (scope, name, paused_at, paused_by)
-VALUES ($1, $2, now(), $3)
+SELECT $1, $2, now(), $3
+WHERE $4::int IS NULL
+   OR EXISTS (SELECT 1 FROM jobq_flow_controls
+              WHERE scope = $1 AND name = $2 AND paused_at IS NOT NULL)
+   OR (SELECT count(*) FROM jobq_flow_controls WHERE paused_at IS NOT NULL) < $4::int
 ON CONFLICT (scope, name) DO UPDATE
     SET paused_at = coalesce(c.paused_at, now()), paused_by = coalesce(c.paused_by, $3)
 RETURNING {_STATE_COLUMNS}
@@ -579,18 +586,34 @@ ORDER BY ctl.scope, ctl.name
 """
 
 
+class TooManyPaused(Exception):
+    """A new pause while `limit` queues and kinds are paused already (JOBQ_MAX_PAUSED)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"{limit} queues and kinds are paused already, the most JOBQ_MAX_PAUSED allows;"
+            " resume some first"
+        )
+        self.limit = limit
+
+
 class Flow(Views):
     # -- operators: pause and resume -------------------------------------------------------
 
-    async def pause(self, scope: str, name: str, *, by: str | None = None) -> FlowState:
+    async def pause(
+        self, scope: str, name: str, *, by: str | None = None, max_paused: int | None = None
+    ) -> FlowState:
         """Stop claims of a queue's (or a kind's) jobs; running ones finish, enqueue goes on.
 
         A queue or kind with no jobs yet can be paused: it is a name, not a row of `jobs`.
-        Idempotent: pausing again keeps the first pause's time."""
+        Idempotent: pausing again keeps the first pause's time. With `max_paused`, a name not
+        paused yet is refused (TooManyPaused) while that many are paused."""
         check_scope(scope)
         _check_name(scope, name)
-        row = await self.pool.fetchrow(_PAUSE, scope, name, by)
-        assert row is not None
+        row = await self.pool.fetchrow(_PAUSE, scope, name, by, max_paused)
+        if row is None:
+            assert max_paused is not None
+            raise TooManyPaused(max_paused)
         return FlowState.from_record(row)
 
     async def resume(self, scope: str, name: str) -> FlowState:
