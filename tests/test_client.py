@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -225,9 +227,103 @@ def test_a_missing_or_wrong_token_raises_unauthorized(api: str, queue: Queue) ->
             anonymous.get(uuid.uuid4())
 
 
-def test_an_id_that_is_not_a_uuid_is_refused_before_anything_is_sent(client: Client) -> None:
-    with pytest.raises(ValueError):
-        client.get("../metrics")
+# -- local input the client cannot send: InvalidRequest, before anything is sent -------------
+
+
+def test_an_id_that_is_not_a_uuid_raises_invalid_request_before_anything_is_sent(
+    api: str,
+) -> None:
+    counting = Counting(api)
+    with counting as client:
+        for call in (client.get, client.cancel, client.retry, client.wait):
+            with pytest.raises(errors.InvalidRequest):
+                call("../metrics")
+    assert counting.sent == []
+
+
+@pytest.mark.parametrize(
+    "payload", [{"at": {1, 2}}, {"x": math.nan}, {"s": "\ud800"}, ["not", "a", "mapping"]],
+    ids=["a set", "NaN", "a lone surrogate", "a list"],
+)  # fmt: skip
+def test_a_payload_that_is_not_a_json_object_raises_invalid_request_before_anything_is_sent(
+    api: str, payload: Any
+) -> None:
+    counting = Counting(api)
+    with counting as client:
+        with pytest.raises(errors.InvalidRequest):
+            client.enqueue("echo", payload)
+        with pytest.raises(errors.InvalidRequest):
+            client.enqueue_batch([NewJob("echo"), NewJob("echo", payload)])
+    assert counting.sent == []
+
+
+@pytest.mark.parametrize("key", ["schl\u00fcssel", "two\nlines", " padded "])
+def test_an_idempotency_key_that_cannot_be_a_header_raises_invalid_request_before_sending(
+    api: str, key: str
+) -> None:
+    counting = Counting(api)
+    with counting as client, pytest.raises(errors.InvalidRequest):
+        client.enqueue("echo", idempotency_key=key)
+    assert counting.sent == []
+
+
+@pytest.mark.parametrize("token", ["t\u00f6ken", "two\nlines", ""])
+def test_a_token_that_cannot_be_a_header_raises_invalid_request_without_showing_it(
+    api: str, token: str
+) -> None:
+    with pytest.raises(errors.InvalidRequest) as caught:
+        Client(api, token=token)
+    assert not token or token not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "headers", [{"X-Tenant": "caf\u00e9"}, {"X-Tenant": "a\r\nX-Admin: 1"}, {"Bad Name": "x"}],
+    ids=["not ASCII", "a line break", "a space in the name"],
+)  # fmt: skip
+def test_a_header_that_cannot_be_sent_raises_invalid_request(
+    api: str, headers: dict[str, str]
+) -> None:
+    with pytest.raises(errors.InvalidRequest):
+        Client(api, headers=headers)
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, -1.0])
+def test_wait_with_a_timeout_that_is_not_finite_and_at_least_zero_raises_invalid_request(
+    api: str, timeout: float
+) -> None:
+    counting = Counting(api)
+    with counting as client, pytest.raises(errors.InvalidRequest):
+        client.wait(uuid.uuid4(), timeout=timeout)
+    assert counting.sent == []
+
+
+@pytest.mark.parametrize(
+    "settings", [{"timeout": math.nan}, {"timeout": 0}, {"max_wait": math.inf},
+                 {"max_wait": 0}, {"backoff": math.nan}, {"max_backoff": -1}, {"retries": 1.5}],
+    ids=str,
+)  # fmt: skip
+def test_client_settings_that_are_not_usable_numbers_raise_invalid_request(
+    api: str, settings: dict[str, Any]
+) -> None:
+    with pytest.raises(errors.InvalidRequest):
+        Client(api, **settings)
+
+
+async def test_the_async_client_raises_invalid_request_for_the_same_input(api: str) -> None:
+    with pytest.raises(errors.InvalidRequest):
+        AsyncClient(api, token="t\u00f6ken")
+    async with AsyncClient(api, token=TOKEN, retries=0) as client:
+        with pytest.raises(errors.InvalidRequest):
+            await client.get("../metrics")
+        with pytest.raises(errors.InvalidRequest):
+            await client.enqueue("echo", {"x": math.nan})
+        with pytest.raises(errors.InvalidRequest):
+            await client.wait(uuid.uuid4(), timeout=math.nan)
+
+
+def test_invalid_request_is_a_client_error_and_a_value_error() -> None:
+    assert issubclass(errors.InvalidRequest, errors.ClientError)
+    assert issubclass(errors.InvalidRequest, ValueError)
 
 
 # -- retries ---------------------------------------------------------------------------------

@@ -11,7 +11,13 @@ from jobq.client import errors
 from jobq.client._async import AsyncClient
 from jobq.client._core import RetryPolicy
 from jobq.client._sync import Client
-from jobq.client.errors import APIError, ClientError, TransportError, UnexpectedResponse
+from jobq.client.errors import (
+    APIError,
+    ClientError,
+    InvalidRequest,
+    TransportError,
+    UnexpectedResponse,
+)
 from jobq.client.models import Cancelled, Enqueued, Job, JobError, JobSummary, NewJob, Page
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "Client",
     "ClientError",
     "Enqueued",
+    "InvalidRequest",
     "Job",
     "JobError",
     "JobSummary",

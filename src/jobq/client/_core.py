@@ -4,7 +4,9 @@ retry policy, and reading answers. Only httpx and the standard library."""
 from __future__ import annotations
 
 import email.utils
+import math
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -14,7 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from jobq.client.errors import TransportError, UnexpectedResponse, problem_error
+from jobq.client.errors import InvalidRequest, TransportError, UnexpectedResponse, problem_error
 from jobq.client.models import Cancelled, Enqueued, Job, NewJob, Page
 
 T = TypeVar("T")
@@ -51,8 +53,10 @@ class RetryPolicy:
     max_backoff: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.retries < 0 or self.backoff < 0 or self.max_backoff < 0:
-            raise ValueError("retries, backoff and max_backoff must be >= 0")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise InvalidRequest(f"retries must be an int >= 0, got {self.retries!r}")
+        seconds("backoff", self.backoff)
+        seconds("max_backoff", self.max_backoff)
 
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
         if response is not None:
@@ -74,6 +78,55 @@ def retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def seconds(name: str, value: float, *, positive: bool = False) -> float:
+    """`value` if it is a finite number of seconds >= 0 (> 0 when `positive`); a NaN or an
+    infinity would make a deadline that never comes."""
+    bound = "> 0" if positive else ">= 0"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (positive and value == 0)
+    ):
+        raise InvalidRequest(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    return float(value)
+
+
+# RFC 9110 5.1 and 5.5, as h11 checks them when sending: a token for a name; visible ASCII,
+# with spaces or tabs only inside, for a value.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+
+
+def _header_value(name: str, value: Any) -> str:
+    """`value` when it can be sent as header `name`. The message does not show it: it may be
+    a secret."""
+    if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+        raise InvalidRequest(
+            f"{name} must be printable ASCII, without line breaks or spaces at its ends"
+        )
+    return value
+
+
+def build(
+    http: httpx.Client | httpx.AsyncClient, call: Call[Any], headers: Mapping[str, str]
+) -> httpx.Request:
+    """The request of `call`, built once for all its attempts; what cannot be encoded (a
+    payload that is not JSON, text with lone surrogates) is refused here, before any send."""
+    try:
+        return http.build_request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            headers={**headers, **(call.headers or {})},
+            timeout=call.timeout or httpx.USE_CLIENT_DEFAULT,
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"the request cannot be encoded: {exc}") from None
 
 
 def should_retry(call: Call[Any], response: httpx.Response | None) -> bool:
@@ -131,7 +184,20 @@ def _enqueued(response: httpx.Response) -> Enqueued:
 
 
 def _id(job_id: uuid.UUID | str) -> str:
-    return str(uuid.UUID(str(job_id)))  # refuses what is not a UUID before anything is sent
+    try:
+        return str(uuid.UUID(str(job_id)))
+    except ValueError:
+        raise InvalidRequest(f"a job id is a UUID, got {str(job_id)[:100]!r}") from None
+
+
+def _payload(payload: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if payload is None:
+        return {}
+    if not isinstance(payload, Mapping):
+        raise InvalidRequest(
+            f"a payload is a JSON object (a Mapping), got {type(payload).__name__}"
+        )
+    return payload
 
 
 def enqueue(
@@ -149,11 +215,13 @@ def enqueue(
     unique_states: Sequence[str] | None = None,
 ) -> Call[Enqueued]:
     new = NewJob(
-        kind, payload or {}, queue, priority, max_attempts, run_at,
+        kind, _payload(payload), queue, priority, max_attempts, run_at,
         concurrency_key=concurrency_key, unique_for=unique_for, unique_by=unique_by,
         unique_states=unique_states,
     )  # fmt: skip
-    headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+    headers = {}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = _header_value("idempotency_key", idempotency_key)
     return Call(
         "POST", "/jobs", _enqueued, json=new.to_json(), headers=headers,
         idempotent=idempotency_key is not None,
@@ -170,6 +238,8 @@ def _batch(response: httpx.Response) -> list[Enqueued]:
 def enqueue_batch(jobs: Sequence[NewJob]) -> Call[list[Enqueued]]:
     """`POST /jobs/batch`: idempotent (so retried) when every job has an idempotency key."""
     keyed = all(j.idempotency_key is not None for j in jobs)
+    for job in jobs:
+        _payload(job.payload)
     body = {"jobs": [j.to_json() for j in jobs]}
     return Call("POST", "/jobs/batch", _batch, json=body, idempotent=keyed)
 
@@ -201,19 +271,31 @@ def retry(job_id: uuid.UUID | str) -> Call[Job]:
     return Call("POST", f"/jobs/{_id(job_id)}/retry", _parsed(Job.from_json))
 
 
-def wait_once(job_id: uuid.UUID | str, seconds: float, read_timeout: float) -> Call[Job]:
-    """One `GET /jobs/{id}?wait=`: answered when the job ends or after `seconds`."""
-    seconds = max(0.0, seconds)
+def wait_once(job_id: uuid.UUID | str, wait: float, read_timeout: float) -> Call[Job]:
+    """One `GET /jobs/{id}?wait=`: answered when the job ends or after `wait` seconds."""
+    wait = max(0.0, wait)
     return Call(
         "GET", f"/jobs/{_id(job_id)}", _parsed(Job.from_json),
-        params={"wait": f"{seconds:.3f}".rstrip("0").rstrip(".") or "0"}, idempotent=True,
-        timeout=seconds + read_timeout,
+        params={"wait": f"{wait:.3f}".rstrip("0").rstrip(".") or "0"}, idempotent=True,
+        timeout=wait + read_timeout,
     )  # fmt: skip
+
+
+def wait_deadline(job_id: uuid.UUID | str, timeout: float | None) -> float | None:
+    """When `wait` gives up (time.monotonic()), None for never; refuses a bad id or timeout
+    before the first request."""
+    _id(job_id)
+    if timeout is None:
+        return None
+    return time.monotonic() + seconds("timeout", timeout)
 
 
 def headers(token: str | None, extra: Mapping[str, str] | None) -> dict[str, str]:
     out = {"Accept": f"application/json, {PROBLEM}", "User-Agent": "jobq-client"}
     if token is not None:
-        out["Authorization"] = f"Bearer {token}"
-    out.update(extra or {})
+        out["Authorization"] = _header_value("token", f"Bearer {token}")
+    for name, value in (extra or {}).items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise InvalidRequest(f"{str(name)[:100]!r} is not a header name")
+        out[name] = _header_value(f"header {name}", value)
     return out

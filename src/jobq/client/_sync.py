@@ -46,9 +46,9 @@ class Client:
         http: httpx.Client | None = None,
     ) -> None:
         self.policy = RetryPolicy(retries, backoff, max_backoff)
-        self.timeout = timeout
+        self.timeout = _core.seconds("timeout", timeout, positive=True)
         # The longest `?wait=` one request asks for: at most the API's JOBQ_WAIT_MAX_SECONDS.
-        self.max_wait = max_wait
+        self.max_wait = _core.seconds("max_wait", max_wait, positive=True)
         self._headers = _core.headers(token, headers)
         self._own = http is None
         self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
@@ -66,17 +66,11 @@ class Client:
         self.close()
 
     def _send(self, call: Call[T]) -> T:
+        request = _core.build(self.http, call, self._headers)
         attempt = 0
         while True:
             try:
-                response = self.http.request(
-                    call.method,
-                    call.path,
-                    params=call.params,
-                    json=call.json,
-                    headers={**self._headers, **(call.headers or {})},
-                    timeout=call.timeout or httpx.USE_CLIENT_DEFAULT,
-                )
+                response = self.http.send(request)
             except httpx.TransportError as exc:
                 if attempt >= self.policy.retries or not _core.should_retry(call, None):
                     raise _core.give_up(exc) from exc
@@ -170,7 +164,7 @@ class Client:
     def wait(self, job_id: uuid.UUID | str, timeout: float | None = None) -> Job:
         """The job once it has ended (`GET /jobs/{id}?wait=`, as often as needed), or as it
         is when `timeout` seconds have passed (None: no limit); check `is_terminal`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _core.wait_deadline(job_id, timeout)
         while True:
             left = self.max_wait if deadline is None else deadline - time.monotonic()
             job = self._send(_core.wait_once(job_id, min(left, self.max_wait), self.timeout))

@@ -1,5 +1,5 @@
 """What the client raises: a problem document the API answered, as a typed exception per
-problem type (its `error` slug), or a failure to get any answer."""
+problem type (its `error` slug), a failure to get any answer, or input it cannot send."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ from typing import Any
 
 class ClientError(Exception):
     """The base of everything `jobq.client` raises."""
+
+
+class InvalidRequest(ClientError, ValueError):
+    """Refused before anything was sent: an argument no request can carry (a job id that is
+    not a UUID, a payload that is not a JSON object, a token or header that is not printable
+    ASCII, a timeout that is not a finite number >= 0). A ValueError too."""
 
 
 class TransportError(ClientError):
