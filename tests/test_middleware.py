@@ -245,6 +245,23 @@ def test_registration_refuses_what_cannot_be_a_middleware() -> None:
     assert registry.middleware == ()
 
 
+def test_a_middleware_with_an_enqueue_sync_hook_and_no_async_one_is_refused_when_added(
+    pool: asyncpg.Pool, no_installed: None
+) -> None:
+    class SyncOnly(Middleware):
+        def enqueue_sync(self, jobs: list[NewJob], call_next: Any) -> list[uuid.UUID]:
+            ids: list[uuid.UUID] = call_next(jobs)
+            return ids
+
+    with pytest.raises(TypeError, match="no async enqueue hook"):
+        Registry().use(SyncOnly())
+    with pytest.raises(TypeError, match="no async enqueue hook"):
+        Queue(pool, middleware=[SyncOnly()])
+    with pytest.raises(TypeError, match="no async enqueue hook"):
+        middleware.install(SyncOnly())
+    assert middleware.installed() == ()
+
+
 # -- around enqueues -----------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psycopg
 import pytest
 
 pytest.importorskip("opentelemetry.sdk")
@@ -139,6 +140,18 @@ async def test_an_enqueue_in_the_callers_transaction_is_a_span_too(
     assert (await stored_trace_context(pool, stored.job.id))["traceparent"][:-3] == traceparent(
         send
     )
+
+
+def test_a_sync_enqueue_in_the_callers_transaction_is_a_span_too(
+    queue: Queue, dsn: str, spans: InMemorySpanExporter
+) -> None:
+    with psycopg.connect(dsn) as conn:
+        stored = jobq.txn.enqueue_sync(conn, NewJob("ok", queue="mail"))
+        row = conn.execute("SELECT trace_context FROM jobs WHERE id = %s", [stored.job.id])
+        stored_context = row.fetchone()[0]  # type: ignore[index]
+    send = only(spans, "send mail")
+    assert (send.attributes or {})["messaging.message.id"] == str(stored.job.id)
+    assert stored_context["traceparent"][:-3] == traceparent(send)
 
 
 async def test_a_failed_enqueue_has_error_status(queue: Queue, spans: InMemorySpanExporter) -> None:

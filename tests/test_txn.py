@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -18,8 +19,9 @@ import sqlalchemy as sa
 import sqlalchemy.orm
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
 
-from jobq import txn
+from jobq import Middleware, middleware, txn
 from jobq.examples import registry as examples
+from jobq.middleware import EnqueueNext
 from jobq.queue import NEW_JOB_CHANNEL, IdempotencyConflict, InvalidJob, NewJob, Queue
 from jobq.settings import Settings
 from jobq.worker import Worker, listener
@@ -394,6 +396,75 @@ def test_sync_enqueue_many_returns_ids_in_order(sdriver: Any, dsn: str) -> None:
     assert [s.created for s in stored] == [True, True, False, False]
     sdriver.commit()
     assert count_jobs(dsn) == 2
+
+
+# -- the process-wide enqueue middleware in the sync forms ----------------------------------
+
+
+class TagPayload(Middleware):
+    """Adds which hook ran to every payload: what a middleware hands on is stored."""
+
+    async def enqueue(self, jobs: list[NewJob], call_next: EnqueueNext) -> list[uuid.UUID]:
+        return await call_next(
+            [dataclasses.replace(j, payload={**j.payload, "by": "async"}) for j in jobs]
+        )
+
+    def enqueue_sync(self, jobs: list[NewJob], call_next: Any) -> list[uuid.UUID]:
+        ids: list[uuid.UUID] = call_next(
+            [dataclasses.replace(j, payload={**j.payload, "by": "sync"}) for j in jobs]
+        )
+        return ids
+
+
+class AsyncOnly(Middleware):
+    async def enqueue(self, jobs: list[NewJob], call_next: EnqueueNext) -> list[uuid.UUID]:
+        return await call_next(jobs)
+
+
+@pytest.fixture
+def installed() -> Iterator[Callable[[Middleware], None]]:
+    """Installs middleware process-wide for one test."""
+    added: list[Middleware] = []
+
+    def install(mw: Middleware) -> None:
+        middleware.install(mw)
+        added.append(mw)
+
+    yield install
+    for mw in added:
+        middleware.uninstall(mw)
+
+
+def test_a_sync_enqueue_goes_through_the_enqueue_sync_hook_of_installed_middleware(
+    queue: Queue, dsn: str, installed: Callable[[Middleware], None]
+) -> None:
+    installed(TagPayload())
+    with psycopg.connect(dsn) as conn:
+        stored = txn.enqueue_sync(conn, NewJob("echo", {"n": 1}))
+    assert stored.job.payload == {"n": 1, "by": "sync"}
+
+
+def test_a_sync_enqueue_many_goes_through_the_enqueue_sync_hook_of_installed_middleware(
+    queue: Queue, dsn: str, installed: Callable[[Middleware], None]
+) -> None:
+    installed(TagPayload())
+    with psycopg.connect(dsn) as conn:
+        txn.enqueue_many_sync(conn, [NewJob("echo", {"n": 1}), NewJob("echo", {"n": 2})])
+        rows = conn.execute("SELECT payload FROM jobs ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == [{"n": 1, "by": "sync"}, {"n": 2, "by": "sync"}]
+
+
+def test_a_sync_enqueue_refuses_installed_middleware_with_only_an_async_hook_and_stores_nothing(
+    queue: Queue, dsn: str, installed: Callable[[Middleware], None]
+) -> None:
+    installed(AsyncOnly())
+    with psycopg.connect(dsn) as conn:
+        for enqueue in (lambda: txn.enqueue_sync(conn, NewJob("echo")),
+                        lambda: txn.enqueue_many_sync(conn, [NewJob("echo")])):  # fmt: skip
+            with pytest.raises(TypeError, match=r"AsyncOnly.*no enqueue_sync hook"):
+                enqueue()
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the transaction is still usable
+    assert count_jobs(dsn) == 0
 
 
 # -- what holds whatever the driver --------------------------------------------------------

@@ -16,6 +16,12 @@ a `call_next` that runs the rest of the chain:
 
 A plain `async def f(ctx, call_next)` given to `Registry.use` is a run middleware.
 
+The sync enqueues (`jobq.txn.enqueue_sync`, `enqueue_many_sync`, on a sync driver's
+connection) cannot await: they run a third hook, `enqueue_sync(jobs, call_next)`, the same as
+`enqueue` without `await`. A middleware with an `enqueue` hook and no `enqueue_sync` makes a
+sync enqueue raise TypeError before anything is stored, rather than be skipped; one with
+`enqueue_sync` only is refused when it is added (the async enqueues could not run it).
+
 Where they apply: a registry's middleware (`Registry.use`) around the runs of a worker started
 with it, and around the enqueues of an API started with it (`--app`); a `Queue`'s
 (`Queue(pool, middleware=[...])`) around its enqueues; a process-wide one (`install`, what
@@ -51,6 +57,7 @@ if TYPE_CHECKING:
 
 CallNext: TypeAlias = Callable[[], Awaitable[Any]]
 EnqueueNext: TypeAlias = Callable[["list[NewJob]"], Awaitable[list[uuid.UUID]]]
+EnqueueNextSync: TypeAlias = Callable[["list[NewJob]"], list[uuid.UUID]]
 RunFunction: TypeAlias = Callable[["JobContext", CallNext], Awaitable[Any]]
 
 
@@ -66,6 +73,11 @@ class Middleware:
         their ids in order. It may be given changed jobs (`dataclasses.replace`), as many as
         it was handed; it must be called, or the enqueue raises."""
         return await call_next(jobs)
+
+    def enqueue_sync(self, jobs: list[NewJob], call_next: EnqueueNextSync) -> list[uuid.UUID]:
+        """`enqueue` for the sync enqueues (`jobq.txn.enqueue_sync`): override it too when
+        you override `enqueue`, or those raise TypeError rather than skip your hook."""
+        return call_next(jobs)
 
 
 class _RunFunction(Middleware):
@@ -83,6 +95,11 @@ def as_middleware(obj: Middleware | RunFunction) -> Middleware:
     """A `Middleware`, or an `async def f(ctx, call_next)` as a run middleware; else TypeError
     (at registration, not at the first job)."""
     if isinstance(obj, Middleware):
+        if _overrides(obj, "enqueue_sync") and not _overrides(obj, "enqueue"):
+            raise TypeError(
+                f"{obj!r} has an enqueue_sync hook and no async enqueue hook: Queue.enqueue,"
+                " jobq.txn.enqueue and POST /jobs could not run it; define both"
+            )
         return obj
     if isinstance(obj, type):
         raise TypeError(f"{obj.__name__} is a class: pass an instance, {obj.__name__}()")
@@ -187,11 +204,7 @@ def enqueue_chain(own: Sequence[Middleware]) -> EnqueueChain | None:
                 if called[i]:
                     raise RuntimeError("call_next was already called: jobs are stored once")
                 called[i] = True
-                changed = list(changed)
-                if len(changed) != count:
-                    raise ValueError(
-                        f"an enqueue middleware handed on {len(changed)} job(s) for {count}"
-                    )
+                changed = _handed_on(changed, count)
                 if i == len(hooks):
                     return await innermost(changed)
                 return await hooks[i](changed, step(i + 1))
@@ -206,7 +219,68 @@ def enqueue_chain(own: Sequence[Middleware]) -> EnqueueChain | None:
     return chain
 
 
+SyncHook: TypeAlias = Callable[["list[NewJob]", EnqueueNextSync], list[uuid.UUID]]
+
+
+def _sync_hooks(middleware: Sequence[Middleware]) -> tuple[SyncHook, ...]:
+    hooks = []
+    for mw in middleware:
+        if _overrides(mw, "enqueue_sync"):
+            hooks.append(mw.enqueue_sync)
+        elif _overrides(mw, "enqueue"):
+            # Skipping it would store jobs it was meant to see (spans, tags, checks) unseen.
+            raise TypeError(
+                f"the enqueue middleware {_original(mw)!r} has no enqueue_sync hook, so a sync"
+                " enqueue (jobq.txn.enqueue_sync, enqueue_many_sync) cannot run it: give it"
+                " one, or enqueue with the async forms; nothing was stored"
+            )
+    return tuple(hooks)
+
+
+def _handed_on(changed: Sequence[NewJob], count: int) -> list[NewJob]:
+    changed = list(changed)
+    if len(changed) != count:
+        raise ValueError(f"an enqueue middleware handed on {len(changed)} job(s) for {count}")
+    return changed
+
+
 R = TypeVar("R")
+
+
+def around_enqueue_sync(
+    own: Sequence[Middleware],
+    jobs: Sequence[NewJob],
+    store: Callable[[list[NewJob]], tuple[R, list[uuid.UUID]]],
+) -> R:
+    """`around_enqueue` for the sync enqueues: the `enqueue_sync` hooks; TypeError, before
+    `store` runs, when a middleware has only an async `enqueue` hook."""
+    if not own and not _installed:
+        return store(list(jobs))[0]
+    hooks = _sync_hooks((*_installed, *own))
+    if not hooks:
+        return store(list(jobs))[0]
+    count = len(jobs)
+    called = [False] * (len(hooks) + 1)
+    stored: list[R] = []
+
+    def step(i: int) -> EnqueueNextSync:
+        def call_next(changed: list[NewJob]) -> list[uuid.UUID]:
+            if called[i]:
+                raise RuntimeError("call_next was already called: jobs are stored once")
+            called[i] = True
+            changed = _handed_on(changed, count)
+            if i < len(hooks):
+                return hooks[i](changed, step(i + 1))
+            value, ids = store(changed)
+            stored.append(value)
+            return ids
+
+        return call_next
+
+    step(0)(list(jobs))
+    if not called[-1]:
+        raise RuntimeError("an enqueue middleware returned without calling call_next")
+    return stored[0]
 
 
 async def around_enqueue(

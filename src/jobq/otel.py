@@ -8,7 +8,7 @@ Turn it on with `JOBQ_OTEL=1` (for `jobq worker`, `jobq api`, `jobq dev`, and an
 process (before its workers start): one `Middleware`, installed process-wide.
 
 What it records, following the OpenTelemetry semantic conventions for messaging:
-- an enqueue (`Queue.enqueue*`, `POST /jobs`, `POST /jobs/batch`): a PRODUCER span `send
+- an enqueue (`Queue.enqueue*`, `jobq.txn`, `POST /jobs`, `POST /jobs/batch`): a PRODUCER span `send
   {queue}`, a child of the current span (over HTTP, of the request's `traceparent` when the
   API is not instrumented otherwise); its context (W3C `traceparent`/`tracestate`, through
   the configured propagator) is stored with each job, in `jobs.trace_context`;
@@ -24,9 +24,10 @@ Attributes: `messaging.system` "jobq", `messaging.operation.type` ("send" / "pro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
     ) from exc
 
 from jobq import middleware
-from jobq.middleware import CallNext, EnqueueNext, Middleware
+from jobq.middleware import CallNext, EnqueueNext, EnqueueNextSync, Middleware
 from jobq.queue.validation import MAX_TRACE_CONTEXT_BYTES
 from jobq.registry import JobCancelled, Snooze
 
@@ -71,6 +72,28 @@ class OpenTelemetry(Middleware):
         )  # fmt: skip
 
     async def enqueue(self, jobs: list[NewJob], call_next: EnqueueNext) -> list[uuid.UUID]:
+        with self._send_span(jobs) as (span, carrying):
+            try:
+                ids = await call_next(carrying)
+            except Exception as exc:
+                _failed(span, exc)
+                raise
+            _sent(span, ids)
+            return ids
+
+    def enqueue_sync(self, jobs: list[NewJob], call_next: EnqueueNextSync) -> list[uuid.UUID]:
+        with self._send_span(jobs) as (span, carrying):
+            try:
+                ids = call_next(carrying)
+            except Exception as exc:
+                _failed(span, exc)
+                raise
+            _sent(span, ids)
+            return ids
+
+    @contextlib.contextmanager
+    def _send_span(self, jobs: list[NewJob]) -> Iterator[tuple[trace.Span, list[NewJob]]]:
+        """The PRODUCER span of an enqueue, current; and the jobs carrying its context."""
         queues = {j.queue for j in jobs}
         queue = next(iter(queues)) if len(queues) == 1 else None
         attributes: dict[str, Any] = {
@@ -94,14 +117,7 @@ class OpenTelemetry(Middleware):
             carrier = trace_context()
             if carrier:
                 jobs = [dataclasses.replace(j, trace_context=carrier) for j in jobs]
-            try:
-                ids = await call_next(jobs)
-            except Exception as exc:
-                _failed(span, exc)
-                raise
-            if len(ids) == 1:
-                span.set_attribute("messaging.message.id", str(ids[0]))
-            return ids
+            yield span, jobs
 
     async def run(self, ctx: JobContext, call_next: CallNext) -> Any:
         links = []
@@ -139,6 +155,11 @@ class OpenTelemetry(Middleware):
             except Exception as exc:
                 _failed(span, exc)
                 raise
+
+
+def _sent(span: trace.Span, ids: list[uuid.UUID]) -> None:
+    if len(ids) == 1:
+        span.set_attribute("messaging.message.id", str(ids[0]))
 
 
 def _failed(span: trace.Span, exc: BaseException) -> None:

@@ -54,7 +54,8 @@ async def enqueue(
     (`created=False`), and a different request raises IdempotencyConflict, as `Queue.enqueue`
     does. `idempotency_window`: how long a key is remembered at least; default
     JOBQ_IDEMPOTENCY_WINDOW (24h). Goes through the process-wide enqueue middleware
-    (`jobq.middleware.install`, e.g. jobq.otel), if any; the sync forms do not."""
+    (`jobq.middleware.install`, e.g. jobq.otel), if any; the sync forms through their
+    `enqueue_sync` hooks."""
     window = _window(idempotency_window)
 
     async def store(jobs: list[NewJob]) -> tuple[EnqueueResult, list[uuid.UUID]]:
@@ -87,19 +88,35 @@ def enqueue_sync(
     conn: Any, job: NewJob, *, idempotency_window: timedelta | None = None
 ) -> EnqueueResult:
     """`enqueue` for sync drivers: psycopg `Connection`, SQLAlchemy `Session`/`Connection`,
-    Django's connection."""
-    return run_steps_sync(enqueue_steps(job, _window(idempotency_window)), adapters.sync(conn))
+    Django's connection. The process-wide enqueue middleware runs through its `enqueue_sync`
+    hooks; one with an async `enqueue` hook only is a TypeError, before any statement."""
+    window = _window(idempotency_window)
+    fetch = adapters.sync(conn)
+
+    def store(jobs: list[NewJob]) -> tuple[EnqueueResult, list[uuid.UUID]]:
+        result = run_steps_sync(enqueue_steps(jobs[0], window), fetch)
+        return result, [result.job.id]
+
+    return middleware.around_enqueue_sync((), [job], store)
 
 
 def enqueue_many_sync(
     conn: Any, jobs: Sequence[NewJob], *, idempotency_window: timedelta | None = None
 ) -> list[BulkEnqueued]:
-    """`enqueue_many` for sync drivers."""
+    """`enqueue_many` for sync drivers, through the middleware as `enqueue_sync` is."""
     checked = [validate(j) for j in jobs]
     if not checked:
         return []
-    steps = insert_batch_steps(checked, _window(idempotency_window))
-    return run_steps_sync(steps, adapters.sync(conn))
+    window = _window(idempotency_window)
+    fetch = adapters.sync(conn)
+
+    def store(changed: list[NewJob]) -> tuple[list[BulkEnqueued], list[uuid.UUID]]:
+        # Only the jobs a middleware replaced need checking again.
+        again = [j if j is c else validate(j) for j, c in zip(changed, checked, strict=True)]
+        stored = run_steps_sync(insert_batch_steps(again, window), fetch)
+        return stored, [s.id for s in stored]
+
+    return middleware.around_enqueue_sync((), checked, store)
 
 
 async def _run(conn: Any, steps: Steps[T]) -> T:
