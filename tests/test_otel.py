@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -118,6 +119,14 @@ async def test_the_enqueue_spans_context_is_stored_on_the_job(
     assert send.parent is not None and send.parent.span_id == request.get_span_context().span_id
     stored = await stored_trace_context(pool, job.id)
     assert stored["traceparent"][:-3] == traceparent(send)
+
+
+async def test_a_unique_job_stores_the_enqueue_spans_context(
+    queue: Queue, pool: asyncpg.Pool, spans: InMemorySpanExporter
+) -> None:
+    job = (await queue.enqueue(NewJob("ok"), unique_for=timedelta(minutes=1))).job
+    stored = await stored_trace_context(pool, job.id)
+    assert stored["traceparent"][:-3] == traceparent(only(spans, "send default"))
 
 
 async def test_a_batch_is_one_span_and_every_job_carries_its_context(

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from jobq.queue.inserts import _WAKING, _derived_key
+from jobq.queue.inserts import _WAKING, _derived_key, _trace_json
 from jobq.queue.lookup import Lookup, finished_not_before
 from jobq.queue.model import (
     _JOB_COLUMNS,
@@ -106,9 +106,11 @@ def unique_key(job: NewJob, spec: UniqueSpec) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-_COLUMNS = "kind, queue, payload, priority, max_attempts, run_at, concurrency_key"
-_VALUES = "$1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), " + _derived_key(
-    "$7::text", "$3::text::jsonb", "$1", "$2", "jobq_flow_controls"
+_COLUMNS = "kind, queue, payload, priority, max_attempts, run_at, concurrency_key, trace_context"
+_VALUES = (
+    "$1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), "
+    + _derived_key("$7::text", "$3::text::jsonb", "$1", "$2", "jobq_flow_controls")
+    + ", $10::text::jsonb"
 )
 
 _FIRST = f"""
@@ -177,7 +179,7 @@ class Unique(Lookup):
                 "cannot be combined with an idempotency key: a key already returns its job",
             )
         key = unique_key(job, spec)
-        params = (*args, key, spec.period)
+        params = (*args, key, spec.period, _trace_json(job))
         for _ in range(5):
             row = await self.pool.fetchrow(_FIRST, *params)
             if row is not None:
