@@ -173,3 +173,83 @@ async def test_http_says_a_unique_duplicate_already_existed(
     assert keyed.status_code == 422
     assert "idempotency key" in keyed.json()["detail"]
     assert await count(queue) == 1
+
+
+# -- unique by the handler's declaration -----------------------------------------------------
+
+
+def _unique_registry() -> Any:
+    from jobq.registry import Registry
+
+    registry = Registry()
+
+    @registry.handler("sync", unique_for=HOUR, unique_by=["account"])
+    async def sync(ctx: object, payload: dict) -> None: ...
+
+    @registry.handler("plain")
+    async def plain(ctx: object, payload: dict) -> None: ...
+
+    return registry
+
+
+async def test_a_handler_s_unique_options_make_every_enqueue_of_its_kind_unique(
+    pool: asyncpg.Pool, queue: Queue
+) -> None:
+    q = Queue(pool, unique=_unique_registry().unique_defaults)
+    first = await q.enqueue(NewJob(kind="sync", payload={"account": 7, "n": 1}))
+    again = await q.enqueue(NewJob(kind="sync", payload={"account": 7, "n": 2}))
+    assert first.created and not again.created and again.job.id == first.job.id
+    assert (await q.enqueue(NewJob(kind="plain"))).created
+    assert (await q.enqueue(NewJob(kind="plain"))).created
+
+
+async def test_an_idempotency_key_takes_the_place_of_the_kind_s_unique_options(
+    pool: asyncpg.Pool, queue: Queue
+) -> None:
+    q = Queue(pool, unique=_unique_registry().unique_defaults)
+    await q.enqueue(NewJob(kind="sync", payload={"account": 7}))
+    keyed = await q.enqueue(NewJob(kind="sync", payload={"account": 7}, idempotency_key="k"))
+    assert keyed.created and await count(queue) == 2
+
+
+async def test_a_batch_holding_a_unique_kind_is_refused(pool: asyncpg.Pool, queue: Queue) -> None:
+    q = Queue(pool, unique=_unique_registry().unique_defaults)
+    with pytest.raises(InvalidJob, match="unique_for"):
+        await q.enqueue_many([NewJob(kind="plain"), NewJob(kind="sync")])
+    assert await count(queue) == 0
+
+
+def test_bad_unique_options_of_a_handler_are_a_value_error_at_registration() -> None:
+    from jobq.registry import Registry
+
+    with pytest.raises(ValueError, match="handler 'k': unique_for"):
+        Registry().handler("k", unique_for=timedelta(0))
+    with pytest.raises(ValueError, match="unique_states"):
+        Registry().handler("k", unique_for=HOUR, unique_states=["done"])
+
+
+async def test_http_applies_the_handler_s_unique_options(queue: Queue, pool: asyncpg.Pool) -> None:
+    app = create_app(Settings(), pool=pool, registry=_unique_registry())
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        first = await client.post("/jobs", json={"kind": "sync", "payload": {"account": 7}})
+        again = await client.post("/jobs", json={"kind": "sync", "payload": {"account": 7}})
+    assert (first.status_code, first.headers["jobq-unique"]) == (201, "created")
+    assert (again.status_code, again.headers["jobq-unique"]) == (200, "duplicate")
+    assert again.json()["id"] == first.json()["id"]
+
+
+async def test_http_batch_refuses_a_unique_kind_naming_its_item(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    app = create_app(Settings(), pool=pool, registry=_unique_registry())
+    jobs = [{"kind": "plain"}, {"kind": "sync", "payload": {"account": 7}}]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        r = await client.post("/jobs/batch", json={"jobs": jobs})
+    assert r.status_code == 422, r.text
+    assert [e["loc"] for e in r.json()["errors"]] == [["body", "jobs", 1, "unique_for"]]
+    assert "one at a time" in r.json()["detail"] or "not in a batch" in r.text
+    assert await count(queue) == 0

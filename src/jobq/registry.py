@@ -22,6 +22,7 @@ from jobq.middleware import Middleware, RunFunction, as_middleware
 from jobq.periodic import DEFAULT_CATCH_UP, Schedule
 from jobq.queue import DEFAULT_QUEUE, InvalidJob, Limits, NewJob, validate
 from jobq.queue.progress import check_progress
+from jobq.queue.unique import UniqueSpec, unique_spec
 from jobq.queue.validation import check_concurrency_key
 
 HandlerFn = Callable[..., Any]
@@ -180,6 +181,8 @@ class Handler:
     # Flow control (docs/flow-control.md): limits on this kind, and where its key comes from.
     limits: Limits = dataclasses.field(default_factory=Limits)
     concurrency_key: KeyFn | None = None
+    # Every enqueue of this kind is a unique job (jobq.queue.unique) unless it says otherwise.
+    unique: UniqueSpec | None = None
 
     def key_of(self, payload: dict[str, Any]) -> str | None:
         """The concurrency key of a job of this kind with this payload, from the handler's
@@ -386,6 +389,12 @@ class Registry:
         return dict(self._queue_limits)
 
     @property
+    def unique_defaults(self) -> dict[str, UniqueSpec]:
+        """The kinds whose handlers declare `unique_for`, with what makes them unique: pass it
+        to `Queue(pool, unique=...)` for `Queue.enqueue` to apply it."""
+        return {h.kind: h.unique for h in self._handlers.values() if h.unique is not None}
+
+    @property
     def kind_limits(self) -> dict[str, Limits]:
         """The limits each handler declares for its kind (an empty Limits: none)."""
         return {h.kind: h.limits for h in self._handlers.values()}
@@ -412,6 +421,9 @@ class Registry:
         max_per_key: int | None = None,
         rate_limit: str | None = None,
         rate_burst: int | None = None,
+        unique_for: timedelta | None = None,
+        unique_by: typing.Sequence[str] | None = None,
+        unique_states: typing.Sequence[str] | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register `fn(ctx, payload)` for `kind`. The payload model comes from `payload=`
         or from the annotation of the function's second parameter.
@@ -425,7 +437,13 @@ class Registry:
         payload field's name (or a tuple of names down to a nested field) is stored with the
         limits and derived by the database at every insert, however the job is enqueued; a
         function of the payload applies only where this registry is (`new_job`, an API or
-        `jobq enqueue --app` given it)."""
+        `jobq enqueue --app` given it).
+
+        `unique_for` (with `unique_by`, `unique_states`, as for `Queue.enqueue`): every
+        enqueue of this kind that gives no unique options and no idempotency key is a unique
+        job, where this registry is: `POST /jobs` of an API started with it, and
+        `Queue.enqueue` of a `Queue(pool, unique=registry.unique_defaults)`. A batch refuses
+        the kind (InvalidJob; 422 over HTTP): unique jobs are enqueued one at a time."""
         # The queue's own rules for a kind: a handler for a kind no job can have would never run.
         validate(NewJob(kind=kind))
         if kind in self._handlers:
@@ -461,6 +479,12 @@ class Registry:
         if concurrency_key is not None:
             path = key_path_of(concurrency_key, f"handler {kind!r}")
             limits = dataclasses.replace(limits, key_path=path)
+        unique = None
+        if unique_for is not None or unique_by is not None or unique_states is not None:
+            try:
+                unique = unique_spec(unique_for, unique_by, unique_states)
+            except InvalidJob as exc:
+                raise ValueError(f"handler {kind!r}: {exc.field} {exc.message}") from None
 
         def register(fn: HandlerFn) -> HandlerFn:
             _check_callable(fn)
@@ -483,6 +507,7 @@ class Registry:
                 retry_cap_seconds=retry_cap_seconds,
                 limits=limits,
                 concurrency_key=concurrency_key,
+                unique=unique,
             )
             return fn
 

@@ -212,6 +212,7 @@ def job_of(
     defaults, the idempotency key, the unique options."""
     max_attempts = req.max_attempts
     concurrency_key = req.concurrency_key
+    kind_unique = None
     if registry is not None:
         if req.kind not in registry:
             raise ProblemError(
@@ -233,6 +234,7 @@ def job_of(
             ) from None
         if max_attempts is None:
             max_attempts = handler.max_attempts
+        kind_unique = handler.unique
         derived = handler.key_of(req.payload)
         if concurrency_key is None:
             concurrency_key = derived
@@ -274,6 +276,21 @@ def job_of(
             unique_for=None if req.unique_for is None else timedelta(seconds=req.unique_for),
             unique_by=req.unique_by,
             unique_states=req.unique_states,
+        )
+    elif kind_unique is not None and key is None:
+        # The handler's own unique options: every enqueue of the kind is unique.
+        if unique is None:
+            raise ProblemError(
+                422, "validation_error",
+                f"jobs of kind {req.kind!r} are unique (its handler declares unique_for): enqueue"
+                " them one at a time (POST /jobs)",
+                errors=[{"loc": ["body", "unique_for"], "type": "value_error",
+                         "msg": "not in a batch: the kind's handler declares unique_for"}],
+            )  # fmt: skip
+        unique.update(
+            unique_for=kind_unique.period,
+            unique_by=kind_unique.by,
+            unique_states=kind_unique.states,
         )
     return new
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 import asyncpg
@@ -17,6 +17,7 @@ from jobq.queue.operator import Operator
 from jobq.queue.presence import Presence
 from jobq.queue.progress import Progress
 from jobq.queue.schedules import Schedules
+from jobq.queue.unique import UniqueSpec
 from jobq.queue.views import Views
 from jobq.queue.waits import Waits, Watcher
 
@@ -37,9 +38,12 @@ class Queue(Enqueue, Operator, Lookup, Leases, Flow, Progress, Waits, Views, Pre
         middleware: Sequence[Middleware] = (),
         listen_dsn: str | None = None,
         pooler: str = "none",
+        unique: Mapping[str, UniqueSpec] | None = None,
     ) -> None:
         """`listen_dsn`: where `wait` listens (a connection opened when someone waits); None
-        borrows one from the pool while anyone waits. `pooler`: how `listen_dsn` is reached."""
+        borrows one from the pool while anyone waits. `pooler`: how `listen_dsn` is reached.
+        `unique`: kinds every `enqueue` of which is a unique job unless it says otherwise
+        (`Registry.unique_defaults`); batches refuse them."""
         self.pool = pool
         self.default_max_attempts = default_max_attempts
         self.default_backoff = default_backoff or Backoff()
@@ -47,6 +51,7 @@ class Queue(Enqueue, Operator, Lookup, Leases, Flow, Progress, Waits, Views, Pre
         self.idempotency_window = idempotency_window
         self.max_result_bytes = max_result_bytes
         self.middleware = tuple(as_middleware(m) for m in middleware)
+        self.unique_defaults = dict(unique or {})
         self._wake_ups = WakeUps(pool, notify_window)
         self.listen_dsn = listen_dsn
         self.pooler = pooler

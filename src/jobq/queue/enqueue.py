@@ -25,7 +25,15 @@ from jobq.queue.inserts import (
     jobs_from_rows,
     run_steps,
 )
-from jobq.queue.model import NEW_JOB_CHANNEL, BulkEnqueued, EnqueueResult, Job, NewJob, _FirstUse
+from jobq.queue.model import (
+    NEW_JOB_CHANNEL,
+    BulkEnqueued,
+    EnqueueResult,
+    InvalidJob,
+    Job,
+    NewJob,
+    _FirstUse,
+)
 from jobq.queue.unique import Unique, UniqueSpec, unique_spec
 from jobq.queue.validation import encode_json, validate
 
@@ -90,6 +98,8 @@ class WakeUps:
 
 class Enqueue(Unique):
     _wake_ups: WakeUps
+    # Kinds every enqueue of which is unique unless it says otherwise (Queue(unique=...)).
+    unique_defaults: dict[str, UniqueSpec]
 
     # -- producers ---------------------------------------------------------------------
 
@@ -118,7 +128,11 @@ class Enqueue(Unique):
             spec = unique_spec(unique_for, unique_by, unique_states)
 
         async def store(jobs: list[NewJob]) -> tuple[EnqueueResult, list[uuid.UUID]]:
-            result = await self._enqueue(jobs[0], spec)
+            job = jobs[0]
+            # The kind's own unique options, unless the call gives its own or an idempotency
+            # key (which returns its job already).
+            default = None if job.idempotency_key else self.unique_defaults.get(job.kind)
+            result = await self._enqueue(job, spec or default)
             return result, [result.job.id]
 
         return await around_enqueue(self.middleware, [new], store)
@@ -166,10 +180,24 @@ class Enqueue(Unique):
 
         return await around_enqueue(self.middleware, jobs, store)
 
+    def _not_unique(self, jobs: Sequence[NewJob]) -> None:
+        """InvalidJob for a batch holding a kind whose every enqueue is unique: a batch is one
+        insert statement, a unique job may need several (and transactions of its own)."""
+        if not self.unique_defaults:
+            return
+        for i, job in enumerate(jobs):
+            if job.kind in self.unique_defaults and job.idempotency_key is None:
+                raise InvalidJob(
+                    "unique_for",
+                    f"jobs of kind {job.kind!r} are unique (its handler declares unique_for):"
+                    f" enqueue them one at a time, not in a batch (job {i})",
+                )
+
     async def _enqueue_many(
         self, jobs: Sequence[NewJob], connection: Connection | None
     ) -> list[uuid.UUID]:
         checked = [validate(j) for j in jobs]
+        self._not_unique(checked)
         async with self._connection(connection) as conn, conn.transaction():
             stored = await self._insert_batch(conn, checked, 0, {})
         return [s.id for s in stored]
@@ -201,6 +229,7 @@ class Enqueue(Unique):
         on_batch: Callable[[int], None] | None,
     ) -> list[BulkEnqueued]:
         checked = [validate(j) for j in jobs]  # every job checked before the first insert
+        self._not_unique(checked)
         stored: list[BulkEnqueued] = []
         first_uses: dict[str, _FirstUse] = {}
         async with self.pool.acquire() as conn, conn.transaction():
@@ -267,6 +296,7 @@ class Enqueue(Unique):
         self, jobs: Sequence[NewJob], payloads: Sequence[str] | None, validated: bool
     ) -> list[tuple[Row, bool]]:
         checked = list(jobs) if validated else [validate(j) for j in jobs]
+        self._not_unique(checked)
         steps = insert_job_rows_steps(checked, self.idempotency_window, payloads=payloads)
         async with self.pool.acquire() as conn:
             if all(j.idempotency_key is None for j in checked):
