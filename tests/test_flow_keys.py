@@ -178,3 +178,9 @@ def test_a_bad_key_field_is_refused_at_declaration(bad: object) -> None:
     registry = Registry()
     with pytest.raises(TypeError, match="concurrency_key"):
         registry.handler("k", concurrency_key=bad)  # type: ignore[arg-type]
+
+
+async def test_a_retried_job_keeps_its_concurrency_key(queue: Queue) -> None:
+    job = (await queue.enqueue(NewJob(kind="a", concurrency_key="acme"))).job
+    await queue.request_cancel(job.id)
+    assert (await queue.retry(job.id)).concurrency_key == "acme"

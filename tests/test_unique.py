@@ -253,3 +253,43 @@ async def test_http_batch_refuses_a_unique_kind_naming_its_item(
     assert [e["loc"] for e in r.json()["errors"]] == [["body", "jobs", 1, "unique_for"]]
     assert "one at a time" in r.json()["detail"] or "not in a batch" in r.text
     assert await count(queue) == 0
+
+
+async def test_a_retry_of_a_unique_job_whose_key_another_job_holds_is_refused(
+    pool: asyncpg.Pool, queue: Queue
+) -> None:
+    from jobq.queue.operator import UniqueHeld
+
+    q = Queue(pool, unique=_unique_registry().unique_defaults)
+    first = (await q.enqueue(NewJob(kind="sync", payload={"account": 7}))).job
+    await q.request_cancel(first.id)  # a cancelled job does not hold its key
+    second = await q.enqueue(NewJob(kind="sync", payload={"account": 7}))
+    assert second.created
+    with pytest.raises(UniqueHeld, match=str(second.job.id)):
+        await q.retry(first.id)
+    assert (await q.get(first.id)).status == "cancelled"
+
+
+async def test_a_retried_unique_job_takes_its_key_back(pool: asyncpg.Pool, queue: Queue) -> None:
+    q = Queue(pool, unique=_unique_registry().unique_defaults)
+    first = (await q.enqueue(NewJob(kind="sync", payload={"account": 7}))).job
+    await q.request_cancel(first.id)
+    assert (await q.retry(first.id)).status == "queued"
+    again = await q.enqueue(NewJob(kind="sync", payload={"account": 7}))
+    assert not again.created and again.job.id == first.id
+
+
+async def test_http_retry_of_a_unique_job_another_holds_is_a_409_problem(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    app = create_app(Settings(), pool=pool, registry=_unique_registry())
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        first = await client.post("/jobs", json={"kind": "sync", "payload": {"account": 7}})
+        await client.post(f"/jobs/{first.json()['id']}/cancel")
+        second = await client.post("/jobs", json={"kind": "sync", "payload": {"account": 7}})
+        assert second.status_code == 201
+        r = await client.post(f"/jobs/{first.json()['id']}/retry")
+    assert r.status_code == 409, r.text
+    assert r.json()["error"] == "invalid_state" and second.json()["id"] in r.json()["detail"]

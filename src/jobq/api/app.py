@@ -403,6 +403,7 @@ def create_app(
             listen_dsn=listen_dsn,
             pooler=_listen_pooler(settings, listen_dsn),
             middleware=registry.middleware if registry is not None else (),
+            unique=registry.unique_defaults if registry is not None else None,
         )
         own_read_pool = read_pool is None and settings.read_database_url is not None
         reads = read_pool
@@ -449,6 +450,7 @@ def create_app(
             history_leaf_width=settings.history_leaf_width,
             idempotency_window=settings.idempotency_window,
             middleware=registry.middleware if registry is not None else (),
+            unique=registry.unique_defaults if registry is not None else None,
         )
         app.state.read_queue = app.state.queue if read_pool is None else Queue(read_pool)
     # Starlette's slash redirect builds its Location from the Host header: see _slash_redirect.

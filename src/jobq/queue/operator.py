@@ -17,9 +17,11 @@ from jobq.queue.model import (
     InvalidTransition,
     Job,
     JobNotFound,
+    NewJob,
     into_history,
     notify_watchers,
 )
+from jobq.queue.unique import _HOLDER_LOCKED, _STATUS, UniqueSpec, unique_key
 
 _LOCK_LIVE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
 
@@ -50,11 +52,13 @@ WITH moved AS (
     WHERE id = $1 AND finished_at >= $2 AND status IN ('failed_permanent', 'cancelled')
     RETURNING *
 ), requeued AS (
+    -- Its concurrency key comes back with it: a retried job runs under the same limits.
     INSERT INTO jobs (id, kind, queue, payload, priority, max_attempts, idempotency_key,
-                      last_error, errors, created_at, status, attempts, cancel_requested,
-                      run_at, result, started_at, finished_at, lease_owner, updated_at)
+                      concurrency_key, trace_context, last_error, errors, created_at, status,
+                      attempts, cancel_requested, run_at, result, started_at, finished_at,
+                      lease_owner, updated_at)
     SELECT id, kind, queue, payload, priority, max_attempts, idempotency_key,
-           last_error, errors, created_at, {_RETRIED}
+           concurrency_key, trace_context, last_error, errors, created_at, {_RETRIED}
     FROM moved
     RETURNING {_JOB_COLUMNS}
 ), in_place AS (
@@ -77,7 +81,32 @@ FROM (SELECT * FROM requeued UNION ALL SELECT * FROM in_place) AS r
 """
 
 
+# A unique job retried takes its key back (the key row locked first, as a take-over does):
+# from then on, enqueues of the key find it as their duplicate.
+_RETAKE_KEY = """
+INSERT INTO jobq_unique_keys (key, job_id, expires_at) VALUES ($1, $2, now() + $3::interval)
+ON CONFLICT (key) DO UPDATE
+    SET job_id = excluded.job_id, created_at = now(), expires_at = excluded.expires_at
+"""
+
+
+class UniqueHeld(InvalidTransition):
+    """A retry of a unique job whose key another job holds, in a state that counts."""
+
+    def __init__(self, job: Job, holder: uuid.UUID, holder_status: str) -> None:
+        super().__init__(job.id, job.status, "retry")
+        self.args = (
+            f"job {job.id} is {job.status}; cannot retry: unique job {holder} "
+            f"({holder_status}) holds its key, and retrying would duplicate it",
+        )
+        self.holder = holder
+        self.holder_status = holder_status
+
+
 class Operator(Lookup):
+    # Kinds every enqueue of which is unique (Queue(unique=...)); set by Queue.
+    unique_defaults: dict[str, UniqueSpec]
+
     # -- operators ---------------------------------------------------------------------
 
     async def request_cancel(self, job_id: uuid.UUID) -> CancelResult:
@@ -111,9 +140,37 @@ class Operator(Lookup):
             return CancelResult(CancelOutcome.CANCELLED, Job.from_record(row))
 
     async def retry(self, job_id: uuid.UUID) -> Job:
-        """Queue a failed_permanent or cancelled job again: attempts reset, errors kept."""
-        row = await self.pool.fetchrow(_RETRY, job_id, finished_not_before(job_id))
+        """Queue a failed_permanent or cancelled job again: attempts reset, errors kept.
+
+        A job of a kind that is unique (`Queue(unique=...)`) respects its unique states: while
+        another job holds its key (enqueued within the period, in one of the states), the
+        retry is refused (UniqueHeld, an InvalidTransition); else the retried job takes the key
+        back, for a new period."""
+        bound = finished_not_before(job_id)
+        if self.unique_defaults:
+            job = await self.get(job_id)
+            spec = self.unique_defaults.get(job.kind)
+            if spec is not None and job.idempotency_key is None:
+                return await self._retry_unique(job, spec, bound)
+        row = await self.pool.fetchrow(_RETRY, job_id, bound)
         if row is not None:
             return Job.from_record(row)
         job = await self.get(job_id)
         raise InvalidTransition(job_id, job.status, "retry")
+
+    async def _retry_unique(self, job: Job, spec: UniqueSpec, bound: object) -> Job:
+        key = unique_key(NewJob(kind=job.kind, payload=job.payload, queue=job.queue), spec)
+        async with self.pool.acquire() as conn, conn.transaction():
+            held = await conn.fetchrow(_HOLDER_LOCKED, key)
+            if held is not None and held["live"] and held["job_id"] != job.id:
+                status = await conn.fetchval(
+                    _STATUS, held["job_id"], finished_not_before(held["job_id"])
+                )
+                if status in spec.states:
+                    raise UniqueHeld(job, held["job_id"], status)
+            row = await conn.fetchrow(_RETRY, job.id, bound)
+            if row is not None:
+                await conn.execute(_RETAKE_KEY, key, job.id, spec.period)
+                return Job.from_record(row)
+        current = await self.get(job.id)
+        raise InvalidTransition(job.id, current.status, "retry")
