@@ -129,6 +129,16 @@ async def test_a_unique_job_stores_the_enqueue_spans_context(
     assert stored["traceparent"][:-3] == traceparent(only(spans, "send default"))
 
 
+async def test_a_retried_job_keeps_the_trace_context_of_its_enqueue(
+    queue: Queue, pool: asyncpg.Pool, spans: InMemorySpanExporter
+) -> None:
+    job = (await queue.enqueue(NewJob("ok"))).job
+    await queue.request_cancel(job.id)
+    await queue.retry(job.id)
+    stored = await stored_trace_context(pool, job.id)
+    assert stored["traceparent"][:-3] == traceparent(only(spans, "send default"))
+
+
 async def test_a_batch_is_one_span_and_every_job_carries_its_context(
     queue: Queue, pool: asyncpg.Pool, spans: InMemorySpanExporter
 ) -> None:
