@@ -128,6 +128,19 @@ async def test_the_plain_claim_leaves_limited_kinds_to_the_limited_claim(queue: 
     assert [j.kind for j in await _claim(queue, limited=True)] == ["a"]
 
 
+async def test_unkeyed_jobs_of_a_limited_kind_are_claimed_behind_jobs_of_kinds_not_claimed(
+    queue: Queue,
+) -> None:
+    # A per-key limit on "a" makes the queue keyed; "b"'s jobs have no key. Jobs of a kind
+    # this worker does not claim ("c": another service's, or paused) come first.
+    await queue.declare_limits(
+        "w", {"a": Limits(max_per_key=1), "b": Limits(max_concurrency=5)}, {}
+    )
+    await queue.enqueue_many([NewJob(kind="c") for _ in range(12)])
+    await queue.enqueue_many([NewJob(kind="b") for _ in range(3)])
+    assert [j.kind for j in await _claim(queue, 10, limited=True)] == ["b", "b", "b"]
+
+
 # -- concurrency limits ----------------------------------------------------------------------
 
 

@@ -425,20 +425,22 @@ WITH ctl AS (
         LIMIT kc.cap
     ) AS d
 ), unkeyed AS (
-    -- In a keyed queue, the jobs without a key among its first $4 due jobs in claim order:
-    -- they take turns as one more key, walked first.
+    -- In a keyed queue, the jobs without a key among its first $4 due jobs of the kinds this
+    -- claim may start, in claim order: they take turns as one more key, walked first. Jobs of
+    -- other kinds (paused, full, or no handler here) are passed over as the plain claim
+    -- passes them; they must not hide the jobs behind them.
     SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at, 0 AS pos,
            1::bigint AS rk
     FROM open_queues AS q
     CROSS JOIN LATERAL (
         SELECT h.id FROM jobs AS h
         WHERE h.{_WAITING} AND h.queue = q.queue AND h.run_at <= now()
+          AND h.kind = ANY((SELECT kinds FROM open_kinds)::text[])
         ORDER BY h.priority, h.run_at, h.id
         LIMIT $4
     ) AS ahead
     JOIN jobs AS j ON j.id = ahead.id
     WHERE q.keyed AND j.concurrency_key IS NULL
-      AND j.kind = ANY((SELECT kinds FROM open_kinds)::text[])
 ), plain AS (
     -- An unkeyed queue: its jobs in claim order, skipping rows other claims hold (jobs of
     -- kinds no limit covers may be claimed by anyone).
