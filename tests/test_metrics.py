@@ -109,3 +109,63 @@ async def _terminal(queue: Queue, job_id: str) -> bool:
     import uuid
 
     return (await queue.get(uuid.UUID(job_id))).is_terminal
+
+
+# -- flow control ----------------------------------------------------------------------------
+
+
+def limit(samples: dict, metric: str, labels: dict[str, str]) -> float:  # type: ignore[type-arg]
+    return float(samples.get((metric, tuple(sorted(labels.items()))), 0.0))
+
+
+async def _two_running_under_limits(queue: Queue) -> None:
+    from jobq.queue import Limits, NewJob
+
+    await queue.declare_limits(
+        "w",
+        {"echo": Limits(max_concurrency=5)},
+        {"limited-q": Limits.declare(max_per_key=2, rate_limit="10/s")},
+    )
+    await queue.enqueue_many(
+        [NewJob("echo", queue="limited-q", concurrency_key=k) for k in ("a", "b", "b")]
+    )
+    claimed = await queue.claim_limited("w", ["echo"], ["limited-q"], 2, lease_seconds=30)
+    assert len(claimed) == 2
+
+
+async def test_limit_gauges_show_running_jobs_against_each_kind_s_and_queue_s_limits(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    await _two_running_under_limits(queue)
+    samples = await scrape(client)
+    kind = {"scope": "kind", "name": "echo"}
+    of_queue = {"scope": "queue", "name": "limited-q"}
+    assert limit(samples, "jobq_limit_running", kind) == 2
+    assert limit(samples, "jobq_limit_max_concurrency", kind) == 5
+    assert limit(samples, "jobq_limit_running", of_queue) == 2
+    assert limit(samples, "jobq_limit_max_per_key", of_queue) == 2
+    assert limit(samples, "jobq_limit_rate", of_queue) == 10
+    assert 0 <= limit(samples, "jobq_limit_tokens", of_queue) <= 10
+    assert ("jobq_limit_max_concurrency", tuple(sorted(of_queue.items()))) not in samples
+
+
+async def test_limit_gauges_have_no_series_per_concurrency_key(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    await _two_running_under_limits(queue)
+    labels = {
+        name for (metric, ls) in (await scrape(client)) if metric.startswith("jobq_limit_")
+        for name, _ in ls
+    }  # fmt: skip
+    assert labels == {"scope", "name"}
+
+
+async def test_a_limit_no_longer_declared_leaves_no_series(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    from jobq.queue import Limits
+
+    await _two_running_under_limits(queue)
+    await scrape(client)
+    await queue.declare_limits("w", {"echo": Limits()}, {"limited-q": Limits()})
+    assert not [m for (m, _) in await scrape(client) if m.startswith("jobq_limit_")]

@@ -18,6 +18,7 @@ from prometheus_client import (
 from jobq.queue import STATUSES
 
 if TYPE_CHECKING:
+    from jobq.queue import LimitUsage
     from jobq.registry import Registry
 
 # A `*_created` series per labelled child doubles the exposition and says only when this
@@ -57,6 +58,26 @@ WORKER_POLL_ONLY = Gauge(
 )
 JOBS = Gauge("jobq_jobs", "Jobs in the database by queue and status, read at scrape time.",
              ["queue", "status"])  # fmt: skip
+# Flow control, per limited kind or queue (scope: kind or queue), read at scrape time. Never
+# per concurrency key: keys are tenants, unbounded in number (GET /stats lists the busiest).
+_LIMIT_LABELS = ["scope", "name"]
+LIMIT_RUNNING = Gauge(
+    "jobq_limit_running", "Jobs running now under a kind's or queue's limits.", _LIMIT_LABELS
+)
+LIMIT_MAX_CONCURRENCY = Gauge(
+    "jobq_limit_max_concurrency", "The most jobs that may run at once (max_concurrency).",
+    _LIMIT_LABELS,
+)  # fmt: skip
+LIMIT_MAX_PER_KEY = Gauge(
+    "jobq_limit_max_per_key", "The most jobs of one concurrency key that may run at once.",
+    _LIMIT_LABELS,
+)  # fmt: skip
+LIMIT_RATE = Gauge("jobq_limit_rate", "Starts allowed per second (rate_limit).", _LIMIT_LABELS)
+LIMIT_TOKENS = Gauge(
+    "jobq_limit_tokens", "Starts the rate limit's bucket allows now.", _LIMIT_LABELS
+)
+_LIMIT_GAUGES = (LIMIT_RUNNING, LIMIT_MAX_CONCURRENCY, LIMIT_MAX_PER_KEY, LIMIT_RATE, LIMIT_TOKENS)
+
 HTTP_REQUESTS = Counter(
     "jobq_http_requests", "HTTP requests by route template.", ["method", "route", "status"]
 )
@@ -131,6 +152,22 @@ def set_job_counts(counts: list[tuple[str, str, int]]) -> None:
     JOBS.clear()
     for (queue, status), n in values.items():
         JOBS.labels(queue=queue, status=status).set(n)
+
+
+def set_limits(usage: list[LimitUsage]) -> None:
+    """Replace the jobq_limit_* gauges with a fresh reading (`Queue.limit_usage`): one series
+    per limited kind or queue, a bound only where it is set. Limits are declared in code, so
+    their names are few; past MAX_LABEL_VALUES (by scope, then name) the rest are left out."""
+    for gauge in _LIMIT_GAUGES:
+        gauge.clear()
+    for u in usage[:MAX_LABEL_VALUES]:
+        labels = {"scope": u.state.scope, "name": u.state.name}
+        LIMIT_RUNNING.labels(**labels).set(u.running)
+        for gauge, bound in ((LIMIT_MAX_CONCURRENCY, u.state.max_concurrency),
+                             (LIMIT_MAX_PER_KEY, u.state.max_per_key),
+                             (LIMIT_RATE, u.state.rate), (LIMIT_TOKENS, u.tokens)):  # fmt: skip
+            if bound is not None:
+                gauge.labels(**labels).set(bound)
 
 
 def render() -> tuple[bytes, str]:

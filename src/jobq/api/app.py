@@ -529,6 +529,7 @@ def _install_health(app: FastAPI, settings: Settings) -> None:
         # Job counts are read at scrape time; a scrape during an outage still serves the rest.
         with contextlib.suppress(*db.UNAVAILABLE_ERRORS):
             metrics.set_job_counts(await request.app.state.read_queue.counts())
+            metrics.set_limits(await request.app.state.read_queue.limit_usage())
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
