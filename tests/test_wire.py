@@ -45,6 +45,40 @@ def test_json_that_would_be_read_differently_or_rounded_is_refused(text: bytes, 
     assert refused.value.error == error
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"a": 1}, {"b": {"c": 2, "c": 3}}]',
+        '{"a": "x:y", "b": 1, "a": "z"}',
+        '{"a:b": 1, "a:b": 2}',
+        '{"a": {"k": "1:2:3"}, "a": {}}',
+        '{"a": "\\u003a", "a": 1}',
+        '{"a": 1, "\\u0061": 2}',
+    ],
+)
+def test_a_key_given_twice_is_refused_wherever_it_is(text: str) -> None:
+    with pytest.raises(wire.WireError) as refused:
+        wire.loads(text)
+    assert refused.value.error == "duplicate_key"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"jobs": [{"kind": "a", "payload": {"i": 1, "f": 0.5, "s": "x:y"}}]}',
+        '{"a": -0, "b": -0.0, "c": 1E5, "d": 1.5e-7, "e": 12345678901234567, "f": true}',
+        '{"t": "2030-01-31T09:00:00Z", "u": "\\u00e9\\n", "v": [null, {}, []], "w": "ü"}',
+        '{"z": 9223372036854775807, "y": 0.30000000000000004, "x": 5e-324}',
+        '{"a": "\\u003a", "b": "1e400"}',
+    ],
+)
+def test_a_text_read_either_way_gives_the_strict_reading(text: str) -> None:
+    read = wire.loads(text)
+    strict = wire._STRICT.decode(text)
+    assert read == strict
+    assert repr(read) == repr(strict)  # the same types too: 1.0 is not 1
+
+
 async def test_cli_enqueue_refuses_an_integer_beyond_64_bits_instead_of_rounding_it(
     queue: Queue, dsn: str
 ) -> None:
