@@ -440,24 +440,30 @@ def _rows_statement(
         [j.queue for j in jobs],
         list(payloads),
         [j.priority for j in jobs],
-        [j.max_attempts for j in jobs],
-        [j.run_at for j in jobs],
+        _or_null([j.max_attempts for j in jobs]),
+        _or_null([j.run_at for j in jobs]),
     )
-    # NULL (no array) when no job has one: unnest pads it with NULLs.
     traces = [_trace_json(j) for j in jobs] if any(j.trace_context for j in jobs) else None
+    concurrency_keys = _or_null([j.concurrency_key for j in jobs])
     if all(fp is None for fp in fps):  # no key: nothing a version 3 process can hold
         return Statement(
             _INSERT_MANY_JOBS_UNKEYED if whole else _INSERT_MANY_UNKEYED,
-            (*args, [j.concurrency_key for j in jobs], traces),
+            (*args, concurrency_keys, traces),
         )
     args += (
         [j.idempotency_key for j in jobs],
         list(fps),
         window,
-        [j.concurrency_key for j in jobs],
+        concurrency_keys,
         traces,
     )
     return Statement(_INSERT_MANY_JOBS if whole else _INSERT_MANY, args, keyed=True)
+
+
+def _or_null(values: list[Any]) -> list[Any] | None:
+    """NULL (no array) when every job's value is NULL: unnest pads it with NULLs, and the
+    driver does not encode (and check) a thousand NULLs."""
+    return values if any(v is not None for v in values) else None
 
 
 # -- drivers -------------------------------------------------------------------------------
