@@ -27,6 +27,8 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 def figures(r):
     if r["bench"] == "batch":
         yield f"batch, {r['connections']} connection(s): jobs/s", r["jobs_per_s"]
+        for k, v in r.get("cpu_ms_per_batch", {}).items():
+            yield f"batch, {r['connections']} connection(s): {k} CPU ms per batch", v
     elif r["bench"] == "wait":
         for k in ("p50", "p99", "max"):
             yield f"wait {r['mode']}: ms after finished_at, {k}", r["after_completion_ms"][k]
