@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from jobq.api import create_app
 from jobq.queue import JOB_EVENTS_CHANNEL, Job, JobNotFound, Lease, NewJob, Queue, lease_of
 from jobq.queue.progress import ProgressReport
 from jobq.settings import Settings
 from tests.helpers import wait_for
+from tests.servers import serve_in_process
 from tests.test_api import make_client
 
 
@@ -190,3 +192,57 @@ async def test_the_wait_parameter_is_documented_with_its_bound(client: httpx.Asy
     wait = next(p for p in op["parameters"] if p["name"] == "wait")
     assert 30 in [v.get("maximum") for v in wait["schema"].get("anyOf", [wait["schema"]])]
     assert {p["name"] for p in op["parameters"]} >= {"wait", "until"}
+
+
+# -- a waiter whose client went away ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def served(pool: asyncpg.Pool) -> AsyncIterator[tuple[str, FastAPI]]:
+    """The API on a real socket, in this process: its waiters can be looked at."""
+    settings = Settings(wait_max_seconds=60)
+    app = create_app(settings, pool=pool)
+    async with serve_in_process(app, settings) as base:
+        yield base, app
+
+
+async def test_a_waiter_whose_client_disconnects_is_dropped_at_once(
+    served: tuple[str, FastAPI], queue: Queue
+) -> None:
+    base, app = served
+    (job,) = await claimed(queue)
+    waiters = app.state.queue._watcher.waiters
+    host, port = base.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET /jobs/{job.id}?wait=60 HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    await writer.drain()
+
+    async def waiting() -> bool:
+        return job.id in waiters
+
+    async def dropped() -> bool:
+        return job.id not in waiters
+
+    await wait_for(waiting, timeout=10)
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(dropped, timeout=5)  # not after the 60 s it asked for
+
+
+def _gauge(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(f"{name} ")]
+    return float(line.split()[1])
+
+
+async def test_the_waiters_gauge_counts_the_requests_waiting(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    (job,) = await claimed(queue)
+    before = _gauge((await client.get("/metrics")).text, "jobq_waiters")
+    waiting = asyncio.create_task(client.get(f"/jobs/{job.id}", params={"wait": 20}))
+    await watched(queue, job.id)
+    during = _gauge((await client.get("/metrics")).text, "jobq_waiters")
+    await queue.complete(lease_of(job), None)
+    assert (await asyncio.wait_for(waiting, 10)).status_code == 200
+    after = _gauge((await client.get("/metrics")).text, "jobq_waiters")
+    assert (during - before, after - before) == (1, 0)

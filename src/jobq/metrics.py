@@ -58,6 +58,7 @@ WORKER_POLL_ONLY = Gauge(
 )
 JOBS = Gauge("jobq_jobs", "Jobs in the database by queue and status, read at scrape time.",
              ["queue", "status"])  # fmt: skip
+WAITERS = Gauge("jobq_waiters", "Requests of this API process waiting for a job (?wait=).")
 # Flow control, per limited kind or queue (scope: kind or queue), read at scrape time. Never
 # per concurrency key: keys are tenants, unbounded in number (GET /stats lists the busiest).
 _LIMIT_LABELS = ["scope", "name"]

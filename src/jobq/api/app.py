@@ -256,7 +256,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         # access log and jobq_http_requests_total record.
         if not request.scope.get(SERVER_ANSWERED):
             access_log.info(
-                "client disconnected before the request was read",
+                "client disconnected before it was answered",
                 extra={"request_id": _request_id(request)},
             )
         return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Awaitable
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 import pydantic
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from jobq import metrics, wire
@@ -33,6 +36,8 @@ from jobq.queue import (
     clamp_limit,
 )
 from jobq.registry import PayloadInvalid, Registry
+
+T = TypeVar("T")
 
 JSON = "application/json"
 # Printable ASCII, or a quoted string; optional whitespace around it is trimmed (RFC 9110 5.5).
@@ -481,7 +486,37 @@ async def get_job(
             errors=[{"loc": ["query", "wait"], "msg": f"must be at most {most:g}",
                      "type": "less_than_equal"}],
         )  # fmt: skip
-    return json_response(job_to_dict(await queue.wait(job_id, wait, until=until or "end")))
+    with metrics.WAITERS.track_inprogress():
+        job = await _unless_disconnected(request, queue.wait(job_id, wait, until=until or "end"))
+    return json_response(job_to_dict(job))
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`, given up as soon as the client disconnects (ClientDisconnect, answered 499):
+    a wait nobody will read must not hold its place among the waiters until it times out."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        # A GET's body is read by now: the next message is the disconnect (or the server's
+        # after the answer, when this watch is cancelled first).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientDisconnect from None
+    finally:
+        watcher.cancel()
 
 
 @router.post(
