@@ -184,3 +184,29 @@ async def test_a_retried_job_keeps_its_concurrency_key(queue: Queue) -> None:
     job = (await queue.enqueue(NewJob(kind="a", concurrency_key="acme"))).job
     await queue.request_cancel(job.id)
     assert (await queue.retry(job.id)).concurrency_key == "acme"
+
+
+def _cli_registry() -> Registry:
+    registry = Registry()
+
+    @registry.handler("by-function", concurrency_key=lambda p: p["account"]["id"])
+    async def by_function(ctx: object, payload: dict) -> None: ...
+
+    return registry
+
+
+def test_jobq_enqueue_with_app_derives_a_function_key() -> None:
+    from jobq import cli
+
+    job = cli._check_with_registry(
+        _cli_registry(), NewJob(kind="by-function", payload={"account": {"id": 3}}), ""
+    )
+    assert job.concurrency_key == "3"
+
+
+def test_jobq_enqueue_with_app_refuses_a_key_that_conflicts_with_the_derived_one() -> None:
+    from jobq import cli
+
+    new = NewJob(kind="by-function", payload={"account": {"id": 3}}, concurrency_key="4")
+    with pytest.raises(cli.InputError, match="conflicts with the key derived from payload"):
+        cli._check_with_registry(_cli_registry(), new, "")
