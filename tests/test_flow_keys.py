@@ -210,3 +210,20 @@ def test_jobq_enqueue_with_app_refuses_a_key_that_conflicts_with_the_derived_one
     new = NewJob(kind="by-function", payload={"account": {"id": 3}}, concurrency_key="4")
     with pytest.raises(cli.InputError, match="conflicts with the key derived from payload"):
         cli._check_with_registry(_cli_registry(), new, "")
+
+
+async def test_a_kind_s_key_field_keys_a_periodic_job(queue: Queue) -> None:
+    from datetime import UTC, datetime
+
+    from jobq.maintenance.scheduler import Scheduler
+    from jobq.periodic import Schedule
+
+    await queue.pool.execute("TRUNCATE jobq_schedules")
+    await _declare(queue, {"a": BY_TENANT}, {})
+    schedule = Schedule(name="s", kind="a", every=timedelta(minutes=1), payload={"tenant": "t"})
+    clock = [datetime(2026, 6, 1, 10, 0, 30, tzinfo=UTC)]
+    scheduler = Scheduler(queue, [schedule], clock=lambda: clock[0])
+    await scheduler.tick()  # declares the schedule; its first tick is the next minute
+    clock[0] = datetime(2026, 6, 1, 10, 1, 1, tzinfo=UTC)
+    assert len(await scheduler.tick()) == 1
+    assert await _keys(queue) == ["t"]

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from jobq.queue.base import QueueBase
+from jobq.queue.inserts import _derived_key
 from jobq.queue.model import NEW_JOB_CHANNEL
 
 if TYPE_CHECKING:
@@ -92,8 +93,10 @@ WITH new AS (
     WHERE name = $1 AND last_tick < $2
     RETURNING last_job_id
 ), ins AS (
-    INSERT INTO jobs (id, kind, queue, payload, priority, max_attempts, run_at)
-    SELECT advanced.last_job_id, $4, $5, $6::text::jsonb, $7, $8, $2 FROM advanced
+    INSERT INTO jobs (id, kind, queue, payload, priority, max_attempts, run_at, concurrency_key)
+    SELECT advanced.last_job_id, $4, $5, $6::text::jsonb, $7, $8, $2,
+           {_derived_key("NULL::text", "$6::text::jsonb", "$4", "$5", "jobq_flow_controls")}
+    FROM advanced
     RETURNING id, queue
 )
 SELECT id, pg_notify('{NEW_JOB_CHANNEL}', queue)::text AS _notified FROM ins
