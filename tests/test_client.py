@@ -371,6 +371,14 @@ def test_no_answer_is_retried_for_a_get_then_raises_transport_error() -> None:
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
 
 
+def test_wait_sleeps_for_no_retry_past_its_timeout(down_api: str) -> None:
+    started = time.monotonic()
+    # The API's 503s say Retry-After: 2; five of them would take 10 s.
+    with Client(down_api, retries=5) as client, pytest.raises(errors.DatabaseUnavailable):
+        client.wait(uuid.uuid4(), timeout=0.2)
+    assert time.monotonic() - started < 2
+
+
 def test_retry_after_is_honoured_up_to_max_backoff() -> None:
     policy = RetryPolicy(retries=3, backoff=0.01, max_backoff=5)
     assert policy.delay(0, httpx.Response(503, headers={"Retry-After": "2"})) == 2

@@ -71,13 +71,15 @@ class AsyncClient:
             try:
                 response = await self.http.send(request)
             except httpx.TransportError as exc:
-                if attempt >= self.policy.retries or not _core.should_retry(call, None):
+                delay = _core.retry_delay(self.policy, call, attempt, None)
+                if delay is None:
                     raise _core.give_up(exc) from exc
-                await asyncio.sleep(self.policy.delay(attempt, None))
+                await asyncio.sleep(delay)
             else:
-                if attempt >= self.policy.retries or not _core.should_retry(call, response):
+                delay = _core.retry_delay(self.policy, call, attempt, response)
+                if delay is None:
                     return call.parse(response)
-                await asyncio.sleep(self.policy.delay(attempt, response))
+                await asyncio.sleep(delay)
             attempt += 1
 
     # -- operations ----------------------------------------------------------------------
@@ -167,6 +169,7 @@ class AsyncClient:
         deadline = _core.wait_deadline(job_id, timeout)
         while True:
             left = self.max_wait if deadline is None else deadline - time.monotonic()
-            job = await self._send(_core.wait_once(job_id, min(left, self.max_wait), self.timeout))
+            wait = _core.wait_once(job_id, min(left, self.max_wait), self.timeout, deadline)
+            job = await self._send(wait)
             if job.is_terminal or (deadline is not None and time.monotonic() >= deadline):
                 return job

@@ -41,6 +41,8 @@ class Call(Generic[T]):
     idempotent: bool = False
     # Seconds to wait for the answer, when longer than the client's timeout (a `?wait=`).
     timeout: float | None = None
+    # No retry sleeps past this (time.monotonic()): a `wait`'s own timeout.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,19 @@ def build(
 def should_retry(call: Call[Any], response: httpx.Response | None) -> bool:
     """An idempotent call is sent again after a 503 or no answer at all."""
     return call.idempotent and (response is None or response.status_code == 503)
+
+
+def retry_delay(
+    policy: RetryPolicy, call: Call[Any], attempt: int, response: httpx.Response | None
+) -> float | None:
+    """Seconds to sleep before sending `call` again after `response` (None: no answer); None
+    when it is not sent again: not idempotent, retries spent, or its deadline would pass."""
+    if attempt >= policy.retries or not should_retry(call, response):
+        return None
+    delay = policy.delay(attempt, response)
+    if call.deadline is not None and time.monotonic() + delay >= call.deadline:
+        return None
+    return delay
 
 
 def give_up(exc: httpx.TransportError) -> TransportError:
@@ -271,13 +286,16 @@ def retry(job_id: uuid.UUID | str) -> Call[Job]:
     return Call("POST", f"/jobs/{_id(job_id)}/retry", _parsed(Job.from_json))
 
 
-def wait_once(job_id: uuid.UUID | str, wait: float, read_timeout: float) -> Call[Job]:
-    """One `GET /jobs/{id}?wait=`: answered when the job ends or after `wait` seconds."""
+def wait_once(
+    job_id: uuid.UUID | str, wait: float, read_timeout: float, deadline: float | None
+) -> Call[Job]:
+    """One `GET /jobs/{id}?wait=`: answered when the job ends or after `wait` seconds; not
+    retried past `deadline`."""
     wait = max(0.0, wait)
     return Call(
         "GET", f"/jobs/{_id(job_id)}", _parsed(Job.from_json),
         params={"wait": f"{wait:.3f}".rstrip("0").rstrip(".") or "0"}, idempotent=True,
-        timeout=wait + read_timeout,
+        timeout=wait + read_timeout, deadline=deadline,
     )  # fmt: skip
 
 

@@ -72,13 +72,15 @@ class Client:
             try:
                 response = self.http.send(request)
             except httpx.TransportError as exc:
-                if attempt >= self.policy.retries or not _core.should_retry(call, None):
+                delay = _core.retry_delay(self.policy, call, attempt, None)
+                if delay is None:
                     raise _core.give_up(exc) from exc
-                time.sleep(self.policy.delay(attempt, None))
+                time.sleep(delay)
             else:
-                if attempt >= self.policy.retries or not _core.should_retry(call, response):
+                delay = _core.retry_delay(self.policy, call, attempt, response)
+                if delay is None:
                     return call.parse(response)
-                time.sleep(self.policy.delay(attempt, response))
+                time.sleep(delay)
             attempt += 1
 
     # -- operations ----------------------------------------------------------------------
@@ -167,6 +169,7 @@ class Client:
         deadline = _core.wait_deadline(job_id, timeout)
         while True:
             left = self.max_wait if deadline is None else deadline - time.monotonic()
-            job = self._send(_core.wait_once(job_id, min(left, self.max_wait), self.timeout))
+            wait = _core.wait_once(job_id, min(left, self.max_wait), self.timeout, deadline)
+            job = self._send(wait)
             if job.is_terminal or (deadline is not None and time.monotonic() >= deadline):
                 return job
