@@ -26,6 +26,16 @@ def test_a_heartbeat_shorter_than_the_lease_is_accepted(monkeypatch: pytest.Monk
     assert (settings.heartbeat_seconds, settings.lease_seconds) == (9, 30)
 
 
+@pytest.mark.parametrize("token", ["p\u00e4sswort", "bell\x07"])
+def test_an_api_token_that_no_header_can_carry_is_rejected_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    monkeypatch.setenv("JOBQ_API_TOKENS", f"fine,{token}")
+    with pytest.raises(SettingsError, match="JOBQ_API_TOKENS") as caught:
+        Settings.from_env()
+    assert token not in str(caught.value)
+
+
 def test_settings_built_in_code_refuse_a_heartbeat_not_shorter_than_the_lease() -> None:
     with pytest.raises(SettingsError, match="HEARTBEAT"):
         Settings(heartbeat_seconds=2, lease_seconds=2)

@@ -188,6 +188,13 @@ class Settings:
         return min(self.leaf_width_done, self.leaf_width_failed)
 
     def __post_init__(self) -> None:
+        # A bearer token travels in a header: printable ASCII, or no request can match it.
+        # (The message does not show the token.)
+        if any(not (t.isascii() and t.isprintable()) for t in self.api_tokens):
+            raise SettingsError(
+                "JOBQ_API_TOKENS: every token must be printable ASCII (it is sent in an"
+                " Authorization header); one is not"
+            )
         # A heartbeat must land before the lease it extends runs out, or every lease expires.
         if self.heartbeat_seconds >= self.lease_seconds:
             raise SettingsError(
