@@ -14,12 +14,15 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
-from jobq.api import schemas
+from jobq.api import create_app, schemas
 from jobq.client import AsyncClient, Client, NewJob, RetryPolicy, errors, models
 from jobq.queue import Job, Queue, lease_of
+from jobq.queue import NewJob as QueueNewJob
+from jobq.settings import Settings
 from tests.helpers import ROOT, wait_for
 from tests.servers import free_port, start_api, stop, wait_ready
 
@@ -442,6 +445,20 @@ async def test_wait_returns_as_soon_as_the_job_ends(api: str, queue: Queue) -> N
         assert await queue.complete(lease_of(claimed), {"n": 1})
         done = await asyncio.wait_for(waiting, 10)  # long before its 30 s
     assert (done.status, done.result, done.is_terminal) == ("succeeded", {"n": 1}, True)
+
+
+async def test_wait_keeps_each_request_within_the_apis_wait_bound(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    # JOBQ_WAIT_MAX_SECONDS lower than the client's max_wait (60 s): the API says so, the
+    # client asks for no more.
+    app = create_app(Settings(wait_max_seconds=0.2), pool=pool)
+    job = (await queue.enqueue(QueueNewJob("echo"))).job
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        client = AsyncClient(http=http, **FAST_RETRIES)  # type: ignore[arg-type]
+        assert (await client.wait(job.id, timeout=0.5)).status == "queued"
+        assert client.max_wait == 0.2
 
 
 def test_wait_returns_the_job_as_it_is_when_the_time_is_up(client: Client) -> None:

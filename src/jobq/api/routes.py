@@ -485,6 +485,7 @@ async def get_job(
             " longer",
             errors=[{"loc": ["query", "wait"], "msg": f"must be at most {most:g}",
                      "type": "less_than_equal"}],
+            wait_max_seconds=most,  # for clients that split a longer wait themselves
         )  # fmt: skip
     with metrics.WAITERS.track_inprogress():
         job = await _unless_disconnected(request, queue.wait(job_id, wait, until=until or "end"))

@@ -14,6 +14,7 @@ import httpx
 
 from jobq.client import _core
 from jobq.client._core import Call, RetryPolicy
+from jobq.client.errors import APIError
 from jobq.client.models import Cancelled, Enqueued, Job, JobSummary, NewJob, Page
 
 T = TypeVar("T")
@@ -169,7 +170,15 @@ class AsyncClient:
         deadline = _core.wait_deadline(job_id, timeout)
         while True:
             left = self.max_wait if deadline is None else deadline - time.monotonic()
-            wait = _core.wait_once(job_id, min(left, self.max_wait), self.timeout, deadline)
-            job = await self._send(wait)
+            asked = min(left, self.max_wait)
+            try:
+                job = await self._send(_core.wait_once(job_id, asked, self.timeout, deadline))
+            except APIError as exc:
+                # The API waits less at a time (JOBQ_WAIT_MAX_SECONDS): ask for that from now on.
+                most = _core.wait_bound(exc, asked)
+                if most is None:
+                    raise
+                self.max_wait = most
+                continue
             if job.is_terminal or (deadline is not None and time.monotonic() >= deadline):
                 return job

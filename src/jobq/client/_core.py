@@ -16,7 +16,13 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from jobq.client.errors import InvalidRequest, TransportError, UnexpectedResponse, problem_error
+from jobq.client.errors import (
+    APIError,
+    InvalidRequest,
+    TransportError,
+    UnexpectedResponse,
+    problem_error,
+)
 from jobq.client.models import Cancelled, Enqueued, Job, NewJob, Page
 
 T = TypeVar("T")
@@ -297,6 +303,17 @@ def wait_once(
         params={"wait": f"{wait:.3f}".rstrip("0").rstrip(".") or "0"}, idempotent=True,
         timeout=wait + read_timeout, deadline=deadline,
     )  # fmt: skip
+
+
+def wait_bound(exc: APIError, asked: float) -> float | None:
+    """The API's JOBQ_WAIT_MAX_SECONDS when `exc` is its refusal of a `?wait=` longer than
+    that (its `wait_max_seconds`), and it is below what was asked; else None."""
+    most = exc.body.get("wait_max_seconds")
+    if exc.error != "validation_error" or isinstance(most, bool):
+        return None
+    if not isinstance(most, int | float) or not 0 < most < asked:
+        return None
+    return float(most)
 
 
 def wait_deadline(job_id: uuid.UUID | str, timeout: float | None) -> float | None:
