@@ -61,6 +61,12 @@ def test_a_message_too_long_or_with_nul_is_a_value_error() -> None:
             ctx.set_progress(0.5, message)  # type: ignore[arg-type]
 
 
+def test_a_message_with_a_lone_surrogate_is_a_value_error() -> None:
+    # It can't be stored: left for the worker, it failed the write of every run's report.
+    with pytest.raises(ValueError, match="message"):
+        context().set_progress(0.5, "bad \ud800")
+
+
 async def test_progress_is_stored_on_the_job_and_shown_by_get(
     queue: Queue, dsn: str, pool: asyncpg.Pool
 ) -> None:

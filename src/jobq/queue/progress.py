@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from jobq.queue.base import QueueBase
 from jobq.queue.model import Lease, notify_watchers
+from jobq.queue.validation import is_utf8
 
 MAX_PROGRESS_MESSAGE = 1000
 
@@ -36,6 +37,9 @@ def check_progress(fraction: object, message: object) -> tuple[float, str | None
             )
         if "\x00" in message:
             raise ValueError("a progress message must not contain NUL characters")
+        # One report that can't be stored would fail the worker's write of every report.
+        if not is_utf8(message):
+            raise ValueError("a progress message must be valid Unicode (no lone surrogates)")
     return value, message
 
 

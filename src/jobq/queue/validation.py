@@ -45,6 +45,16 @@ def check_idempotency_key(key: str) -> str:
     return key
 
 
+def is_utf8(text: str) -> bool:
+    """Whether PostgreSQL can store the text: a lone surrogate (from `surrogateescape`, or
+    JSON's "\\ud800") cannot be encoded, and the driver's error would name no field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_concurrency_key(key: object) -> str:
     if not isinstance(key, str) or not 1 <= len(key) <= MAX_CONCURRENCY_KEY_LENGTH:
         raise InvalidJob(
@@ -53,6 +63,8 @@ def check_concurrency_key(key: object) -> str:
     # The C0 and C1 controls, as the API's schema states it.
     if any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in key):
         raise InvalidJob("concurrency_key", "must not contain control characters")
+    if not is_utf8(key):
+        raise InvalidJob("concurrency_key", "must be valid Unicode (no lone surrogates)")
     return key
 
 
