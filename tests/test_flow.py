@@ -91,6 +91,13 @@ def test_a_limit_too_large_for_the_database_is_refused_at_declaration() -> None:
         Limits.declare(max_concurrency=2**31)
 
 
+def test_a_rate_too_large_for_the_claim_is_refused_at_declaration() -> None:
+    # Accepted before, its default bucket overflowed the claim's integer on every claim.
+    with pytest.raises(ValueError, match="rate_limit"):
+        Limits.declare(rate_limit="10000000000/s")
+    assert Limits.declare(rate_limit=f"{2**31 - 1}/s").burst == 2**31 - 1
+
+
 def test_limit_declarations_are_checked() -> None:
     with pytest.raises(ValueError, match="max_concurrency"):
         Limits.declare(max_concurrency=0)

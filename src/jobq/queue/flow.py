@@ -40,7 +40,12 @@ def parse_rate(text: object) -> float:
     count = float(match[1])
     if not count > 0 or not math.isfinite(count):
         raise ValueError(f"rate_limit must allow more than 0 jobs, got {text!r}")
-    return count / _PER_SECOND[match[2].lower()]
+    rate = count / _PER_SECOND[match[2].lower()]
+    # The claim counts a bucket's tokens as an integer: a larger rate would fail every claim
+    # of every worker that shares the limit, not this declaration.
+    if rate > _INT4_MAX:
+        raise ValueError(f"rate_limit must be at most {_INT4_MAX}/s, got {text!r}")
+    return rate
 
 
 def default_burst(rate: float) -> float:
