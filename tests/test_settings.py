@@ -47,6 +47,26 @@ def test_a_retry_base_of_zero_is_rejected(monkeypatch: pytest.MonkeyPatch) -> No
         Settings.from_env()
 
 
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "1e9"])
+def test_a_wait_cap_that_is_not_a_finite_number_up_to_an_hour_is_rejected(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    # NaN passed the lower bound before and removed the cap on ?wait=.
+    monkeypatch.setenv("JOBQ_WAIT_MAX_SECONDS", raw)
+    with pytest.raises(SettingsError, match="JOBQ_WAIT_MAX_SECONDS"):
+        Settings.from_env()
+
+
+@pytest.mark.parametrize("raw", ["y", "enabled", "maybe"])
+def test_a_switch_that_is_neither_on_nor_off_is_rejected(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    # It quietly meant off before.
+    monkeypatch.setenv("JOBQ_PROTECT_METRICS", raw)
+    with pytest.raises(SettingsError, match="JOBQ_PROTECT_METRICS"):
+        Settings.from_env()
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [("90s", timedelta(seconds=90)), ("15m", timedelta(minutes=15)),

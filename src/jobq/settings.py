@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ class SettingsError(ValueError):
     """An environment variable holds a value jobq cannot use."""
 
 
-def _float(name: str, default: float, *, minimum: float = 0.0) -> float:
+def _float(
+    name: str, default: float, *, minimum: float = 0.0, maximum: float | None = None
+) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -22,8 +25,13 @@ def _float(name: str, default: float, *, minimum: float = 0.0) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    # NaN passes every comparison below as false, and inf every lower bound.
+    if not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -44,7 +52,13 @@ def _bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
-    return raw.strip().lower() in {"1", "true", "yes", "on"}
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    # A typo ("y", "enabled") must not quietly mean off.
+    raise SettingsError(f"{name} must be one of 1, true, yes, on, 0, false, no, off; got {raw!r}")
 
 
 _DURATION = re.compile(r"([0-9]+)([smhd])")
@@ -237,7 +251,7 @@ class Settings:
             batch_max=_int("JOBQ_BATCH_MAX", 1000, minimum=1),
             batch_max_bytes=_int("JOBQ_BATCH_MAX_BYTES", 16 * 1024 * 1024, minimum=1024),
             max_paused=_int("JOBQ_MAX_PAUSED", 1000, minimum=1),
-            wait_max_seconds=_float("JOBQ_WAIT_MAX_SECONDS", 60.0, minimum=1.0),
+            wait_max_seconds=_float("JOBQ_WAIT_MAX_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
             http_max_header_bytes=_int("JOBQ_HTTP_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
             http_header_timeout_seconds=_float(
                 "JOBQ_HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.05
