@@ -130,6 +130,18 @@ async def test_unique_by_compares_only_the_fields_named(queue: Queue) -> None:
     assert other_account.created and whole_payload.created and other_queue.created
 
 
+async def test_unique_by_fields_named_in_another_order_are_the_same_fields(queue: Queue) -> None:
+    first = await unique(queue, {"a": 1, "b": 2, "c": 3}, unique_by=("a", "b"))
+    again = await unique(queue, {"a": 1, "b": 2, "c": 4}, unique_by=("b", "a"))
+    assert first.created and not again.created
+
+
+async def test_a_number_written_as_a_float_is_the_same_value_as_the_integer(queue: Queue) -> None:
+    first = await unique(queue, {"a": 1, "b": [2]}, unique_by=("a", "b"))
+    again = await unique(queue, {"a": 1.0, "b": [2.0]}, unique_by=("a", "b"))
+    assert first.created and not again.created
+
+
 async def test_a_unique_job_with_an_idempotency_key_or_unknown_states_is_refused(
     queue: Queue,
 ) -> None:

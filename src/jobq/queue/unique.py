@@ -97,13 +97,27 @@ def unique_key(job: NewJob, spec: UniqueSpec) -> str:
     """The key unique jobs share: kind, queue and the payload's `unique_by` fields (a field
     the payload lacks counts as null), or the whole payload when unique_by is None."""
     part: Any = job.payload
-    if spec.by is not None:
-        part = {name: job.payload.get(name) for name in spec.by}
+    # The fields named in any order are the same fields; values the database holds as equal
+    # JSON (1 and 1.0) are the same values.
+    by = None if spec.by is None else sorted(spec.by)
+    if by is not None:
+        part = {name: job.payload.get(name) for name in by}
     canonical = orjson.dumps(
-        {"kind": job.kind, "queue": job.queue, "by": spec.by, "payload": part},
+        {"kind": job.kind, "queue": job.queue, "by": by, "payload": _same_numbers(part)},
         option=orjson.OPT_SORT_KEYS,
     )
     return hashlib.sha256(canonical).hexdigest()
+
+
+def _same_numbers(value: Any) -> Any:
+    """The value with each integral float written as the integer jsonb takes it for."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _same_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_same_numbers(v) for v in value]
+    return value
 
 
 _COLUMNS = "kind, queue, payload, priority, max_attempts, run_at, concurrency_key, trace_context"
