@@ -4,6 +4,8 @@ stored on the job, read from the SDK's in-memory exporter; a real worker and Pos
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -280,6 +282,15 @@ async def test_off_there_is_no_span_and_no_trace_context(
         await finished(queue, job.id)
     assert [s.name for s in EXPORTER.get_finished_spans()] == ["inside the handler"]
     assert await stored_trace_context(pool, job.id) is None
+
+
+def test_turning_it_on_without_a_tracer_provider_says_spans_are_dropped() -> None:
+    # In a process of its own: this one has the SDK's provider set.
+    script = "import logging; logging.basicConfig(); import jobq.otel; jobq.otel.instrument()"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "no tracer provider is set" in done.stderr
 
 
 async def test_jobq_otel_setting_turns_it_on_for_a_worker(queue: Queue, dsn: str) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import uuid
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from jobq.registry import JobContext
 
 SYSTEM = "jobq"
+
+_log = logging.getLogger("jobq.otel")
 
 
 def _version() -> str:
@@ -227,6 +230,15 @@ def instrument(tracer_provider: trace.TracerProvider | None = None) -> OpenTelem
     worker started from now on. Again later, it returns the middleware already installed."""
     global _instrumented
     if _instrumented is None:
+        if tracer_provider is None and isinstance(
+            trace.get_tracer_provider(), trace.ProxyTracerProvider
+        ):
+            # jobq sets up no SDK of its own: without one, every span would go nowhere.
+            _log.warning(
+                "OpenTelemetry is on but no tracer provider is set yet: spans are dropped"
+                " until one is (set up opentelemetry-sdk and an exporter in this process,"
+                " or run it under opentelemetry-instrument)"
+            )
         _instrumented = OpenTelemetry(tracer_provider)
         middleware.install(_instrumented)
     return _instrumented
