@@ -10,6 +10,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pydantic
 import pytest
 
 from jobq.periodic import Schedule
@@ -91,6 +92,8 @@ def test_only_the_latest_tick_within_the_catch_up_window_is_due() -> None:
         ({}, "give a cron expression or every="),
         ({"cron": "* * * * *", "catch_up": timedelta(seconds=1)}, "catch_up must be"),
         ({"cron": "* * * * *", "payload": {"x": float("nan")}}, "NaN"),
+        ({"cron": "* * * * *", "payload": [1]}, "payload must be a mapping"),
+        ({"cron": "* * * * *", "name": ""}, "name: must be a non-empty string"),
     ],
 )
 def test_a_mistake_in_a_schedule_is_a_value_error_at_registration(
@@ -119,6 +122,30 @@ def test_the_decorator_form_schedules_the_handler_it_sits_on() -> None:
 
         @registry.periodic(every=timedelta(seconds=30))
         async def not_a_handler(ctx: JobContext, payload: dict[str, Any]) -> None: ...
+
+
+class Report(pydantic.BaseModel):
+    n: int
+
+
+def test_a_payload_its_handler_s_model_refuses_is_a_value_error_at_registration() -> None:
+    registry = Registry()
+    with pytest.raises(ValueError, match=r"schedule 'typed'.*payload for 'typed' is invalid"):
+
+        @registry.periodic("* * * * *", payload={"n": "not a number"})
+        @registry.handler("typed")
+        async def typed(ctx: JobContext, payload: Report) -> None: ...
+
+    assert registry.schedules == []
+
+
+def test_a_schedule_declared_before_its_handler_is_checked_when_the_handler_comes() -> None:
+    registry = Registry()
+    registry.periodic("* * * * *", kind="typed", payload={"n": "not a number"})
+    with pytest.raises(ValueError, match=r"schedule 'typed'.*payload for 'typed' is invalid"):
+
+        @registry.handler("typed")
+        async def typed(ctx: JobContext, payload: Report) -> None: ...
 
 
 def test_two_schedules_of_one_kind_need_names_of_their_own() -> None:

@@ -118,7 +118,10 @@ def _check(s: Schedule) -> None:
     where = f"schedule {s.name!r}"
     try:
         # The queue's own rules for the job each tick makes (and for the name, as for a kind).
-        validate(NewJob(kind=s.name))
+        try:
+            validate(NewJob(kind=s.name))
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("kind", "name", 1)) from None
         validate(
             NewJob(
                 kind=s.kind,

@@ -247,6 +247,14 @@ class Handler:
         return asyncio.get_running_loop().run_in_executor(executor, self.fn, ctx, payload)
 
 
+def _check_schedule_payload(schedule: Schedule, handler: Handler) -> None:
+    """A schedule's payload must fit its handler's model now, not fail every tick's job."""
+    try:
+        handler.parse_payload(dict(schedule.payload))
+    except PayloadInvalid as exc:
+        raise ValueError(f"schedule {schedule.name!r}: {exc}") from None
+
+
 def _payload_model(fn: HandlerFn, localns: dict[str, Any]) -> type[pydantic.BaseModel] | None:
     """The model the annotation of the payload parameter names; None for a dict, Any or no
     annotation. Raises TypeError for anything else, so no payload goes unvalidated by mistake."""
@@ -496,7 +504,7 @@ class Registry:
             model = payload or _payload_model(fn, localns)
             if kind in self._handlers:
                 raise ValueError(f"a handler for {kind!r} is already registered")
-            self._handlers[kind] = Handler(
+            handler = Handler(
                 kind=kind,
                 fn=fn,
                 is_async=inspect.iscoroutinefunction(fn),
@@ -509,6 +517,10 @@ class Registry:
                 concurrency_key=concurrency_key,
                 unique=unique,
             )
+            for schedule in self._schedules.values():
+                if schedule.kind == kind:
+                    _check_schedule_payload(schedule, handler)
+            self._handlers[kind] = handler
             return fn
 
         return register
@@ -569,6 +581,12 @@ class Registry:
         decorator over a handler registered with `@registry.handler` (place it above), whose
         kind it takes. A mistake (a bad expression, an unknown zone) is a ValueError here."""
 
+        if payload is not None and not isinstance(payload, Mapping):
+            raise ValueError(
+                f"schedule {name or kind or 'of this handler'!r}: payload must be a mapping"
+                f" (a JSON object), got {type(payload).__name__}"
+            )
+
         def register(k: str) -> Schedule:
             schedule = Schedule(
                 name=k if name is None else name,
@@ -587,14 +605,16 @@ class Registry:
                     f"a schedule named {schedule.name!r} is already registered; give each"
                     " schedule of one kind its own name="
                 )
+            if k in self._handlers:
+                _check_schedule_payload(schedule, self._handlers[k])
             self._schedules[schedule.name] = schedule
             return schedule
 
         if kind is not None:
             return register(kind)
         # Checked now, not when the decorator is applied: the mistake is on this line.
-        Schedule(name="check", kind="check", cron=cron, every=every, tz=tz,
-                 payload=dict(payload or {}), queue=queue, priority=priority,
+        Schedule(name="check" if name is None else name, kind="check", cron=cron, every=every,
+                 tz=tz, payload=dict(payload or {}), queue=queue, priority=priority,
                  max_attempts=max_attempts, catch_up=catch_up)  # fmt: skip
 
         def decorate(fn: HandlerFn) -> HandlerFn:
