@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -115,6 +116,24 @@ async def test_three_worker_processes_run_each_tick_exactly_once(clean: Queue, d
     assert all(r["runs"] <= 1 for r in runs)
     assert sum(r["runs"] for r in runs) >= len(ticks) - 1  # the last may be cut by the stop
     assert pids >= 1
+
+
+async def test_a_schedule_name_two_apps_declare_differently_is_a_warning_once(
+    clean: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(datetime(2026, 6, 1, 12, 0, 5, tzinfo=UTC))
+    mine = scheduler(clean, clock, Schedule(name="cleanup", kind="cleanup", queue="qa",
+                                            every=timedelta(seconds=10)))  # fmt: skip
+    theirs = scheduler(clean, clock, Schedule(name="cleanup", kind="cleanup", queue="qb",
+                                              every=timedelta(seconds=10)))  # fmt: skip
+    await theirs.tick()
+    with caplog.at_level(logging.WARNING, logger="jobq.worker"):
+        await mine.tick()
+        await theirs.tick()
+        await mine.tick()
+    warned = [r.getMessage() for r in caplog.records if "declared differently" in r.getMessage()]
+    assert len(warned) == 2, warned  # once by each, not at every pass
+    assert "on qb there" in warned[0] and "on qa here" in warned[0]
 
 
 async def test_a_tick_missed_within_the_catch_up_window_is_enqueued_once(clean: Queue) -> None:

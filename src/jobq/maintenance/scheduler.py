@@ -17,7 +17,7 @@ from datetime import datetime
 
 from jobq.periodic import Schedule, pass_interval
 from jobq.queue import Queue
-from jobq.queue.schedules import DECLARE_EVERY
+from jobq.queue.schedules import DECLARE_EVERY, LISTED_FOR
 
 log = logging.getLogger("jobq.worker")
 
@@ -40,6 +40,8 @@ class Scheduler:
         # Per schedule: the last tick seen and the next tick after it, so that a pass between
         # ticks computes nothing.
         self._upcoming: dict[str, tuple[datetime, datetime]] = {}
+        # Schedules found declared differently by another worker, said once each.
+        self._warned: set[str] = set()
 
     async def run_once(self) -> None:
         await self.tick()
@@ -55,6 +57,24 @@ class Scheduler:
             or (row.spec, row.kind, row.queue) != (s.spec, s.kind, s.queue)
             or row.declared_at <= now - DECLARE_EVERY
         ]
+        for s in stale:
+            row = rows.get(s.name)
+            if (
+                row is not None
+                and (row.spec, row.kind, row.queue) != (s.spec, s.kind, s.queue)
+                and row.declared_at > now - LISTED_FOR
+                and s.name not in self._warned
+            ):
+                # Expected for a minute of a rolling deploy that changes the schedule; for
+                # longer, two apps declare one name and share its ticks: one of them never runs.
+                self._warned.add(s.name)
+                log.warning(
+                    "schedule %r is declared differently by another worker: %s of %s on %s"
+                    " there, %s of %s on %s here; workers that share a schedule's name share"
+                    " its ticks, so give each schedule its own name=",
+                    s.name, row.spec, row.kind, row.queue, s.spec, s.kind, s.queue,
+                    extra={"service": self.name, "schedule": s.name},
+                )  # fmt: skip
         if stale:
             await self.queue.declare_schedules(
                 [(s, self._next_run(s, rows[s.name].last_tick if s.name in rows else now, now))
