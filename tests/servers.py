@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from jobq.api.server import uvicorn_config
+from jobq.api.server import uvicorn_server
 from jobq.settings import Settings
 from tests.helpers import ROOT, wait_for
 
@@ -72,12 +72,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 async def serve_in_process(asgi: Any, settings: Settings) -> AsyncIterator[str]:
     """`asgi` served on this event loop by the server `jobq api` uses (its protocol, limits
     and lifespan) on a free port: a real socket without a child process. Yields the base URL."""
-    import uvicorn
-
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(asgi, "127.0.0.1", port, settings))
-    # Signals stay the test runner's.
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    server = uvicorn_server(asgi, "127.0.0.1", port, settings)
     task = asyncio.create_task(server.serve())
 
     async def started() -> bool:

@@ -246,3 +246,25 @@ async def test_the_waiters_gauge_counts_the_requests_waiting(
     assert (await asyncio.wait_for(waiting, 10)).status_code == 200
     after = _gauge((await client.get("/metrics")).text, "jobq_waiters")
     assert (during - before, after - before) == (1, 0)
+
+
+async def test_shutting_down_answers_every_wait_at_once_with_the_job_as_it_is(
+    pool: asyncpg.Pool, queue: Queue
+) -> None:
+    settings = Settings(wait_max_seconds=60)
+    app = create_app(settings, pool=pool)
+    (job,) = await claimed(queue)
+    loop = asyncio.get_running_loop()
+
+    async def waiting() -> bool:
+        return job.id in app.state.queue._watcher.waiters
+
+    async with httpx.AsyncClient(timeout=70) as client:
+        async with serve_in_process(app, settings) as base:
+            answer = asyncio.create_task(client.get(f"{base}/jobs/{job.id}", params={"wait": 60}))
+            await wait_for(waiting, timeout=10)
+            stopping = loop.time()
+        stopped = loop.time() - stopping  # leaving the block shut the server down
+        response = await asyncio.wait_for(answer, 5)
+    assert (response.status_code, response.json()["status"]) == (200, "running")
+    assert stopped < 5  # not the 60 s the wait asked for

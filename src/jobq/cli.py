@@ -347,17 +347,10 @@ async def _status(dsn: str) -> list[tuple[schema.Migration, bool]]:
 
 
 def _uvicorn_server(asgi: Any, host: str, port: int) -> Any:
-    import uvicorn
-
     from jobq.api import server as http_server
 
-    class Server(uvicorn.Server):
-        # Signals are ours: the worker in the same process needs a graceful stop too.
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    return Server(http_server.uvicorn_config(asgi, host, port, asgi.state.settings))
+    # Signals are ours: the worker in the same process needs a graceful stop too.
+    return http_server.uvicorn_server(asgi, host, port, asgi.state.settings)
 
 
 def _warn_open(settings: Settings, host: str) -> None:

@@ -21,9 +21,11 @@ documents carrying `x-request-id`. Idle keep-alive connections close after
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
+from collections.abc import Iterator
 from typing import Any, cast
 
 import httptools
@@ -278,6 +280,27 @@ def _reason(exc: Exception) -> str:
 def protocol_for(settings: Settings) -> type[JobqHttpProtocol]:
     """The protocol class uvicorn instantiates per connection, bound to these settings."""
     return type("JobqHttpProtocol", (JobqHttpProtocol,), {"settings": settings})
+
+
+def uvicorn_server(asgi: Any, host: str, port: int, settings: Settings) -> Any:
+    """The server `jobq api` and `jobq dev` run: uvicorn's, without its signal handlers (the
+    caller's stop the worker of `jobq dev` too), and whose shutdown first answers every wait
+    (`GET /jobs/{id}?wait=`) with the job as it is: otherwise a shutdown lasts as long as the
+    longest wait, up to JOBQ_WAIT_MAX_SECONDS."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            queue = getattr(getattr(asgi, "state", None), "queue", None)
+            if queue is not None:
+                queue.end_waits()
+            await super().shutdown(sockets)
+
+    return Server(uvicorn_config(asgi, host, port, settings))
 
 
 def uvicorn_config(asgi: Any, host: str, port: int, settings: Settings) -> Any:

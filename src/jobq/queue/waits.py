@@ -98,10 +98,13 @@ class Watcher:
         self._task: asyncio.Task[None] | None = None
         self._passes: asyncio.Task[None] | None = None
         self.poll_only = False
+        self.ending = False  # set by end_waits: every wait is over at once
 
     # -- waiting -------------------------------------------------------------------------
 
     async def wait(self, job_id: uuid.UUID, timeout: float | None, until: Until) -> Job:
+        if self.ending:
+            timeout = 0
         self._start()
         loop = asyncio.get_running_loop()
         waiter = _Waiter(job_id, until, loop.create_future())
@@ -136,6 +139,16 @@ class Watcher:
                 waiter.done.cancel()
             if not self.waiters:
                 self._kick.set()  # the listener may linger, then let go
+
+    def end_waits(self) -> None:
+        """Every wait, and every later one, is over: each is answered with its job as the next
+        read finds it (what a wait's timeout does), all in one statement."""
+        self.ending = True
+        for waiting in self.waiters.values():
+            for waiter in waiting:
+                waiter.final = True
+        self.pending.read.update(self.waiters)
+        self._kick.set()
 
     @staticmethod
     def _found(job_id: uuid.UUID, job: Job | None) -> Job:
@@ -353,6 +366,11 @@ class Waits(QueueBase):
         if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
             raise ValueError("timeout must be a finite number >= 0, or None")
         return await self._watcher.wait(job_id, timeout, until)
+
+    def end_waits(self) -> None:
+        """Answer every wait now, and every later one at once, with the job as it is (when the
+        server shuts down: it must not take as long as the longest wait)."""
+        self._watcher.end_waits()
 
     async def close_watcher(self) -> None:
         """Stop waiting for jobs and give back the LISTEN connection (at shutdown)."""
