@@ -281,6 +281,9 @@ async def test_list_limit_is_clamped(
         {"offset": "-1"},
         {"offset": "x"},
         {"offset": str(2**70)},
+        {"limit": "1_0"},
+        {"offset": " 1"},
+        {"limit": "+5"},
         {"cursor": "garbage!"},
     ],
 )

@@ -168,6 +168,8 @@ async def test_get_with_wait_until_progress_answers_on_progress(
         {"wait": "nan"},
         {"wait": "inf"},
         {"wait": "soon"},
+        {"wait": "1_0"},
+        {"wait": " 1"},
         {"until": "progress"},
         {"wait": "1", "until": "forever"},
     ],

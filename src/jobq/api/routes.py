@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import typing
 import uuid
 from collections.abc import Awaitable
 from datetime import timedelta
@@ -53,7 +55,7 @@ async def strict_query(request: Request) -> None:
     known = _query_names(route)
     seen: set[str] = set()
     errors = []
-    for name, _ in request.query_params.multi_items():
+    for name, value in request.query_params.multi_items():
         if name not in known:
             hint = f"known: {', '.join(sorted(known))}" if known else "this route takes none"
             errors.append(
@@ -64,6 +66,12 @@ async def strict_query(request: Request) -> None:
             errors.append(
                 {"loc": ["query", name], "msg": "given more than once",
                  "type": "repeated_parameter"}
+            )  # fmt: skip
+        elif (shape := _numeric_query(route).get(name)) is not None and not shape.fullmatch(value):
+            # The validator would read "1_0" as 10 and " 1" as 1: a number is written plainly.
+            errors.append(
+                {"loc": ["query", name], "msg": "must be a number written in decimal digits",
+                 "type": "number_format"}
             )  # fmt: skip
         seen.add(name)
     if errors:
@@ -83,14 +91,38 @@ def _query_names(route: Any) -> frozenset[str]:
     return names
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+
+def _numeric_query(route: Any) -> dict[str, re.Pattern[str]]:
+    """The route's integer and float query parameters, each with the shape its value takes."""
+    shapes: dict[str, re.Pattern[str]] | None = getattr(route, "_jobq_numeric_query", None)
+    if shapes is None:
+        shapes = {}
+        for param in _declared_params(getattr(route, "dependant", None)):
+            args = typing.get_args(param.field_info.annotation) or (param.field_info.annotation,)
+            if int in args:
+                shapes[str(param.alias)] = _INTEGER
+            elif float in args:
+                shapes[str(param.alias)] = _DECIMAL
+        if route is not None:
+            route._jobq_numeric_query = shapes
+    return shapes
+
+
+def _declared_params(dependant: Any) -> list[Any]:
+    if dependant is None:
+        return []
+    params = list(dependant.query_params)
+    for sub in dependant.dependencies:
+        params += _declared_params(sub)
+    return params
+
+
 def _declared_query(dependant: Any) -> set[str]:
     """The query parameters a route and its dependencies declare."""
-    if dependant is None:
-        return set()
-    names = {str(p.alias) for p in dependant.query_params}
-    for sub in dependant.dependencies:
-        names |= _declared_query(sub)
-    return names
+    return {str(p.alias) for p in _declared_params(dependant)}
 
 
 router = APIRouter(dependencies=[Depends(require_token), Depends(strict_query)], tags=["jobs"])
