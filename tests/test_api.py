@@ -233,6 +233,16 @@ async def test_get_unknown_job_is_404(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get(f"/jobs/{uuid.uuid4()}"), 404, "not_found")
 
 
+@pytest.mark.parametrize("action", ["", "?wait=0", "/cancel", "/retry"])
+async def test_an_id_of_a_time_past_the_year_9999_is_404(
+    client: httpx.AsyncClient, action: str
+) -> None:
+    # A version-7 id whose time does not fit a datetime: a 500 before.
+    far = "ffffffff-ffff-7fff-bfff-ffffffffffff"
+    method = "POST" if action.startswith("/") else "GET"
+    assert_problem(await client.request(method, f"/jobs/{far}{action}"), 404, "not_found")
+
+
 async def test_get_malformed_id_is_422(client: httpx.AsyncClient) -> None:
     assert_problem(await client.get("/jobs/not-a-uuid"), 422, "validation_error")
 

@@ -61,7 +61,11 @@ def finished_not_before(job_id: uuid.UUID) -> datetime:
     if job_id.version != 7:
         return _NO_BOUND
     created_ms = job_id.int >> 80
-    return datetime.fromtimestamp(created_ms / 1000, UTC) - _CLOCK_MARGIN
+    try:
+        return datetime.fromtimestamp(created_ms / 1000, UTC) - _CLOCK_MARGIN
+    except (ValueError, OverflowError, OSError):
+        # A time past the year 9999 (any client can send such an id): no bound, then.
+        return _NO_BOUND
 
 
 _NO_BOUND = datetime.min.replace(tzinfo=UTC)
