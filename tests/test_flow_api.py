@@ -169,3 +169,12 @@ async def test_a_new_pause_beyond_jobq_max_paused_is_a_409_problem(
         assert (await c.post("/queues/a/resume")).status_code == 200
         assert (await c.post("/queues/c/pause")).status_code == 200
     assert sorted(s.name for s in await queue.flow_states()) == ["b", "c"]
+
+
+async def test_a_concurrency_key_given_stands_when_the_handler_derives_none_from_the_payload(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"kind": "tenant.task", "payload": {"tenant": {"id": 1}}, "concurrency_key": "t"}
+    r = await client.post("/jobs", json=body)
+    assert r.status_code == 201, r.text
+    assert r.json()["concurrency_key"] == "t"

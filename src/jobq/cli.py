@@ -603,6 +603,8 @@ def _check_with_registry(registry: Registry | None, job: NewJob, where: str) -> 
     try:
         derived = handler.key_of(job.payload)
     except InvalidJob as exc:
+        if job.concurrency_key is not None:
+            return job  # the key given stands: none derived to conflict with
         _fail(f"{where}concurrency key: {exc.message}")
     if job.concurrency_key is None:
         return dataclasses.replace(job, concurrency_key=derived)

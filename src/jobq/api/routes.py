@@ -32,12 +32,13 @@ from jobq.queue import (
     MAX_OFFSET,
     STATUSES,
     CancelOutcome,
+    InvalidJob,
     NewJob,
     Queue,
     check_idempotency_key,
     clamp_limit,
 )
-from jobq.registry import PayloadInvalid, Registry
+from jobq.registry import Handler, PayloadInvalid, Registry
 
 T = TypeVar("T")
 
@@ -218,6 +219,15 @@ def _field_errors(exc: pydantic.ValidationError, prefix: str = "body") -> list[d
     ]
 
 
+def _derived_or_none(handler: Handler, payload: dict[str, Any]) -> str | None:
+    """The key the handler derives, None where it derives none or cannot (a key given then
+    stands: there is nothing for it to conflict with)."""
+    try:
+        return handler.key_of(payload)
+    except InvalidJob:
+        return None
+
+
 def new_job(
     body: Any,
     header_key: str | None,
@@ -272,10 +282,9 @@ def job_of(
         if max_attempts is None:
             max_attempts = handler.max_attempts
         kind_unique = handler.unique
-        derived = handler.key_of(req.payload)
         if concurrency_key is None:
-            concurrency_key = derived
-        elif derived is not None and derived != concurrency_key:
+            concurrency_key = handler.key_of(req.payload)
+        elif (derived := _derived_or_none(handler, req.payload)) not in (None, concurrency_key):
             # A key given that the handler would not give puts the job under another tenant's
             # limits: refused, not silently preferred (docs/flow-control.md).
             msg = f"conflicts with the key derived from payload ({derived!r})"
