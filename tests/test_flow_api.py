@@ -56,7 +56,7 @@ async def test_a_kind_is_paused_over_http(client: httpx.AsyncClient) -> None:
     assert (await client.get("/stats")).json()["paused_kinds"] == ["tenant.task"]
 
 
-@pytest.mark.parametrize("name", ["x" * 256, "a%01b", "tab%09"])
+@pytest.mark.parametrize("name", ["x" * 256, "a%01b", "tab%09", "nl%0A", "%0A%C2%B8"])
 async def test_bad_queue_names_are_422_problems(client: httpx.AsyncClient, name: str) -> None:
     for action in ("pause", "resume"):
         assert_problem(await client.post(f"/queues/{name}/{action}"), 422, "validation_error")

@@ -7,6 +7,7 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
 from jobq import wire
@@ -58,9 +59,25 @@ _TOO_MANY: dict[int | str, dict[str, Any]] = {
         " that is paused is always accepted)."
     )
 }
-# A name may hold `/` (`a/b`, or `a%2Fb`): the path converter takes it whole.
-_QUEUE = "/queues/{name:path}"
-_KIND = "/kinds/{name:path}"
+
+
+class _AnyName(Convertor[str]):
+    """Any text, `/` and line breaks too (Starlette's `path` stops at a line break, which would
+    make such a name a 404 instead of the 422 it is)."""
+
+    regex = "(?s:.+)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("jobq_name", _AnyName())
+# A name may hold `/` (`a/b`, or `a%2Fb`): the converter takes it whole.
+_QUEUE = "/queues/{name:jobq_name}"
+_KIND = "/kinds/{name:jobq_name}"
 
 
 def _name(request: Request, scope: str, name: str) -> str:
