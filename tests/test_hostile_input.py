@@ -80,6 +80,8 @@ def cursor(created: str, job_id: str = JOB_ID) -> str:
 
 
 NESTED = b'{"kind": "echo", "payload": {"a": ' + b"[" * 20_000 + b"]" * 20_000 + b"}}"
+# Within orjson's depth, beyond what the stdlib reader's recursion reaches: a 500 before.
+NESTED_1000 = b'{"kind": "echo", "payload": {"a": ' + b"[" * 1000 + b"]" * 1000 + b"}}"
 
 CASES = [
     # The body itself.
@@ -93,6 +95,9 @@ CASES = [
     Case("no content type", "POST", "/jobs", 415, b'{"kind": "echo"}', {}),
     post("body over the limit", {"kind": "echo", "payload": {"s": "x" * LIMIT}}, 413),
     post("deeply nested JSON", NESTED),
+    post("JSON nested 1000 deep", NESTED_1000),
+    Case("a batch nested 1000 deep", "POST", "/jobs/batch", 422,
+         b'{"jobs": [' + NESTED_1000 + b"]}", {"content-type": "application/json"}),
     post("body is an array", [{"kind": "echo"}]),
     post("body is a string", "echo"),
     post("body is null", None),

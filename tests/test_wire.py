@@ -99,3 +99,10 @@ async def test_cli_enqueue_file_refuses_a_line_with_a_duplicate_key(
     assert "line 2" in result.stderr
     assert "'kind' appears twice" in result.stderr
     assert await queue.pool.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+@pytest.mark.parametrize("depth", [980, 1000, 1010])
+def test_json_nested_deeper_than_the_strict_reader_reaches_is_refused(depth: int) -> None:
+    # orjson reads it; the stdlib reader's recursion gave out, and the error escaped.
+    with pytest.raises(wire.WireError, match="nested too deeply"):
+        wire.loads("[" * depth + "]" * depth)

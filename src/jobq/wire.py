@@ -167,6 +167,10 @@ def loads(data: bytes | str, what: str = "the body") -> Any:
         return _STRICT.decode(text)
     except WireError as exc:
         raise WireError(exc.error, f"{what}: {exc.message}") from None
+    except RecursionError:
+        # Deeper than the stdlib reader's recursion reaches, though not deeper than orjson's.
+        raise WireError("invalid_json", f"{what} is not JSON jobq can read: nested too deeply",
+                        reason="nested too deeply") from None  # fmt: skip
 
 
 _RFC3339 = re.compile(
