@@ -363,6 +363,31 @@ def test_cancel_and_retry_are_never_retried(down_api: str) -> None:
     assert counting.sent == ["POST", "POST"]
 
 
+def _problem(status: int, error: str) -> httpx.Response:
+    body = {"type": f"urn:jobq:problem:{error}", "title": "", "status": status, "detail": "",
+            "error": error}  # fmt: skip
+    return httpx.Response(status, json=body, headers={"Content-Type": "application/problem+json"})
+
+
+def test_a_post_the_api_refused_before_carrying_it_out_is_retried_without_a_key() -> None:
+    job_id = uuid.uuid4()
+    answers = iter([
+        _problem(503, "too_many_connections"),  # refused before the request was read
+        _problem(503, "database_read_only"),  # the write refused: nothing changed
+        httpx.Response(200, json={"status": "cancelled", "job_id": str(job_id)}),
+    ])  # fmt: skip
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.method)
+        return next(answers)
+
+    with httpx.Client(transport=httpx.MockTransport(answer), base_url="http://test") as http:
+        client = Client(http=http, **FAST_RETRIES)  # type: ignore[arg-type]
+        assert client.cancel(job_id).status == "cancelled"
+    assert sent == ["POST"] * 3
+
+
 def test_no_answer_is_retried_for_a_get_then_raises_transport_error() -> None:
     counting = Counting(f"http://127.0.0.1:{free_port()}")
     with counting as client:

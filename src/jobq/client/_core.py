@@ -137,9 +137,28 @@ def build(
         raise InvalidRequest(f"the request cannot be encoded: {exc}") from None
 
 
+# 503s after which the request was certainly not carried out, so any call may be sent again:
+# the server refused the connection before reading it, or the database refused the write.
+_NOT_CARRIED_OUT = frozenset({"too_many_connections", "database_read_only"})
+
+
 def should_retry(call: Call[Any], response: httpx.Response | None) -> bool:
-    """An idempotent call is sent again after a 503 or no answer at all."""
-    return call.idempotent and (response is None or response.status_code == 503)
+    """An idempotent call is sent again after a 503 or no answer at all; any call after a 503
+    that says nothing was done."""
+    if response is None:
+        return call.idempotent
+    if response.status_code != 503:
+        return False
+    return call.idempotent or _slug(response) in _NOT_CARRIED_OUT
+
+
+def _slug(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    slug = body.get("error") if isinstance(body, dict) else None
+    return slug if isinstance(slug, str) else None
 
 
 def retry_delay(

@@ -28,9 +28,9 @@ class Client:
 
     Problem documents are raised as `jobq.client.errors.APIError` subclasses, one per slug.
     Idempotent calls (GETs, and enqueues with an idempotency key) are sent again after a 503
-    or a lost connection, `retries` times, with backoff (honouring Retry-After); others never
-    are. `http` is an httpx.Client of your own (its base URL, transport, event hooks); the
-    client then leaves it open.
+    or a lost connection, `retries` times, with backoff (honouring Retry-After); others only
+    after a 503 saying nothing was done. `http` is an httpx.Client of your own (its base URL,
+    transport, event hooks); the client then leaves it open.
     """
 
     def __init__(
