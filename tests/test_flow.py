@@ -351,9 +351,25 @@ async def test_a_limited_claim_cut_short_by_a_bound_says_it_held_jobs_back(
     assert got < 9 and held
 
 
-def _claimer_waits(held_back: list[bool]) -> list[tuple[str, float]]:
+async def test_a_claim_without_the_key_walk_holds_back_a_queue_keyed_since(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=5)}, {})
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key="k") for _ in range(3)])
+    first = await queue.claim_limited_held("w", KINDS, QUEUES, 1, lease_seconds=30)
+    assert len(first.jobs) == 1 and not first.keyed  # the next claim may skip the walk
+    await queue.declare_limits("w", {"a": Limits(max_per_key=2)}, {})
+    skipped = await queue.claim_limited_held(
+        "w", KINDS, QUEUES, 5, lease_seconds=30, walk_keys=False
+    )
+    assert (skipped.jobs, skipped.held_back, skipped.keyed) == ([], True, True)
+    walked = await queue.claim_limited_held("w", KINDS, QUEUES, 5, lease_seconds=30)
+    assert len(walked.jobs) == 1  # 2 per key, 1 already running
+
+
+def _claimer_waits(
+    held_back: list[bool], *, all_limited: bool = False
+) -> tuple[list[tuple[str, float]], int]:
     """What an idle limited worker's claim loop waits for after each short claim, the limited
-    claim answering `held_back` in turn."""
+    claim answering `held_back` in turn; and how many plain claims it made."""
     from jobq.queue.flow import LimitedClaim
     from jobq.settings import Settings
     from jobq.worker.claimer import Claimer
@@ -363,12 +379,14 @@ def _claimer_waits(held_back: list[bool]) -> list[tuple[str, float]]:
                         concurrency=4)  # fmt: skip
     answers = list(held_back)
     waits: list[tuple[str, float]] = []
+    plain: list[int] = []
 
     class FakeQueue:
-        async def limits_apply(self, kinds: object, queues: object) -> bool:
-            return True
+        async def limits_cover(self, kinds: object, queues: object) -> tuple[bool, bool]:
+            return True, all_limited
 
         async def claim(self, *args: object, **kwargs: object) -> list[object]:
+            plain.append(1)
             return []
 
         async def claim_limited_held(self, *args: object, **kwargs: object) -> LimitedClaim:
@@ -382,17 +400,32 @@ def _claimer_waits(held_back: list[bool]) -> list[tuple[str, float]]:
     state.wait_any = wait_any  # type: ignore[method-assign]
     claimer = Claimer(state, FakeQueue(), None, batch_size=10, max_attempts={})  # type: ignore[arg-type]
     asyncio.run(claimer.loop())
-    return waits
+    return waits, len(plain)
 
 
 def test_an_idle_limited_worker_waits_for_a_notify_or_the_poll_not_a_fast_retry() -> None:
-    assert _claimer_waits([False, False]) == [("wake", 3.0), ("wake", 3.0)]
+    assert _claimer_waits([False, False])[0] == [("wake", 3.0), ("wake", 3.0)]
 
 
 def test_a_limited_worker_held_back_by_a_bound_tries_again_soon() -> None:
     from jobq.worker.claimer import LIMITED_RETRY_SECONDS
 
-    assert _claimer_waits([True, False]) == [
+    assert _claimer_waits([True, False])[0] == [
         ("slot_freed", LIMITED_RETRY_SECONDS),
         ("wake", 3.0),
     ]
+
+
+def test_a_worker_whose_kinds_are_all_limited_makes_no_plain_claim() -> None:
+    assert _claimer_waits([False, False], all_limited=True)[1] == 0
+    assert _claimer_waits([False, False], all_limited=False)[1] == 2
+
+
+async def test_limits_cover_says_when_every_kind_or_every_queue_is_limited(queue: Queue) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=1)}, {})
+    assert await queue.limits_cover(KINDS, QUEUES) == (True, False)
+    await queue.declare_limits("w", {"b": Limits(max_concurrency=1)}, {})
+    assert await queue.limits_cover(KINDS, QUEUES) == (True, True)
+    await queue.declare_limits("w", {"a": Limits(), "b": Limits()}, {"default": Limits(fair=True)})
+    assert await queue.limits_cover(KINDS, ["default"]) == (True, True)
+    assert await queue.limits_cover(KINDS, QUEUES) == (True, False)

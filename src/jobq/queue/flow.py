@@ -152,6 +152,9 @@ class LimitedClaim:
 
     jobs: list[Job]
     held_back: bool
+    # Whether a keyed queue (fair share or a per-key limit) is among those claimed: whether
+    # the next claim needs the key walk.
+    keyed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +266,17 @@ SELECT EXISTS (
     WHERE limited AND ((scope = 'kind' AND name = ANY($1::text[]))
                        OR (scope = 'queue' AND name = ANY($2::text[])))
 )
+"""
+
+# Whether every kind, or every queue, of these is limited: then the plain claim has nothing
+# to take from them.
+_ALL_LIMITED = """
+SELECT (SELECT count(*) FROM jobq_flow_controls
+        WHERE limited AND scope = 'kind' AND name = ANY($1::text[]))
+           = cardinality(ARRAY(SELECT DISTINCT unnest($1::text[])))
+    OR (SELECT count(*) FROM jobq_flow_controls
+        WHERE limited AND scope = 'queue' AND name = ANY($2::text[]))
+           = cardinality(ARRAY(SELECT DISTINCT unnest($2::text[])))
 """
 
 # How many concurrency keys one limited claim visits per keyed queue, at most. A claim's cost
@@ -552,6 +566,8 @@ WITH ctl AS (
             )) AS held
 )
 SELECT claimed.*, held.held AS _held,
+       EXISTS (SELECT 1 FROM ctl WHERE NOT paused AND (max_per_key IS NOT NULL
+                                                     OR (scope = 'queue' AND fair))) AS _keyed,
        (SELECT count(*) FROM spent) + (SELECT count(*) FROM moved) AS _written
 FROM held LEFT JOIN claimed ON true
 """
@@ -689,6 +705,14 @@ class Flow(Views):
         claim them with `claim_limited` (the plain claim leaves them out)."""
         return bool(await self.pool.fetchval(_APPLIES, list(kinds), list(queues)))
 
+    async def limits_cover(self, kinds: Sequence[str], queues: Sequence[str]) -> tuple[bool, bool]:
+        """(`limits_apply`, and whether limits cover every one of these kinds or every one of
+        these queues: then the plain claim would find nothing of theirs to take)."""
+        async with self.pool.acquire() as conn:
+            applies = bool(await conn.fetchval(_APPLIES, list(kinds), list(queues)))
+            covered = applies and bool(await conn.fetchval(_ALL_LIMITED, list(kinds), list(queues)))
+        return applies, covered
+
     async def claim_limited(
         self,
         worker: str,
@@ -715,15 +739,22 @@ class Flow(Views):
         *,
         lease_seconds: float,
         max_attempts: Mapping[str, int] | None = None,
+        walk_keys: bool = True,
     ) -> LimitedClaim:
         """`claim_limited`, and whether a bound (a limit full, a bucket empty, the key walk's
-        bound) kept back jobs it could otherwise have taken."""
+        bound) kept back jobs it could otherwise have taken. `walk_keys=False` (the last claim
+        said no queue is keyed) saves the key walk's round trip; should a queue be keyed by
+        now, the claim takes none of its keyed jobs and says it held jobs back."""
         if n <= 0 or not kinds or not queues:
             return LimitedClaim([], held_back=False)
         per_kind = max_attempts or {}
         walk_bound = KEY_WALK
         async with self.pool.acquire() as conn, conn.transaction():
-            walked = await conn.fetch(_WALK_KEYS, list(kinds), list(queues), walk_bound)
+            walked = (
+                await conn.fetch(_WALK_KEYS, list(kinds), list(queues), walk_bound)
+                if walk_keys
+                else []
+            )
             await conn.execute(_LOCK_LIMITS, list(kinds), list(queues))
             rows = await conn.fetch(
                 _CLAIM_LIMITED,
@@ -742,7 +773,9 @@ class Flow(Views):
             )
         got = [r for r in rows if r["id"] is not None]
         got.sort(key=lambda r: (r["_turn"], r["priority"], r["_pos"], r["run_at"], r["id"]))
-        return LimitedClaim([Job.from_record(r) for r in got], held_back=bool(rows[0]["_held"]))
+        keyed = bool(rows[0]["_keyed"])
+        held = bool(rows[0]["_held"]) or (keyed and not walk_keys)
+        return LimitedClaim([Job.from_record(r) for r in got], held_back=held, keyed=keyed)
 
     async def limit_usage(self) -> list[LimitUsage]:
         """Every limited queue and kind: running jobs against the limits, per key too."""

@@ -54,18 +54,22 @@ class Claimer:
         # What a job enqueued without max_attempts gets when this worker claims it.
         self.max_attempts = max_attempts
         self.limited = False
+        # Limits cover every kind or every queue of this worker: the plain claim is skipped.
+        self._all_limited = False
         self._limited_first = False
         self._limits_checked = -float("inf")
         # Whether the last limited claim was cut short by a bound (jobs wait that it could not
         # take): then the next claim comes soon, not at the next NOTIFY or poll.
         self.held_back = False
+        # Whether the last limited claim found a keyed queue: else the next skips the key walk.
+        self._walk_keys = True
 
     async def _refresh_limited(self) -> None:
         now = time.monotonic()
         if now - self._limits_checked < LIMITS_REFRESH_SECONDS:
             return
         state = self.state
-        self.limited = await self.queue.limits_apply(state.kinds, state.queues)
+        self.limited, self._all_limited = await self.queue.limits_cover(state.kinds, state.queues)
         self._limits_checked = now
 
     async def _claim(self, want: int) -> list[Job]:
@@ -75,7 +79,9 @@ class Claimer:
         The two take turns going first, so that neither side's backlog starves the other."""
         state = self.state
         claims: list[Callable[..., Awaitable[list[Job]]]] = [self.queue.claim]
-        if self.limited:
+        if self.limited and self._all_limited:
+            claims = [self._claim_limited]
+        elif self.limited:
             self._limited_first = not self._limited_first
             claims = (
                 [self._claim_limited, self.queue.claim]
@@ -98,8 +104,9 @@ class Claimer:
         return jobs
 
     async def _claim_limited(self, *args: Any, **kwargs: Any) -> list[Job]:
-        claim = await self.queue.claim_limited_held(*args, **kwargs)
+        claim = await self.queue.claim_limited_held(*args, walk_keys=self._walk_keys, **kwargs)
         self.held_back = claim.held_back
+        self._walk_keys = claim.keyed
         return claim.jobs
 
     async def loop(self) -> None:
