@@ -109,6 +109,6 @@ async def queue(pool: asyncpg.Pool) -> Queue:
     (TRUNCATE fires no row or statement trigger, so the rollups are emptied with the jobs)."""
     await pool.execute(
         "TRUNCATE jobs, jobs_history, jobq_idempotency_keys, jobq_counts, jobq_count_deltas,"
-        " jobq_finished_minutes, jobq_flow_controls"
+        " jobq_finished_minutes, jobq_flow_controls, jobq_flow_key_buckets, jobq_flow_cursors"
     )
     return Queue(pool)

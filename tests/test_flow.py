@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from jobq.queue import Limits, NewJob, Queue, flow, lease_of
+from tests.helpers import wait_for
 
 KINDS = ["a", "b"]
 QUEUES = ["default", "other"]
@@ -429,3 +430,70 @@ async def test_limits_cover_says_when_every_kind_or_every_queue_is_limited(queue
     await queue.declare_limits("w", {"a": Limits(), "b": Limits()}, {"default": Limits(fair=True)})
     assert await queue.limits_cover(KINDS, ["default"]) == (True, True)
     assert await queue.limits_cover(KINDS, QUEUES) == (True, False)
+
+
+# -- per-key rate limits ---------------------------------------------------------------------
+
+
+def test_per_key_rate_declarations_are_checked() -> None:
+    with pytest.raises(ValueError, match="rate_limit_per_key"):
+        Limits.declare(rate_limit_per_key="often")
+    with pytest.raises(ValueError, match="rate_burst_per_key"):
+        Limits.declare(rate_burst_per_key=3)
+    limits = Limits.declare(rate_limit_per_key="120/min")
+    assert (limits.rate_per_key, limits.burst_per_key, limits.any) == (2.0, 2.0, True)
+
+
+async def test_each_concurrency_key_has_its_own_rate_bucket(queue: Queue) -> None:
+    # 2 a minute: no token comes back while the test runs unless the test moves the clock.
+    limits = Limits.declare(rate_limit_per_key="2/min", rate_burst_per_key=2)
+    await queue.declare_limits("w", {"a": limits}, {})
+    await queue.enqueue_many(
+        [NewJob(kind="a", concurrency_key=k) for k in "AB" for _ in range(5)]
+        + [NewJob(kind="a"), NewJob(kind="a")]
+    )
+    first = await queue.claim_limited_held("w", KINDS, QUEUES, 20, lease_seconds=30)
+    keys = sorted(str(j.concurrency_key) for j in first.jobs)
+    assert keys == ["A", "A", "B", "B", "None", "None"] and first.held_back
+    assert await _claim(queue, 20, limited=True) == []
+    # 30 s later for A only: one token more, for A.
+    await queue.pool.execute(
+        "UPDATE jobq_flow_key_buckets SET refilled_at = refilled_at - interval '30 s'"
+        " WHERE key = 'A'"
+    )
+    assert [j.concurrency_key for j in await _claim(queue, 20, limited=True)] == ["A"]
+    attempts = await queue.pool.fetchval("SELECT sum(attempts) FROM jobs WHERE status = 'queued'")
+    assert attempts == 0  # those waiting for a token spent no attempt
+
+
+async def test_a_worker_starts_each_key_s_jobs_within_its_bucket(queue: Queue, dsn: str) -> None:
+    import time
+
+    from jobq import JobContext, Registry
+    from tests.test_worker import running
+
+    rate, burst = 10.0, 3
+    registry = Registry()
+    starts: dict[str, list[float]] = {"A": [], "B": []}
+
+    @registry.handler("metered", concurrency_key="tenant", rate_limit_per_key="10/s",
+                      rate_burst_per_key=burst)  # fmt: skip
+    async def metered(ctx: JobContext, payload: dict[str, str]) -> None:
+        starts[payload["tenant"]].append(time.time())
+
+    await queue.enqueue_many(
+        [registry.new_job("metered", {"tenant": k}) for k in "AB" for _ in range(10)]
+    )
+    begun = time.time()
+    async with running(dsn, registry):
+        await wait_for(lambda: _at_least(starts, 6), timeout=15)
+    for key, times in starts.items():
+        # The i-th start of a key: its bucket's burst, plus what it refilled since, at most.
+        for i, t in enumerate(sorted(times), start=1):
+            assert i <= burst + rate * (t - begun), (key, i, t - begun)
+    # Each key past one bucket's worth: one key's starts do not spend the other's tokens.
+    assert all(len(times) > burst for times in starts.values())
+
+
+async def _at_least(starts: dict[str, list[float]], n: int) -> bool:
+    return all(len(times) >= n for times in starts.values())

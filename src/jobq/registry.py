@@ -362,11 +362,15 @@ class Registry:
         rate_burst: int | None = None,
         fair: bool = False,
         concurrency_key: str | tuple[str, ...] | None = None,
+        rate_limit_per_key: str | None = None,
+        rate_burst_per_key: int | None = None,
     ) -> None:
         """Declare limits for a queue, across every worker and host: running jobs at most
         (`max_concurrency`), per concurrency key (`max_per_key`), starts per second, minute or
         hour (`rate_limit="100/s"`, a bucket of `rate_burst` starts, default one second's
-        worth), and fair share across keys (`fair=True`). Workers store them at start-up.
+        worth), starts per concurrency key (`rate_limit_per_key="10/s"`, each key its own
+        bucket of `rate_burst_per_key`), and fair share across keys (`fair=True`). Workers
+        store them at start-up.
 
         `concurrency_key`: the payload field (or tuple of names down to a nested field) that
         gives the key of the queue's jobs enqueued without one, whatever their kind, unless
@@ -380,6 +384,8 @@ class Registry:
             rate_limit=rate_limit,
             rate_burst=rate_burst,
             fair=fair,
+            rate_limit_per_key=rate_limit_per_key,
+            rate_burst_per_key=rate_burst_per_key,
         )
         if concurrency_key is not None:
             if callable(concurrency_key):
@@ -432,6 +438,8 @@ class Registry:
         unique_for: timedelta | None = None,
         unique_by: typing.Sequence[str] | None = None,
         unique_states: typing.Sequence[str] | None = None,
+        rate_limit_per_key: str | None = None,
+        rate_burst_per_key: int | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register `fn(ctx, payload)` for `kind`. The payload model comes from `payload=`
         or from the annotation of the function's second parameter.
@@ -439,7 +447,9 @@ class Registry:
         Flow control, across every worker and host (docs/flow-control.md): at most
         `max_concurrency` jobs of this kind run at once, at most `max_per_key` per
         concurrency key, and they start no faster than `rate_limit` ("100/s", "30/min",
-        "1000/h"; a bucket of `rate_burst` starts, default one second's worth).
+        "1000/h"; a bucket of `rate_burst` starts, default one second's worth) and, per
+        concurrency key, no faster than `rate_limit_per_key` (each key its own bucket of
+        `rate_burst_per_key`).
 
         `concurrency_key`: where a job's key comes from when it is enqueued without one. A
         payload field's name (or a tuple of names down to a nested field) is stored with the
@@ -481,6 +491,8 @@ class Registry:
                 max_per_key=max_per_key,
                 rate_limit=rate_limit,
                 rate_burst=rate_burst,
+                rate_limit_per_key=rate_limit_per_key,
+                rate_burst_per_key=rate_burst_per_key,
             )
         except ValueError as exc:
             raise ValueError(f"handler {kind!r}: {exc}") from None

@@ -78,6 +78,9 @@ class Limits:
     # the names down to a nested one), derived by the database at every insert. Not a limit:
     # `any` ignores it.
     key_path: tuple[str, ...] | None = None
+    # Every concurrency key's own token bucket: starts per second, bucket size.
+    rate_per_key: float | None = None
+    burst_per_key: float | None = None
 
     @classmethod
     def declare(
@@ -88,22 +91,43 @@ class Limits:
         rate_limit: str | None = None,
         rate_burst: int | None = None,
         fair: bool = False,
+        rate_limit_per_key: str | None = None,
+        rate_burst_per_key: int | None = None,
     ) -> Limits:
         """Checked declarations: ValueError naming the bad argument."""
         _positive("max_concurrency", max_concurrency)
         _positive("max_per_key", max_per_key)
         _positive("rate_burst", rate_burst)
+        _positive("rate_burst_per_key", rate_burst_per_key)
         if not isinstance(fair, bool):
             raise ValueError(f"fair must be True or False, got {fair!r}")
         rate = None if rate_limit is None else parse_rate(rate_limit)
         if rate_burst is not None and rate is None:
             raise ValueError("rate_burst needs a rate_limit")
         burst = None if rate is None else float(rate_burst or default_burst(rate))
-        return cls(max_concurrency, max_per_key, rate, burst, fair)
+        try:
+            per_key = None if rate_limit_per_key is None else parse_rate(rate_limit_per_key)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("rate_limit", "rate_limit_per_key", 1)) from None
+        if rate_burst_per_key is not None and per_key is None:
+            raise ValueError("rate_burst_per_key needs a rate_limit_per_key")
+        burst_per_key = (
+            None if per_key is None else float(rate_burst_per_key or default_burst(per_key))
+        )
+        return cls(
+            max_concurrency, max_per_key, rate, burst, fair,
+            rate_per_key=per_key, burst_per_key=burst_per_key,
+        )  # fmt: skip
 
     @property
     def any(self) -> bool:
-        return bool(self.max_concurrency or self.max_per_key or self.rate is not None or self.fair)
+        return bool(
+            self.max_concurrency
+            or self.max_per_key
+            or self.rate is not None
+            or self.fair
+            or self.rate_per_key is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +143,8 @@ class FlowState:
     rate: float | None
     burst: float | None
     fair: bool
+    rate_per_key: float | None = None
+    burst_per_key: float | None = None
 
     @classmethod
     def from_record(cls, r: Any) -> FlowState:
@@ -132,6 +158,8 @@ class FlowState:
             r["rate"],
             r["burst"],
             r["fair"],
+            r["rate_per_key"],
+            r["burst_per_key"],
         )
 
     @classmethod
@@ -174,7 +202,10 @@ def check_scope(scope: str) -> str:
     return scope
 
 
-_STATE_COLUMNS = "scope, name, paused_at, max_concurrency, max_per_key, rate, burst, fair"
+_STATE_COLUMNS = (
+    "scope, name, paused_at, max_concurrency, max_per_key, rate, burst, fair, rate_per_key,"
+    " burst_per_key"
+)
 
 # A name already paused is paused again (idempotent) whatever the count; a new pause only
 # while fewer than $4 are paused. Concurrent new pauses each count before the others commit,
@@ -216,22 +247,32 @@ ORDER BY scope, name
 # start wins), and keeps a pause. The bucket starts full; it is kept while the rate stays.
 _DECLARE = """
 WITH d AS (
-    SELECT d.scope, d.name, d.mc, d.mk, d.rate, d.burst, d.fair,
+    SELECT d.scope, d.name, d.mc, d.mk, d.rate, d.burst, d.fair, d.rpk, d.bpk,
            CASE WHEN d.kp IS NOT NULL
                 THEN ARRAY(SELECT jsonb_array_elements_text(d.kp::jsonb)) END AS kp
     FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::float8[], $6::float8[],
-                $7::bool[], $9::text[]) AS d(scope, name, mc, mk, rate, burst, fair, kp)
+                $7::bool[], $9::text[], $10::float8[], $11::float8[])
+         AS d(scope, name, mc, mk, rate, burst, fair, kp, rpk, bpk)
+), rebucketed AS (
+    -- A per-key rate declared anew starts every key's bucket full.
+    DELETE FROM jobq_flow_key_buckets AS b
+    USING d, jobq_flow_controls AS c
+    WHERE b.scope = d.scope AND b.name = d.name AND c.scope = d.scope AND c.name = d.name
+      AND (c.rate_per_key IS DISTINCT FROM d.rpk OR c.burst_per_key IS DISTINCT FROM d.bpk)
+    RETURNING 1
 ), upserted AS (
     INSERT INTO jobq_flow_controls AS c (scope, name, max_concurrency, max_per_key, rate, burst,
                                          fair, tokens, refilled_at, declared_by, declared_at,
-                                         key_path)
-    SELECT scope, name, mc, mk, rate, burst, fair, burst, now(), $8, now(), kp
+                                         key_path, rate_per_key, burst_per_key)
+    SELECT scope, name, mc, mk, rate, burst, fair, burst, now(), $8, now(), kp, rpk, bpk
     FROM d WHERE mc IS NOT NULL OR mk IS NOT NULL OR rate IS NOT NULL OR fair OR kp IS NOT NULL
+                 OR rpk IS NOT NULL
     ORDER BY scope, name
     ON CONFLICT (scope, name) DO UPDATE
         SET max_concurrency = excluded.max_concurrency, max_per_key = excluded.max_per_key,
             fair = excluded.fair, declared_by = excluded.declared_by, declared_at = now(),
-            key_path = excluded.key_path,
+            key_path = excluded.key_path, rate_per_key = excluded.rate_per_key,
+            burst_per_key = excluded.burst_per_key,
             tokens = CASE WHEN c.rate IS NOT DISTINCT FROM excluded.rate
                           AND c.burst IS NOT DISTINCT FROM excluded.burst
                           THEN c.tokens ELSE excluded.burst END,
@@ -243,14 +284,16 @@ WITH d AS (
 ), cleared AS (
     UPDATE jobq_flow_controls AS c
     SET max_concurrency = NULL, max_per_key = NULL, rate = NULL, burst = NULL, fair = false,
-        tokens = NULL, refilled_at = NULL, key_path = NULL, declared_by = $8,
-        declared_at = now()
+        tokens = NULL, refilled_at = NULL, key_path = NULL, rate_per_key = NULL,
+        burst_per_key = NULL, declared_by = $8, declared_at = now()
     FROM d
     WHERE c.scope = d.scope AND c.name = d.name AND (c.limited OR c.key_path IS NOT NULL)
       AND d.mc IS NULL AND d.mk IS NULL AND d.rate IS NULL AND NOT d.fair AND d.kp IS NULL
+      AND d.rpk IS NULL
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM cleared)
+       + (SELECT count(*) FROM rebucketed)
 """
 
 # Rows left with neither a pause nor a limit after a declaration cleared them.
@@ -311,7 +354,8 @@ _STEP_KEY = _NEXT_KEY.format(queue="keys.queue", after="keys.key", wrapped="keys
 # $1 kinds, $2 queues, $3 the walk's bound.
 _WALK_KEYS = f"""
 WITH RECURSIVE ctl AS (
-    SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.max_per_key, c.fair
+    SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.fair,
+           c.max_per_key IS NOT NULL OR c.rate_per_key IS NOT NULL AS per_key
     FROM jobq_flow_controls AS c
     WHERE c.limited AND ((c.scope = 'kind' AND c.name = ANY($1::text[]))
                          OR (c.scope = 'queue' AND c.name = ANY($2::text[])))
@@ -321,9 +365,8 @@ WITH RECURSIVE ctl AS (
     LEFT JOIN ctl ON ctl.scope = 'queue' AND ctl.name = q.queue
     LEFT JOIN jobq_flow_cursors AS cur ON cur.queue = q.queue
     WHERE NOT coalesce(ctl.paused, false)
-      AND (coalesce(ctl.fair, false) OR ctl.max_per_key IS NOT NULL
-           OR EXISTS (SELECT 1 FROM ctl AS k
-                      WHERE k.scope = 'kind' AND k.max_per_key IS NOT NULL AND NOT k.paused))
+      AND (coalesce(ctl.fair, false) OR coalesce(ctl.per_key, false)
+           OR EXISTS (SELECT 1 FROM ctl AS k WHERE k.scope = 'kind' AND k.per_key AND NOT k.paused))
 ), keys AS (
     SELECT w.queue, w.after_key, k.key, k.wrapped, 1 AS pos
     FROM walked AS w
@@ -367,7 +410,7 @@ WITH ctl AS (
     -- holder of the lock but got it after must not move the bucket's time back and be
     -- credited the same interval twice.
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.limited, c.max_concurrency,
-           c.max_per_key, c.fair, t.at,
+           c.max_per_key, c.fair, c.rate_per_key, c.burst_per_key, t.at,
            CASE WHEN c.rate IS NOT NULL THEN
                least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
                      extract(epoch FROM t.at - coalesce(c.refilled_at, t.at))::float8))
@@ -387,7 +430,9 @@ WITH ctl AS (
     GROUP BY 1, 2, 3
 ), room AS (
     -- What each limited kind and queue may start now (0 or less: none); NULL: no bound.
-    SELECT ctl.scope, ctl.name, ctl.max_per_key, ctl.fair,
+    SELECT ctl.scope, ctl.name, ctl.max_per_key, ctl.fair, ctl.rate_per_key,
+           -- The most jobs of one key it may start in one claim.
+           least(ctl.max_per_key, floor(ctl.burst_per_key)::int) AS key_bound,
            least(ctl.max_concurrency - coalesce(r.n, 0), floor(ctl.tokens)::int) AS free
     FROM ctl
     CROSS JOIN LATERAL (
@@ -397,7 +442,7 @@ WITH ctl AS (
     WHERE NOT ctl.paused
 ), open_kinds AS (
     SELECT array_agg(k.kind) AS kinds,
-           bool_or(r.max_per_key IS NOT NULL) AS per_key
+           bool_or(r.key_bound IS NOT NULL) AS per_key
     FROM unnest($2::text[]) AS k(kind)
     LEFT JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind
     WHERE NOT EXISTS (SELECT 1 FROM ctl WHERE scope = 'kind' AND name = k.kind AND paused)
@@ -405,17 +450,17 @@ WITH ctl AS (
 ), open_queues AS (
     -- keyed: jobs are read key by key (fair share or a per-key limit applies).
     SELECT q.queue, least($4, r.free) AS cap, coalesce(r.fair, false) AS fair,
-           r.max_per_key,
-           (coalesce(r.fair, false) OR r.max_per_key IS NOT NULL
+           r.max_per_key, r.key_bound,
+           (coalesce(r.fair, false) OR r.key_bound IS NOT NULL
             OR coalesce((SELECT per_key FROM open_kinds), false)) AS keyed
     FROM unnest($3::text[]) AS q(queue)
     LEFT JOIN room AS r ON r.scope = 'queue' AND r.name = q.queue
     WHERE NOT EXISTS (SELECT 1 FROM ctl WHERE scope = 'queue' AND name = q.queue AND paused)
       AND coalesce(r.free, 1) > 0
 ), kind_key_bound AS MATERIALIZED (
-    -- When every kind claimed has a per-key limit, the most jobs of one key any of them may
-    -- start; else no bound.
-    SELECT bool_and(r.max_per_key IS NOT NULL) AS all_bounded, max(r.max_per_key) AS most
+    -- When every kind claimed has a per-key bound (a limit or a rate), the most jobs of one
+    -- key any of them may start; else no bound.
+    SELECT bool_and(r.key_bound IS NOT NULL) AS all_bounded, max(r.key_bound) AS most
     FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
     LEFT JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind
 ), walk AS (
@@ -424,10 +469,22 @@ WITH ctl AS (
     -- Per key walked, how many of its jobs to read at most: what a key with nothing running
     -- could start (what runs is counted below, with the candidates).
     SELECT w.queue, w.key, w.pos,
-           least(q.cap, q.max_per_key, CASE WHEN kb.all_bounded THEN kb.most END) AS cap
+           least(q.cap, q.key_bound, CASE WHEN kb.all_bounded THEN kb.most END) AS cap
     FROM walk AS w
     JOIN open_queues AS q ON q.queue = w.queue AND q.keyed
     CROSS JOIN kind_key_bound AS kb
+), key_tokens AS MATERIALIZED (
+    -- Under a per-key rate, each key walked: its bucket refilled up to `at` (no row: full).
+    SELECT ctl.scope, ctl.name, w.key, ctl.at, ctl.rate_per_key, ctl.burst_per_key,
+           least(ctl.burst_per_key, coalesce(b.tokens, ctl.burst_per_key)
+                 + ctl.rate_per_key * greatest(0.0,
+                     extract(epoch FROM ctl.at - coalesce(b.refilled_at, ctl.at))::float8))
+               AS tokens
+    FROM ctl
+    JOIN (SELECT DISTINCT key FROM walk) AS w ON true
+    LEFT JOIN jobq_flow_key_buckets AS b
+        ON b.scope = ctl.scope AND b.name = ctl.name AND b.key = w.key
+    WHERE ctl.rate_per_key IS NOT NULL AND NOT ctl.paused
 ), keyed AS (
     -- Per key, its first due jobs in claim order, no more than the key can still start: read,
     -- not locked (the rows picked are locked below). `rk`: each one's turn within its key.
@@ -493,7 +550,11 @@ WITH ctl AS (
            sum(c.w) OVER (PARTITION BY c.kind, c.key ORDER BY c.cand, {_ORDER}
                           ROWS UNBOUNDED PRECEDING) AS n_kind_key,
            sum(c.w) OVER (PARTITION BY c.queue, c.key ORDER BY c.cand, {_ORDER}
-                          ROWS UNBOUNDED PRECEDING) AS n_queue_key
+                          ROWS UNBOUNDED PRECEDING) AS n_queue_key,
+           -- Starts of its key in this claim up to it: what a per-key bucket pays for.
+           row_number() OVER (PARTITION BY c.cand, c.kind, c.key ORDER BY {_ORDER}) AS s_kind_key,
+           row_number() OVER (PARTITION BY c.cand, c.queue, c.key ORDER BY {_ORDER})
+               AS s_queue_key
     FROM (SELECT *, true AS cand, 1 AS w FROM candidates
           UNION ALL
           SELECT NULL, kind, queue, key, 0, NULL, 0, 0, 0, false, n FROM running
@@ -503,11 +564,15 @@ WITH ctl AS (
     FROM ranked AS r
     LEFT JOIN room AS rk ON rk.scope = 'kind' AND rk.name = r.kind
     LEFT JOIN room AS rq ON rq.scope = 'queue' AND rq.name = r.queue
+    LEFT JOIN key_tokens AS tk ON tk.scope = 'kind' AND tk.name = r.kind AND tk.key = r.key
+    LEFT JOIN key_tokens AS tq ON tq.scope = 'queue' AND tq.name = r.queue AND tq.key = r.key
     WHERE r.cand AND r.n_all <= $4
       AND (rk.free IS NULL OR r.n_kind <= rk.free)
       AND (rq.free IS NULL OR r.n_queue <= rq.free)
       AND (r.key IS NULL OR rk.max_per_key IS NULL OR r.n_kind_key <= rk.max_per_key)
       AND (r.key IS NULL OR rq.max_per_key IS NULL OR r.n_queue_key <= rq.max_per_key)
+      AND (tk.tokens IS NULL OR r.s_kind_key <= floor(tk.tokens))
+      AND (tq.tokens IS NULL OR r.s_queue_key <= floor(tq.tokens))
 ), locked AS (
     -- Only the rows picked are locked. A row another claim took meanwhile (or one cancelled)
     -- is skipped: this claim then takes fewer jobs, never more.
@@ -532,6 +597,30 @@ WITH ctl AS (
     FROM ctl
     WHERE c.scope = ctl.scope AND c.name = ctl.name AND ctl.tokens IS NOT NULL
       AND NOT ctl.paused
+    RETURNING 1
+), key_spent AS (
+    -- Tokens each key's bucket paid for this claim's starts, its time moved to `at`.
+    INSERT INTO jobq_flow_key_buckets AS b (scope, name, key, tokens, refilled_at)
+    SELECT t.scope, t.name, t.key, t.tokens - count(*), t.at
+    FROM key_tokens AS t
+    JOIN claimed AS x ON x.concurrency_key = t.key
+        AND CASE t.scope WHEN 'kind' THEN x.kind ELSE x.queue END = t.name
+    GROUP BY t.scope, t.name, t.key, t.tokens, t.at
+    ORDER BY t.scope, t.name, t.key
+    ON CONFLICT (scope, name, key) DO UPDATE
+        SET tokens = excluded.tokens, refilled_at = greatest(b.refilled_at, excluded.refilled_at)
+    RETURNING 1
+), key_pruned AS (
+    -- Buckets refilled since (a full bucket is no row): a few per claim, none it just wrote.
+    DELETE FROM jobq_flow_key_buckets AS b
+    WHERE (b.scope, b.name, b.key) IN (
+        SELECT o.scope, o.name, o.key
+        FROM ctl JOIN jobq_flow_key_buckets AS o ON o.scope = ctl.scope AND o.name = ctl.name
+        WHERE ctl.rate_per_key IS NOT NULL AND NOT ctl.paused
+          AND o.tokens + ctl.rate_per_key
+                * extract(epoch FROM ctl.at - o.refilled_at)::float8 >= ctl.burst_per_key
+          AND NOT EXISTS (SELECT 1 FROM claimed AS x WHERE x.concurrency_key = o.key)
+        LIMIT 16)
     RETURNING 1
 ), moved AS (
     -- The next claim's walk starts after the last key this one took a job from, when it took
@@ -566,9 +655,11 @@ WITH ctl AS (
             )) AS held
 )
 SELECT claimed.*, held.held AS _held,
-       EXISTS (SELECT 1 FROM ctl WHERE NOT paused AND (max_per_key IS NOT NULL
-                                                     OR (scope = 'queue' AND fair))) AS _keyed,
-       (SELECT count(*) FROM spent) + (SELECT count(*) FROM moved) AS _written
+       EXISTS (SELECT 1 FROM ctl WHERE NOT paused
+                   AND (max_per_key IS NOT NULL OR rate_per_key IS NOT NULL
+                        OR (scope = 'queue' AND fair))) AS _keyed,
+       (SELECT count(*) FROM spent) + (SELECT count(*) FROM moved)
+       + (SELECT count(*) FROM key_spent) + (SELECT count(*) FROM key_pruned) AS _written
 FROM held LEFT JOIN claimed ON true
 """
 
@@ -588,7 +679,7 @@ WITH ctl AS (
     GROUP BY 1, 2, 3
 )
 SELECT ctl.scope, ctl.name, ctl.paused_at, ctl.max_concurrency, ctl.max_per_key, ctl.rate,
-       ctl.burst, ctl.fair, ctl.tokens_now,
+       ctl.burst, ctl.fair, ctl.rate_per_key, ctl.burst_per_key, ctl.tokens_now,
        coalesce((SELECT sum(r.n) FROM running AS r
                  WHERE CASE ctl.scope WHEN 'kind' THEN r.kind ELSE r.queue END = ctl.name),
                 0)::int AS running,
@@ -695,6 +786,8 @@ class Flow(Views):
             [r[2].fair for r in rows],
             worker,
             [None if r[2].key_path is None else orjson.dumps(r[2].key_path).decode() for r in rows],
+            [r[2].rate_per_key for r in rows],
+            [r[2].burst_per_key for r in rows],
         )
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.fetchval(_DECLARE, *args)
