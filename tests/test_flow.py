@@ -328,6 +328,15 @@ async def test_a_limited_claim_that_took_all_that_waits_holds_nothing_back(queue
     assert await _held(queue, 10) == (2, False)
 
 
+async def test_a_limited_claim_of_paused_queues_holds_nothing_back(queue: Queue) -> None:
+    # Time does not end a pause (a resume does): nothing to try again soon for.
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=5)}, {})
+    await queue.enqueue_many([NewJob(kind="a"), NewJob(kind="a", queue="other")])
+    await queue.pause("queue", "default")
+    await queue.pause("queue", "other")
+    assert await _held(queue, 10) == (0, False)
+
+
 @pytest.mark.parametrize(
     ("kind_limits", "queue_limits", "key_walk"),
     [

@@ -364,7 +364,7 @@ WITH RECURSIVE ctl AS (
     FROM unnest($2::text[]) AS q(queue)
     LEFT JOIN ctl ON ctl.scope = 'queue' AND ctl.name = q.queue
     LEFT JOIN jobq_flow_cursors AS cur ON cur.queue = q.queue
-    WHERE NOT coalesce(ctl.paused, false)
+    WHERE $3 > 0 AND NOT coalesce(ctl.paused, false)
       AND (coalesce(ctl.fair, false) OR coalesce(ctl.per_key, false)
            OR EXISTS (SELECT 1 FROM ctl AS k WHERE k.scope = 'kind' AND k.per_key AND NOT k.paused))
 ), keys AS (
@@ -377,8 +377,31 @@ WITH RECURSIVE ctl AS (
     CROSS JOIN LATERAL ({_STEP_KEY}) AS k
     -- Stop at the bound, or once around: back at the keys after the cursor.
     WHERE keys.pos < $3 AND NOT (k.wrapped AND k.key > keys.after_key)
+), closed AS (
+    -- The kinds and queues whose limit has no room (or bucket no token) as this snapshot
+    -- sees them, or that are paused. When every kind or every queue claimed is closed the
+    -- claim stops here, without the lock: slots only free up since, so the next claim will
+    -- see them.
+    SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused FROM jobq_flow_controls AS c
+    WHERE ((c.scope = 'kind' AND c.name = ANY($1::text[]))
+           OR (c.scope = 'queue' AND c.name = ANY($2::text[])))
+      AND (c.paused_at IS NOT NULL
+           OR (c.rate IS NOT NULL AND least(c.burst, coalesce(c.tokens, c.burst) + c.rate
+                   * greatest(0.0, extract(epoch FROM clock_timestamp()
+                                           - coalesce(c.refilled_at, now()))::float8)) < 1)
+           OR c.max_concurrency <= (
+               SELECT count(*) FROM jobs AS j
+               WHERE j.status = 'running'
+                 AND CASE c.scope WHEN 'kind' THEN j.kind ELSE j.queue END = c.name))
+), shut AS (
+    SELECT NOT EXISTS (SELECT 1 FROM unnest($1::text[]) AS k(kind)
+                       WHERE (k.kind) NOT IN (SELECT name FROM closed WHERE scope = 'kind'))
+        OR NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS q(queue)
+                       WHERE (q.queue) NOT IN (SELECT name FROM closed WHERE scope = 'queue'))
+           AS shut,
+           EXISTS (SELECT 1 FROM closed WHERE NOT paused) AS full
 )
-SELECT queue, key, pos FROM keys
+SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full FROM shut LEFT JOIN keys ON true
 """
 
 # The second locks the rows of the limits this worker's kinds and queues fall under, in one
@@ -433,6 +456,7 @@ WITH ctl AS (
     SELECT ctl.scope, ctl.name, ctl.max_per_key, ctl.fair, ctl.rate_per_key,
            -- The most jobs of one key it may start in one claim.
            least(ctl.max_per_key, floor(ctl.burst_per_key)::int) AS key_bound,
+           floor(ctl.burst_per_key)::int AS key_burst,
            least(ctl.max_concurrency - coalesce(r.n, 0), floor(ctl.tokens)::int) AS free
     FROM ctl
     CROSS JOIN LATERAL (
@@ -450,29 +474,47 @@ WITH ctl AS (
 ), open_queues AS (
     -- keyed: jobs are read key by key (fair share or a per-key limit applies).
     SELECT q.queue, least($4, r.free) AS cap, coalesce(r.fair, false) AS fair,
-           r.max_per_key, r.key_bound,
+           r.max_per_key, r.key_bound, r.key_burst,
            (coalesce(r.fair, false) OR r.key_bound IS NOT NULL
             OR coalesce((SELECT per_key FROM open_kinds), false)) AS keyed
     FROM unnest($3::text[]) AS q(queue)
     LEFT JOIN room AS r ON r.scope = 'queue' AND r.name = q.queue
     WHERE NOT EXISTS (SELECT 1 FROM ctl WHERE scope = 'queue' AND name = q.queue AND paused)
       AND coalesce(r.free, 1) > 0
+), key_running AS MATERIALIZED (
+    -- The running jobs per (kind, key) and per (queue, key), as two maps: a lookup per key,
+    -- not a join of every key to every running key.
+    SELECT coalesce((SELECT jsonb_object_agg(x.k, x.n) FROM (
+                        SELECT kind || chr(31) || key AS k, sum(n)::int AS n FROM running
+                        WHERE key IS NOT NULL GROUP BY 1) AS x), '{{}}') AS by_kind,
+           coalesce((SELECT jsonb_object_agg(x.k, x.n) FROM (
+                        SELECT queue || chr(31) || key AS k, sum(n)::int AS n FROM running
+                        WHERE key IS NOT NULL GROUP BY 1) AS x), '{{}}') AS by_queue
 ), kind_key_bound AS MATERIALIZED (
-    -- When every kind claimed has a per-key bound (a limit or a rate), the most jobs of one
-    -- key any of them may start; else no bound.
-    SELECT bool_and(r.key_bound IS NOT NULL) AS all_bounded, max(r.key_bound) AS most
+    -- Whether every kind claimed has a per-key bound (a limit or a rate): then a key's reads
+    -- are bounded by what the kinds still let it start.
+    SELECT bool_and(r.key_bound IS NOT NULL) AS all_bounded
     FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
     LEFT JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind
 ), walk AS (
     SELECT * FROM unnest($9::text[], $10::text[], $11::int[]) AS w(queue, key, pos)
 ), key_caps AS MATERIALIZED (
-    -- Per key walked, how many of its jobs to read at most: what a key with nothing running
-    -- could start (what runs is counted below, with the candidates).
-    SELECT w.queue, w.key, w.pos,
-           least(q.cap, q.key_bound, CASE WHEN kb.all_bounded THEN kb.most END) AS cap
+    -- Per key walked, how many of its jobs to read at most: what its per-key bounds still let
+    -- it start (0: a bound is reached).
+    SELECT w.queue, w.key, w.pos, greatest(0, least(
+               q.cap,
+               q.max_per_key - coalesce((kr.by_queue ->> (w.queue || chr(31) || w.key))::int, 0),
+               q.key_burst,
+               CASE WHEN kb.all_bounded THEN (
+                   SELECT max(least(r.max_per_key - coalesce(
+                                        (kr.by_kind ->> (k.kind || chr(31) || w.key))::int, 0),
+                                    r.key_burst))
+                   FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
+                   JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind) END)) AS cap
     FROM walk AS w
     JOIN open_queues AS q ON q.queue = w.queue AND q.keyed
     CROSS JOIN kind_key_bound AS kb
+    CROSS JOIN key_running AS kr
 ), key_tokens AS MATERIALIZED (
     -- Under a per-key rate, each key walked: its bucket refilled up to `at` (no row: full).
     SELECT ctl.scope, ctl.name, w.key, ctl.at, ctl.rate_per_key, ctl.burst_per_key,
@@ -535,30 +577,25 @@ WITH ctl AS (
 ), candidates AS (
     SELECT c.id, c.kind, c.queue, c.key, c.priority, c.run_at, c.pos AS walked,
            CASE WHEN q.fair THEN c.rk ELSE 1 END AS turn,
-           CASE WHEN q.fair THEN c.pos ELSE 0 END AS pos
+           CASE WHEN q.fair THEN c.pos ELSE 0 END AS pos,
+           coalesce((kr.by_kind ->> (c.kind || chr(31) || c.key))::int, 0) AS kind_key_running,
+           coalesce((kr.by_queue ->> (c.queue || chr(31) || c.key))::int, 0) AS queue_key_running
     FROM (SELECT * FROM keyed UNION ALL SELECT * FROM unkeyed UNION ALL SELECT * FROM plain) AS c
     JOIN open_queues AS q ON q.queue = c.queue
+    CROSS JOIN key_running AS kr
 ), ranked AS (
     -- Each candidate's place under every bound it falls under, in claim order; under a per-key
-    -- bound, after the jobs of its key that run now (`w`: how many a row stands for). A
-    -- candidate turned down by one bound still takes a place under the others: a claim may
-    -- take fewer than it could, never more.
+    -- bound, counted after the jobs of its key that run now. A candidate turned down by one
+    -- bound still takes a place under the others: a claim may take fewer than it could, never
+    -- more.
     SELECT c.*,
-           row_number() OVER (PARTITION BY c.cand ORDER BY {_ORDER}) AS n_all,
-           row_number() OVER (PARTITION BY c.cand, c.kind ORDER BY {_ORDER}) AS n_kind,
-           row_number() OVER (PARTITION BY c.cand, c.queue ORDER BY {_ORDER}) AS n_queue,
-           sum(c.w) OVER (PARTITION BY c.kind, c.key ORDER BY c.cand, {_ORDER}
-                          ROWS UNBOUNDED PRECEDING) AS n_kind_key,
-           sum(c.w) OVER (PARTITION BY c.queue, c.key ORDER BY c.cand, {_ORDER}
-                          ROWS UNBOUNDED PRECEDING) AS n_queue_key,
-           -- Starts of its key in this claim up to it: what a per-key bucket pays for.
-           row_number() OVER (PARTITION BY c.cand, c.kind, c.key ORDER BY {_ORDER}) AS s_kind_key,
-           row_number() OVER (PARTITION BY c.cand, c.queue, c.key ORDER BY {_ORDER})
-               AS s_queue_key
-    FROM (SELECT *, true AS cand, 1 AS w FROM candidates
-          UNION ALL
-          SELECT NULL, kind, queue, key, 0, NULL, 0, 0, 0, false, n FROM running
-          WHERE key IS NOT NULL) AS c
+           row_number() OVER (ORDER BY {_ORDER}) AS n_all,
+           row_number() OVER (PARTITION BY c.kind ORDER BY {_ORDER}) AS n_kind,
+           row_number() OVER (PARTITION BY c.queue ORDER BY {_ORDER}) AS n_queue,
+           -- Starts of its key in this claim up to it (what a per-key bucket pays for).
+           row_number() OVER (PARTITION BY c.kind, c.key ORDER BY {_ORDER}) AS s_kind_key,
+           row_number() OVER (PARTITION BY c.queue, c.key ORDER BY {_ORDER}) AS s_queue_key
+    FROM candidates AS c
 ), picked AS (
     SELECT r.id, r.turn, r.pos, r.walked
     FROM ranked AS r
@@ -566,11 +603,13 @@ WITH ctl AS (
     LEFT JOIN room AS rq ON rq.scope = 'queue' AND rq.name = r.queue
     LEFT JOIN key_tokens AS tk ON tk.scope = 'kind' AND tk.name = r.kind AND tk.key = r.key
     LEFT JOIN key_tokens AS tq ON tq.scope = 'queue' AND tq.name = r.queue AND tq.key = r.key
-    WHERE r.cand AND r.n_all <= $4
+    WHERE r.n_all <= $4
       AND (rk.free IS NULL OR r.n_kind <= rk.free)
       AND (rq.free IS NULL OR r.n_queue <= rq.free)
-      AND (r.key IS NULL OR rk.max_per_key IS NULL OR r.n_kind_key <= rk.max_per_key)
-      AND (r.key IS NULL OR rq.max_per_key IS NULL OR r.n_queue_key <= rq.max_per_key)
+      AND (r.key IS NULL OR rk.max_per_key IS NULL
+           OR r.kind_key_running + r.s_kind_key <= rk.max_per_key)
+      AND (r.key IS NULL OR rq.max_per_key IS NULL
+           OR r.queue_key_running + r.s_queue_key <= rq.max_per_key)
       AND (tk.tokens IS NULL OR r.s_kind_key <= floor(tk.tokens))
       AND (tq.tokens IS NULL OR r.s_queue_key <= floor(tq.tokens))
 ), locked AS (
@@ -641,6 +680,7 @@ WITH ctl AS (
     -- tries again soon (slots and tokens free up without a NOTIFY); else, like the plain
     -- claim, it waits for a NOTIFY or the poll.
     SELECT $12::bool
+        OR EXISTS (SELECT 1 FROM key_caps WHERE cap = 0)
         OR (SELECT count(*) FROM candidates) > (SELECT count(*) FROM picked)
         OR EXISTS (SELECT 1 FROM open_queues AS q
                    WHERE NOT q.keyed AND q.cap < $4
@@ -843,11 +883,14 @@ class Flow(Views):
         per_kind = max_attempts or {}
         walk_bound = KEY_WALK
         async with self.pool.acquire() as conn, conn.transaction():
-            walked = (
-                await conn.fetch(_WALK_KEYS, list(kinds), list(queues), walk_bound)
-                if walk_keys
-                else []
+            walked = await conn.fetch(
+                _WALK_KEYS, list(kinds), list(queues), walk_bound if walk_keys else 0
             )
+            if walked[0]["shut"]:
+                # Every kind or every queue is paused or has no room: nothing to lock for.
+                # Room frees up without a NOTIFY (a pause ends with one).
+                return LimitedClaim([], held_back=walked[0]["full"], keyed=walk_keys)
+            walked = [w for w in walked if w["key"] is not None]
             await conn.execute(_LOCK_LIMITS, list(kinds), list(queues))
             rows = await conn.fetch(
                 _CLAIM_LIMITED,
