@@ -106,6 +106,19 @@ async def test_stats_lists_kinds_failing_most_with_their_latest_error(
     assert failing[0]["last_error"] == "RuntimeError: latest"
 
 
+async def test_the_terminal_report_shows_control_characters_of_an_error_escaped(
+    queue: Queue,
+) -> None:
+    # A handler's error can echo its payload: ESC and BEL reached the operator's terminal.
+    from jobq import stats as stats_module
+
+    await fail_for_good(queue, "echoes", "RuntimeError: \x1b]0;owned\x07\x1b[2Jok \u202eevil")
+    report = stats_module.render_text(await stats_module.collect(queue))
+    assert "failing: echoes" in report
+    assert "\\u001b]0;owned\\u0007\\u001b[2Jok \\u202eevil" in report
+    assert not any(ch in report for ch in "\x1b\x07\u202e")
+
+
 async def test_stats_lists_waiting_jobs_no_live_worker_handles(
     queue: Queue, client: httpx.AsyncClient
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -204,4 +205,16 @@ def render_text(body: dict[str, Any]) -> str:
         f"workers: {len(workers)} live"
         + (f" ({', '.join(w['worker_id'] for w in workers)})" if workers else "")
     )
-    return "\n".join(out)
+    return _TERMINAL_CONTROLS.sub(_escaped, "\n".join(out))
+
+
+# Errors are text a job's payload can choose (a handler echoing its input): printed as they
+# are, escape sequences would clear the operator's screen, retitle it or write the clipboard.
+# Bidirectional overrides would reorder what is shown.
+_TERMINAL_CONTROLS = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\u{ord(match[0]):04x}"
