@@ -471,18 +471,18 @@ async def bench_wait(admin: str, a: argparse.Namespace) -> None:
         app = "jobq_bench_api"
         api_dsn = f"{dsn}{'&' if '?' in dsn else '?'}application_name={app}"
         env = {"JOBQ_HTTP_MAX_CONNECTIONS": str(n + 100), "JOBQ_POOL_MAX_SIZE": "10"}
-        async with api(api_dsn, port, env):
+        async with api(api_dsn, port, env) as proc:
             pool = await db.create_pool(dsn, min_size=1, max_size=4)
             queue = Queue(pool)
             try:
                 for mode in ("paced", "burst"):
-                    await run_waiters(queue, port, app, n, mode)
+                    await run_waiters(queue, port, app, n, mode, proc.pid)
                     await pool.execute("TRUNCATE jobs, jobs_history")
             finally:
                 await pool.close()
 
 
-async def run_waiters(queue: Queue, port: int, app: str, n: int, mode: str) -> None:
+async def run_waiters(queue: Queue, port: int, app: str, n: int, mode: str, api_pid: int) -> None:
     """The waiters are a process of their own (`--waiter-client`), so that taking their
     answers' arrival times does not compete with the completions sent from here."""
     ids = await queue.enqueue_many([NewJob("noop", {"i": i}) for i in range(n)])
@@ -519,6 +519,7 @@ async def run_waiters(queue: Queue, port: int, app: str, n: int, mode: str) -> N
     # When each job's completion statement returned: it committed before then. (finished_at
     # is the statement's start, now(): a statement ending 1,000 jobs takes a while itself.)
     returned: dict[uuid.UUID, float] = {}
+    api_cpu = _cpu_seconds(api_pid)
     t0 = time.monotonic()
     if mode == "burst":  # every job ends in one statement
         await queue.complete_many([(lease_of(j), "1") for j in jobs])
@@ -531,6 +532,8 @@ async def run_waiters(queue: Queue, port: int, app: str, n: int, mode: str) -> N
                 await sample()
             await asyncio.sleep(max(0.0, t0 + (s + 10) / 1000 - time.monotonic()))
     out, _ = await asyncio.wait_for(client.communicate(), 120)
+    # Hearing the endings, reading the jobs, writing the answers: the API's CPU per answer.
+    api_cpu = _cpu_seconds(api_pid) - api_cpu
     received: dict[uuid.UUID, float] = {}
     statuses: list[str] = []
     for line in out.decode().splitlines():
@@ -573,6 +576,7 @@ async def run_waiters(queue: Queue, port: int, app: str, n: int, mode: str) -> N
                 "p50": r(pct(statement, 50), 1),
                 "max": r(max(statement), 1),
             },
+            "api_cpu_ms_per_answer": r(api_cpu * 1000 / n, 3),
             # Connections of the API process seen running the waiters' statements (LISTEN,
             # the marks, the shared reads), and all it had (its pool also serves the rollup
             # compactor and /readyz).
