@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 
 from jobq import Middleware, NewJob, Registry
 from jobq.api.app import create_app
+from jobq.api.server import _HeadersWithBody
 from jobq.settings import Settings
 from tests.helpers import wait_for
 from tests.servers import serve_in_process, start_api, stop, wait_ready
@@ -213,6 +215,44 @@ async def test_pipelined_requests_on_one_connection_are_all_answered(base: str) 
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" * 3)
         raw = await read_to_eof(reader)
     assert raw.count(b"HTTP/1.1 200 OK") == 3
+
+
+def test_an_answer_goes_out_in_one_write_with_its_status_line_and_headers() -> None:
+    writes: list[bytes] = []
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            writes.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+    cycle = SimpleNamespace(response_started=False)
+    transport = _HeadersWithBody(Transport(), cycle)  # type: ignore[arg-type]
+    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the answer: sent at once
+    assert writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    cycle.response_started = True
+    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    assert len(writes) == 1
+    transport.write(b"{}")
+    assert writes[1:] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+
+
+async def test_a_client_that_expects_100_continue_gets_it_before_it_sends_the_body(
+    base: str,
+) -> None:
+    body = b'{"kind": "echo"}'
+    async with connect(base) as (reader, writer):
+        writer.write(
+            b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        line = await asyncio.wait_for(reader.readline(), DEADLINE)
+        assert line == b"HTTP/1.1 100 Continue\r\n"
+        assert await asyncio.wait_for(reader.readline(), DEADLINE) == b"\r\n"
+        writer.write(body)
+        status = await asyncio.wait_for(reader.readline(), DEADLINE)
+        assert status.split()[1] in (b"201", b"422")  # answered, whatever the kind
 
 
 async def test_connections_beyond_the_limit_get_503_with_retry_after(base: str) -> None:

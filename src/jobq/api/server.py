@@ -150,6 +150,10 @@ class JobqHttpProtocol(HttpToolsProtocol):
             self.settings.http_body_timeout_seconds, self._on_body_timeout
         )
         super().on_headers_complete()
+        if self.cycle is not None:  # the cycle this request made (its task has not run yet)
+            self.cycle.transport = cast(
+                asyncio.Transport, _HeadersWithBody(self.transport, self.cycle)
+            )
 
     def on_message_complete(self) -> None:
         if self._body_timer is not None:
@@ -261,6 +265,41 @@ class JobqHttpProtocol(HttpToolsProtocol):
             if name == b"x-request-id" and _REQUEST_ID.match(value):
                 return value.decode("ascii")
         return uuid.uuid4().hex
+
+
+class _HeadersWithBody:
+    """The transport as one request's cycle sees it: the status line and headers are written
+    with the body's first part, in one write, instead of in a write of their own. Each write
+    is a system call here, a segment on the wire and a wake-up of the client: for a small
+    answer (a job), the second costs about as much as the rest of sending it."""
+
+    __slots__ = ("_cycle", "_headers_seen", "_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._held: bytes | None = None
+        self._headers_seen = False
+
+    def write(self, data: bytes) -> None:
+        if not self._headers_seen and self._cycle.response_started:
+            # The first write once the response has started is its status line and headers
+            # (an earlier one, "100 Continue", goes out at once).
+            self._headers_seen = True
+            self._held = data
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._held is not None and not self._transport.is_closing():
+            self._transport.write(self._held)  # a response cut short: what it had, then close
+        self._held = None
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def _header_too_large(settings: Settings) -> tuple[int, str, str]:
