@@ -113,6 +113,8 @@ async def test_enqueue_notifies_workers(queue: Queue, dsn: str) -> None:
         (NewJob(kind="echo", idempotency_key="k" * 256), "idempotency_key"),
         (NewJob(kind="echo", idempotency_key="caf\u00e9"), "idempotency_key"),
         (NewJob(kind="echo", concurrency_key="a\ud800b"), "concurrency_key"),
+        (NewJob(kind="echo", queue=".."), "queue"),
+        (NewJob(kind="."), "kind"),
     ],
 )
 async def test_invalid_jobs_are_rejected_and_nothing_is_stored(

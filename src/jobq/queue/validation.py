@@ -34,6 +34,9 @@ def _check_name(field: str, value: object) -> str:
         raise InvalidJob(field, f"must be at most {MAX_NAME_LENGTH} characters")
     if not value.isprintable():
         raise InvalidJob(field, "must not contain control characters")
+    if value in (".", ".."):
+        # Browsers and most HTTP clients resolve them away in /queues/{name}/pause.
+        raise InvalidJob(field, "must not be '.' or '..': no URL path can name it")
     return value
 
 
