@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from jobq.queue import Queue
+from jobq.queue import Limits, Queue
 from tests.helpers import ROOT, wait_for, worker_process
 from tests.servers import free_port, start_api, stop, wait_ready
 
@@ -263,6 +263,33 @@ async def test_overview_lists_periodic_schedules_with_their_next_run(
     await queue.pool.execute("TRUNCATE jobq_schedules")
 
 
+async def test_overview_lists_a_paused_kind_and_its_resume_button_resumes_it(
+    page: Page, api: httpx.AsyncClient, base_url: str, queue: Queue
+) -> None:
+    await queue.pause("kind", "report.build")
+    try:
+        await page.goto(f"{base_url}/ui")
+        item = page.locator('#flow li[data-paused-kind="report.build"]')
+        await expect(item).to_contain_text("report.build is paused")
+        await item.locator("button[data-resume-kind]").click()
+        await expect(item).to_have_count(0)
+        assert not [s for s in await queue.flow_states() if s.name == "report.build" and s.paused]
+    finally:
+        await queue.resume("kind", "report.build")
+
+
+async def test_overview_lists_a_limit_with_what_runs_under_it(
+    page: Page, api: httpx.AsyncClient, base_url: str, queue: Queue
+) -> None:
+    await queue.declare_limits("w", {"echo": Limits(max_concurrency=3, max_per_key=2)}, {})
+    try:
+        await page.goto(f"{base_url}/ui")
+        item = page.locator('#flow li[data-limit="kind/echo"]')
+        await expect(item).to_contain_text("0 running of 3 · at most 2 per key")
+    finally:
+        await queue.pool.execute("DELETE FROM jobq_flow_controls WHERE name = 'echo'")
+
+
 # -- loading and failure states ------------------------------------------------------------
 
 ALL_CLEAR = [
@@ -270,6 +297,7 @@ ALL_CLEAR = [
     "No failures.",
     "Every waiting job has a worker.",
     "No worker is running.",
+    "No kind is paused and no limit is declared.",
 ]
 
 

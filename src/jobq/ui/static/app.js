@@ -364,6 +364,7 @@
         el("div", { class: "muted" }, `kinds: ${w.kinds.join(", ")} · queues: ${w.queues.join(", ")} · since ${fmtTime(w.started_at)}`),
       ),
     );
+    renderFlow(stats);
     const schedules = (stats.schedules || []).map((p) => ({ ...p, declared_at: undefined }));
     renderList("schedules", schedules, "No periodic schedule is declared by a running worker.", (p) =>
       el(
@@ -386,9 +387,53 @@
     );
   }
 
+  // Paused kinds (with a Resume button) and every declared limit with what runs under it:
+  // why jobs wait although workers are idle.
+  function renderFlow(stats) {
+    const paused = (stats.paused_kinds || []).map((kind) => ({ paused: kind }));
+    const limits = (stats.limits || []).map((l) => ({ limit: l }));
+    renderList("flow", [...paused, ...limits], "No kind is paused and no limit is declared.", (item) => {
+      if (item.paused !== undefined) {
+        const kind = item.paused;
+        const button = el("button", { type: "button", class: "pause", "data-resume-kind": kind }, "Resume");
+        button.addEventListener("click", () => resumeKind(button, kind));
+        return el(
+          "li",
+          { "data-paused-kind": kind },
+          el("div", { class: "head" }, el("span", {}, "kind ", el("strong", {}, jobsLink({ kind }, kind)), " is paused"), button),
+        );
+      }
+      const l = item.limit;
+      const bounds = [l.max_concurrency ? `${l.running} running of ${l.max_concurrency}` : `${l.running} running`];
+      if (l.max_per_key) {
+        const top = l.keys.slice(0, 5).map((k) => `${k.key}=${k.running}`).join(", ");
+        bounds.push(`at most ${l.max_per_key} per key${top ? ` (${top})` : ""}`);
+      }
+      if (l.rate_per_second) bounds.push(`${l.rate_per_second}/s, bucket of ${l.burst}`);
+      if (l.fair) bounds.push("fair share");
+      const filter = l.scope === "kind" ? { kind: l.name } : { queue: l.name };
+      return el(
+        "li",
+        { "data-limit": `${l.scope}/${l.name}` },
+        el("div", { class: "head" }, el("span", {}, `${l.scope} `, el("strong", {}, jobsLink(filter, l.name))), el("span", { class: "muted" }, bounds.join(" · "))),
+      );
+    });
+  }
+
+  async function resumeKind(button, kind) {
+    button.disabled = true;
+    try {
+      await api(`/kinds/${encodeURIComponent(kind)}/resume`, { method: "POST" });
+      button.closest("li").remove();
+    } catch (err) {
+      if (!(err instanceof AuthNeeded)) button.title = err.message;
+      button.disabled = false;
+    }
+  }
+
   // Until the first answer, every card says it is loading; when /stats fails, every card says
   // so (and data already shown is marked stale): never an all-clear the page does not know.
-  const OVERVIEW_LISTS = ["failing", "unhandled", "workers", "schedules"];
+  const OVERVIEW_LISTS = ["failing", "unhandled", "workers", "schedules", "flow"];
 
   function overviewFailed(message) {
     const loaded = document.body.dataset.stats === "loaded" || document.body.dataset.stats === "stale";
