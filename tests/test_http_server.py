@@ -238,6 +238,16 @@ def test_an_answer_goes_out_in_one_write_with_its_status_line_and_headers() -> N
     assert writes[1:] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
 
 
+def test_a_large_answer_is_not_copied_to_join_its_headers() -> None:
+    writes: list[bytes] = []
+    cycle = SimpleNamespace(response_started=True)
+    transport = _HeadersWithBody(SimpleNamespace(write=writes.append), cycle)  # type: ignore[arg-type]
+    body = b"x" * (1 << 20)
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    transport.write(body)
+    assert writes[0] == b"HTTP/1.1 200 OK\r\n\r\n" and writes[1] is body
+
+
 async def test_a_client_that_expects_100_continue_gets_it_before_it_sends_the_body(
     base: str,
 ) -> None:

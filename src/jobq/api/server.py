@@ -267,6 +267,10 @@ class JobqHttpProtocol(HttpToolsProtocol):
         return uuid.uuid4().hex
 
 
+# The largest body an answer's headers are joined to (larger ones are written after them).
+_JOIN_AT_MOST = 64 * 1024
+
+
 class _HeadersWithBody:
     """The transport as one request's cycle sees it: the status line and headers are written
     with the body's first part, in one write, instead of in a write of their own. Each write
@@ -288,8 +292,12 @@ class _HeadersWithBody:
             self._headers_seen = True
             self._held = data
             return
-        if self._held is not None:
-            data, self._held = self._held + data, None
+        held, self._held = self._held, None
+        if held is not None:
+            if len(data) > _JOIN_AT_MOST:  # a large body: a copy of it would cost more
+                self._transport.write(held)
+            else:
+                data = held + data
         self._transport.write(data)
 
     def close(self) -> None:
