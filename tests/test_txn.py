@@ -467,6 +467,33 @@ def test_a_sync_enqueue_refuses_installed_middleware_with_only_an_async_hook_and
     assert count_jobs(dsn) == 0
 
 
+def test_a_sync_enqueue_runs_the_middleware_it_is_given_such_as_a_registrys(
+    queue: Queue, dsn: str
+) -> None:
+    with psycopg.connect(dsn) as conn:
+        one = txn.enqueue_sync(conn, NewJob("echo", {"n": 1}), middleware=[TagPayload()])
+        (many,) = txn.enqueue_many_sync(conn, [NewJob("echo", {"n": 2})], middleware=[TagPayload()])
+        stored = conn.execute("SELECT payload FROM jobs WHERE id = %s", [many.id]).fetchone()
+    assert one.job.payload == {"n": 1, "by": "sync"}
+    assert stored == ({"n": 2, "by": "sync"},)
+
+
+async def test_an_async_enqueue_runs_the_middleware_it_is_given_such_as_a_registrys(
+    queue: Queue, dsn: str
+) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            one = await txn.enqueue(conn, NewJob("echo", {"n": 1}), middleware=[TagPayload()])
+            (many,) = await txn.enqueue_many(
+                conn, [NewJob("echo", {"n": 2})], middleware=[TagPayload()]
+            )
+    finally:
+        await conn.close()
+    assert one.job.payload == {"n": 1, "by": "async"}
+    assert (await queue.get(many.id)).payload == {"n": 2, "by": "async"}
+
+
 # -- what holds whatever the driver --------------------------------------------------------
 
 

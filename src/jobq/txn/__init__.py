@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from jobq import middleware
+from jobq.middleware import Middleware, around_enqueue, around_enqueue_sync, as_middleware
 from jobq.queue.inserts import (
     Row,
     Statement,
@@ -46,7 +46,11 @@ __all__ = ["enqueue", "enqueue_many", "enqueue_many_sync", "enqueue_sync"]
 
 
 async def enqueue(
-    conn: Any, job: NewJob, *, idempotency_window: timedelta | None = None
+    conn: Any,
+    job: NewJob,
+    *,
+    idempotency_window: timedelta | None = None,
+    middleware: Sequence[Middleware] = (),
 ) -> EnqueueResult:
     """Insert one job in `conn`'s current transaction (see the module's docstring).
 
@@ -54,24 +58,30 @@ async def enqueue(
     (`created=False`), and a different request raises IdempotencyConflict, as `Queue.enqueue`
     does. `idempotency_window`: how long a key is remembered at least; default
     JOBQ_IDEMPOTENCY_WINDOW (24h). Goes through the process-wide enqueue middleware
-    (`jobq.middleware.install`, e.g. jobq.otel), if any; the sync forms through their
-    `enqueue_sync` hooks."""
+    (`jobq.middleware.install`, e.g. jobq.otel), then `middleware` (e.g. a registry's,
+    `registry.middleware`); the sync forms through their `enqueue_sync` hooks."""
+    own = _own(middleware)
     window = _window(idempotency_window)
 
     async def store(jobs: list[NewJob]) -> tuple[EnqueueResult, list[uuid.UUID]]:
         result = await _run(conn, enqueue_steps(jobs[0], window))
         return result, [result.job.id]
 
-    return await middleware.around_enqueue((), [job], store)
+    return await around_enqueue(own, [job], store)
 
 
 async def enqueue_many(
-    conn: Any, jobs: Sequence[NewJob], *, idempotency_window: timedelta | None = None
+    conn: Any,
+    jobs: Sequence[NewJob],
+    *,
+    idempotency_window: timedelta | None = None,
+    middleware: Sequence[Middleware] = (),
 ) -> list[BulkEnqueued]:
     """Insert many jobs in one statement in `conn`'s current transaction; each job's id and
     whether this call created it, in input order. Every job is validated before anything runs;
     an idempotency conflict raises IdempotencyConflict (roll back to drop the rest). Goes
-    through the process-wide enqueue middleware, as `enqueue` does."""
+    through the process-wide enqueue middleware and `middleware`, as `enqueue` does."""
+    own = _own(middleware)
     checked = [validate(j) for j in jobs]
     if not checked:
         return []
@@ -81,15 +91,21 @@ async def enqueue_many(
         stored = await _run(conn, insert_batch_steps([validate(j) for j in changed], window))
         return stored, [s.id for s in stored]
 
-    return await middleware.around_enqueue((), checked, store)
+    return await around_enqueue(own, checked, store)
 
 
 def enqueue_sync(
-    conn: Any, job: NewJob, *, idempotency_window: timedelta | None = None
+    conn: Any,
+    job: NewJob,
+    *,
+    idempotency_window: timedelta | None = None,
+    middleware: Sequence[Middleware] = (),
 ) -> EnqueueResult:
     """`enqueue` for sync drivers: psycopg `Connection`, SQLAlchemy `Session`/`Connection`,
-    Django's connection. The process-wide enqueue middleware runs through its `enqueue_sync`
-    hooks; one with an async `enqueue` hook only is a TypeError, before any statement."""
+    Django's connection. The process-wide enqueue middleware, then `middleware`, run through
+    their `enqueue_sync` hooks; one with an async `enqueue` hook only is a TypeError, before
+    any statement."""
+    own = _own(middleware)
     window = _window(idempotency_window)
     fetch = adapters.sync(conn)
 
@@ -97,13 +113,18 @@ def enqueue_sync(
         result = run_steps_sync(enqueue_steps(jobs[0], window), fetch)
         return result, [result.job.id]
 
-    return middleware.around_enqueue_sync((), [job], store)
+    return around_enqueue_sync(own, [job], store)
 
 
 def enqueue_many_sync(
-    conn: Any, jobs: Sequence[NewJob], *, idempotency_window: timedelta | None = None
+    conn: Any,
+    jobs: Sequence[NewJob],
+    *,
+    idempotency_window: timedelta | None = None,
+    middleware: Sequence[Middleware] = (),
 ) -> list[BulkEnqueued]:
     """`enqueue_many` for sync drivers, through the middleware as `enqueue_sync` is."""
+    own = _own(middleware)
     checked = [validate(j) for j in jobs]
     if not checked:
         return []
@@ -116,12 +137,16 @@ def enqueue_many_sync(
         stored = run_steps_sync(insert_batch_steps(again, window), fetch)
         return stored, [s.id for s in stored]
 
-    return middleware.around_enqueue_sync((), checked, store)
+    return around_enqueue_sync(own, checked, store)
 
 
 async def _run(conn: Any, steps: Steps[T]) -> T:
     fetch = adapters.asynchronous(conn)
     return await run_steps(steps, fetch)
+
+
+def _own(middleware: Sequence[Middleware]) -> tuple[Middleware, ...]:
+    return tuple(as_middleware(m) for m in middleware)
 
 
 def _window(window: timedelta | None) -> timedelta:
