@@ -45,6 +45,12 @@ def test_json_that_would_be_read_differently_or_rounded_is_refused(text: bytes, 
     assert refused.value.error == error
 
 
+def test_a_key_given_twice_deeper_than_orjson_writes_is_refused() -> None:
+    with pytest.raises(wire.WireError) as refused:
+        wire.loads("[" * 300 + '{"a": 1, "a": 2}' + "]" * 300)
+    assert refused.value.error == "duplicate_key"
+
+
 @pytest.mark.parametrize(
     "text",
     [
