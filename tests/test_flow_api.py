@@ -22,6 +22,10 @@ registry = Registry()
 async def tenant_task(ctx: object, payload: dict) -> None: ...
 
 
+@registry.handler("account.task", concurrency_key=("account", "id"), max_per_key=1)
+async def account_task(ctx: object, payload: dict) -> None: ...
+
+
 @pytest.fixture
 async def client(queue: Queue, pool: asyncpg.Pool) -> AsyncIterator[httpx.AsyncClient]:
     async with make_client(create_app(Settings(), pool=pool, registry=registry)) as c:
@@ -178,3 +182,30 @@ async def test_a_concurrency_key_given_stands_when_the_handler_derives_none_from
     r = await client.post("/jobs", json=body)
     assert r.status_code == 201, r.text
     assert r.json()["concurrency_key"] == "t"
+
+
+@pytest.mark.parametrize("tenant", [1.5, "k" * 256, "a\u0085b"])
+async def test_an_unusable_derived_key_is_reported_at_the_payload_field_it_came_from(
+    client: httpx.AsyncClient, tenant: object
+) -> None:
+    r = await client.post("/jobs", json={"kind": "tenant.task", "payload": {"tenant": tenant}})
+    problem = assert_problem(r, 422, "validation_error")
+    assert [e["loc"] for e in problem["errors"]] == [["body", "payload", "tenant"]]
+
+
+async def test_an_unusable_key_from_a_nested_field_is_reported_at_that_field(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {"kind": "account.task", "payload": {"account": {"id": 2.5}}}
+    problem = assert_problem(await client.post("/jobs", json=body), 422, "validation_error")
+    assert [e["loc"] for e in problem["errors"]] == [["body", "payload", "account", "id"]]
+
+
+async def test_an_unusable_derived_key_in_a_batch_is_reported_at_its_item_s_payload_field(
+    client: httpx.AsyncClient,
+) -> None:
+    jobs = [{"kind": "tenant.task", "payload": {"tenant": "ok"}},
+            {"kind": "tenant.task", "payload": {"tenant": 1.5}}]  # fmt: skip
+    r = await client.post("/jobs/batch", json={"jobs": jobs})
+    problem = assert_problem(r, 422, "validation_error")
+    assert [e["loc"] for e in problem["errors"]] == [["body", "jobs", 1, "payload", "tenant"]]

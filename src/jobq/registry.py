@@ -54,6 +54,16 @@ def key_path_of(source: object, where: str) -> tuple[str, ...] | None:
     return path
 
 
+class KeyUnusable(InvalidJob):
+    """The concurrency key a handler derives from a payload cannot be used. `path`: the
+    payload field it was read from (empty when a function derived it), where an API reports
+    it: the client sent that field, not a `concurrency_key`."""
+
+    def __init__(self, message: str, path: tuple[str, ...] = ()) -> None:
+        super().__init__("concurrency_key", message)
+        self.path = path
+
+
 class JobCancelled(Exception):
     """Raised inside a handler (by `ctx.raise_if_cancelled()`) to stop for a cancel request."""
 
@@ -186,28 +196,32 @@ class Handler:
 
     def key_of(self, payload: dict[str, Any]) -> str | None:
         """The concurrency key of a job of this kind with this payload, from the handler's
-        `concurrency_key`; None when it declares none or the payload has none."""
+        `concurrency_key`; None when it declares none or the payload has none. KeyUnusable
+        when it derives a value that is no key."""
         source = self.concurrency_key
         if source is None:
             return None
+        path: tuple[str, ...] = ()
         try:
             if callable(source):
                 key = source(payload)
             else:
+                path = (source,) if isinstance(source, str) else source
                 key = payload
-                for name in (source,) if isinstance(source, str) else source:
+                for name in path:
                     key = key.get(name) if isinstance(key, dict) else None
         except Exception as exc:
-            raise InvalidJob(
-                "concurrency_key", f"the handler's concurrency_key function failed: {exc!r}"
-            ) from None
+            raise KeyUnusable(f"the handler's concurrency_key function failed: {exc!r}") from None
         if key is None:
             return None
         if isinstance(key, bool) or not isinstance(key, str | int):
-            raise InvalidJob(
-                "concurrency_key", f"must come out a string or an integer, got {type(key).__name__}"
+            raise KeyUnusable(
+                f"must come out a string or an integer, got {type(key).__name__}", path
             )
-        return check_concurrency_key(str(key))
+        try:
+            return check_concurrency_key(str(key))
+        except InvalidJob as exc:
+            raise KeyUnusable(exc.message, path) from None
 
     def backoff_with(self, configured: Backoff) -> Backoff:
         """This handler's backoff: its own bounds, the configured ones where it sets none."""

@@ -38,7 +38,7 @@ from jobq.queue import (
     check_idempotency_key,
     clamp_limit,
 )
-from jobq.registry import Handler, PayloadInvalid, Registry
+from jobq.registry import Handler, KeyUnusable, PayloadInvalid, Registry
 
 T = TypeVar("T")
 
@@ -228,6 +228,22 @@ def _derived_or_none(handler: Handler, payload: dict[str, Any]) -> str | None:
         return None
 
 
+def _derived_key(handler: Handler, payload: dict[str, Any]) -> str | None:
+    """The key the handler derives; a value that is no key is reported at the payload field it
+    came from (at the payload, from a function), the field the client sent."""
+    try:
+        return handler.key_of(payload)
+    except KeyUnusable as exc:
+        where = ".".join(("payload", *exc.path))
+        raise ProblemError(
+            422,
+            "validation_error",
+            f"{where}: the concurrency key derived from it {exc.message}",
+            errors=[{"loc": ["body", "payload", *exc.path], "msg": exc.message,
+                     "type": "invalid_concurrency_key"}],
+        ) from None  # fmt: skip
+
+
 def new_job(
     body: Any,
     header_key: str | None,
@@ -283,7 +299,7 @@ def job_of(
             max_attempts = handler.max_attempts
         kind_unique = handler.unique
         if concurrency_key is None:
-            concurrency_key = handler.key_of(req.payload)
+            concurrency_key = _derived_key(handler, req.payload)
         elif (derived := _derived_or_none(handler, req.payload)) not in (None, concurrency_key):
             # A key given that the handler would not give puts the job under another tenant's
             # limits: refused, not silently preferred (docs/flow-control.md).
