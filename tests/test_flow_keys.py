@@ -6,10 +6,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import asyncpg
+import orjson
 import pytest
 
 from jobq import txn
-from jobq.queue import Limits, NewJob, Queue
+from jobq.queue import InvalidJob, Limits, NewJob, Queue
 from jobq.registry import Registry
 
 BY_TENANT = Limits(key_path=("tenant",))
@@ -131,6 +132,50 @@ async def test_the_database_derives_the_key_the_handler_derives(queue: Queue) ->
     for payload in payloads:
         stored = (await queue.enqueue(NewJob(kind="a", payload=payload))).job.concurrency_key
         assert stored == registry["a"].key_of(payload)
+
+
+def _handler_key(registry: Registry, kind: str, payload: dict) -> str | None:
+    """The key the registry derives, None where it refuses the value."""
+    try:
+        return registry[kind].key_of(payload)
+    except InvalidJob:
+        return None
+
+
+@pytest.mark.parametrize(
+    "value", [1e16, 1e20, 100.0, -0.0, 1.5, 10**18, -(10**18), 0, 7, "7", "1e2"]
+)
+async def test_the_database_and_the_handler_agree_on_the_key_of_a_number(
+    queue: Queue, value: object
+) -> None:
+    registry = _tenant_registry()
+    await _declare(queue, registry.kind_limits, {})
+    payload = {"tenant": value}
+    stored = (await queue.enqueue(NewJob(kind="a", payload=payload))).job.concurrency_key
+    assert stored == _handler_key(registry, "a", payload)
+
+
+@pytest.mark.parametrize(
+    "text", ["1e2", "1E+2", "100.0", "1.0", "-0", "100", "-12", "0", "9" * 256, '"x"']
+)
+async def test_the_database_reads_a_number_as_the_json_text_writes_it(
+    queue: Queue, text: str
+) -> None:
+    # The same JSON text read by the registry (as the API reads a body) and by the database.
+    payload_text = '{"tenant": ' + text + "}"
+    derived = await queue.pool.fetchval(
+        "SELECT jobq_key_from_json($1::text::json, '{tenant}')", payload_text
+    )
+    assert derived == _handler_key(_tenant_registry(), "a", orjson.loads(payload_text))
+
+
+def _tenant_registry() -> Registry:
+    registry = Registry()
+
+    @registry.handler("a", concurrency_key="tenant")
+    async def a(ctx: object, payload: dict) -> None: ...
+
+    return registry
 
 
 async def test_a_declaration_without_a_key_field_stops_deriving_it(queue: Queue) -> None:

@@ -72,9 +72,10 @@ _INSERT_COLUMNS = """kind, queue, payload, priority, max_attempts, run_at, idemp
 def _derived_key(given: str, payload: str, kind: str, queue: str, paths: str) -> str:
     """A job's concurrency key: the one given, else the one its kind's (or else its queue's)
     declared payload path derives (jobq_flow_controls.key_path, stored by workers from their
-    registries). The path lookup is only made for a job given no key."""
+    registries). The path lookup is only made for a job given no key. `payload`: the JSON
+    text as json, which keeps numbers as written (migration 0017), read once per lookup."""
     return f"""coalesce({given}, (
-        SELECT jobq_key_from_payload({payload}, c.key_path) FROM {paths} AS c
+        SELECT jobq_key_from_json({payload}, c.key_path) FROM {paths} AS c
         WHERE c.key_path IS NOT NULL
           AND ((c.scope = 'kind' AND c.name = {kind}) OR (c.scope = 'queue' AND c.name = {queue}))
         ORDER BY c.scope LIMIT 1))"""
@@ -102,7 +103,7 @@ _INSERT_UNKEYED_QUIET = f"""
 WITH ins AS (
 INSERT INTO jobs (id, {_INSERT_COLUMNS})
 VALUES (jobq_uuid_v7(), $1, $2, $3::text::jsonb, $4, $5, coalesce($6::timestamptz, now()),
-        NULL, NULL, {_derived_key("$7::text", "$3::text::jsonb", "$1", "$2", "jobq_flow_controls")},
+        NULL, NULL, {_derived_key("$7::text", "$3::text::json", "$1", "$2", "jobq_flow_controls")},
         $8::text::jsonb)
 RETURNING {_JOB_TEXT}
 ) """
@@ -133,7 +134,7 @@ WITH firsts AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
     SELECT firsts.job_id, $1, $2, $3::text::jsonb, $4, $5, coalesce($6::timestamptz, now()),
            $7, $8,
-           {_derived_key("$10::text", "$3::text::jsonb", "$1", "$2", "jobq_flow_controls")},
+           {_derived_key("$10::text", "$3::text::json", "$1", "$2", "jobq_flow_controls")},
            $11::text::jsonb
     FROM firsts JOIN taken USING (key)
     RETURNING {_JOB_TEXT}
@@ -191,7 +192,7 @@ WITH input AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
     SELECT i.id, i.k, i.q, i.p::jsonb, i.pr, i.ma,
            coalesce(i.ra, now()), i.ik, i.fp,
-           {_derived_key_of_row("i.ck", "i.p::jsonb", "i.k", "i.q")}, i.tc::jsonb
+           {_derived_key_of_row("i.ck", "i.p::json", "i.k", "i.q")}, i.tc::jsonb
     FROM input AS i LEFT JOIN firsts AS f ON f.n = i.n
     WHERE i.ik IS NULL OR f.key IN (SELECT key FROM taken)
     ORDER BY i.n
@@ -207,7 +208,7 @@ def _insert_many_unkeyed_sql(returning: str) -> str:
 WITH {_PATHS}, ins AS (
     INSERT INTO jobs (id, {_INSERT_COLUMNS})
     SELECT jobq_uuid_v7(), k, q, p::jsonb, pr, ma, coalesce(ra, now()), NULL, NULL,
-           {_derived_key_of_row("ck", "p::jsonb", "k", "q")}, tc::jsonb
+           {_derived_key_of_row("ck", "p::json", "k", "q")}, tc::jsonb
     FROM unnest($1::text[], $2::text[], $3::text[], $4::smallint[], $5::int[],
                 $6::timestamptz[], $7::text[], $8::text[]) AS t(k, q, p, pr, ma, ra, ck, tc)
     RETURNING {returning}

@@ -95,7 +95,7 @@ WITH new AS (
 ), ins AS (
     INSERT INTO jobs (id, kind, queue, payload, priority, max_attempts, run_at, concurrency_key)
     SELECT advanced.last_job_id, $4, $5, $6::text::jsonb, $7, $8, $2,
-           {_derived_key("NULL::text", "$6::text::jsonb", "$4", "$5", "jobq_flow_controls")}
+           {_derived_key("NULL::text", "$6::text::json", "$4", "$5", "jobq_flow_controls")}
     FROM advanced
     RETURNING id, queue
 )

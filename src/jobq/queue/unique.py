@@ -123,7 +123,7 @@ def _same_numbers(value: Any) -> Any:
 _COLUMNS = "kind, queue, payload, priority, max_attempts, run_at, concurrency_key, trace_context"
 _VALUES = (
     "$1, $2, $3::text::jsonb, $4, $5, coalesce($6, now()), "
-    + _derived_key("$7::text", "$3::text::jsonb", "$1", "$2", "jobq_flow_controls")
+    + _derived_key("$7::text", "$3::text::json", "$1", "$2", "jobq_flow_controls")
     + ", $10::text::jsonb"
 )
 
