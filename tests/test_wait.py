@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import httpx
@@ -229,6 +230,44 @@ async def test_a_waiter_whose_client_disconnects_is_dropped_at_once(
     writer.close()
     await writer.wait_closed()
     await wait_for(dropped, timeout=5)  # not after the 60 s it asked for
+
+
+async def test_under_another_server_a_waiter_whose_client_disconnects_is_dropped_too(
+    pool: asyncpg.Pool, queue: Queue
+) -> None:
+    app = create_app(Settings(wait_max_seconds=60), pool=pool)
+    (job,) = await claimed(queue)
+    waiters = app.state.queue._watcher.waiters
+    gone = asyncio.Event()
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": f"/jobs/{job.id}", "raw_path": f"/jobs/{job.id}".encode(),
+        "query_string": b"wait=60", "headers": [(b"host", b"test")], "root_path": "",
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }  # fmt: skip
+    call = asyncio.create_task(app(scope, receive, send))
+
+    async def waiting() -> bool:
+        return job.id in waiters
+
+    await wait_for(waiting, timeout=10)
+    gone.set()
+    await asyncio.wait_for(call, 5)  # not after the 60 s it asked for
+    assert job.id not in waiters
+    assert sent[0]["status"] == 499
 
 
 def _gauge(text: str, name: str) -> float:

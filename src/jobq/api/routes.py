@@ -6,7 +6,7 @@ import asyncio
 import re
 import typing
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -27,6 +27,7 @@ from jobq.api.schemas import (
     job_to_dict,
     summary_to_dict,
 )
+from jobq.api.server import ON_DISCONNECT
 from jobq.queue import (
     MAX_NAME_LENGTH,
     MAX_OFFSET,
@@ -556,16 +557,25 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     assert task is not None
     gone = False
 
-    async def watch() -> None:
+    def disconnected() -> None:
         nonlocal gone
-        # A GET's body is read by now: the next message is the disconnect (or the server's
-        # after the answer, when this watch is cancelled first).
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
         gone = True
         task.cancel()
 
-    watcher = asyncio.create_task(watch())
+    # jobq's server calls back on a disconnect; under another, a task watches the receive
+    # channel (a GET's body is read by now: the next message is the disconnect).
+    callbacks: list[Callable[[], None]] | None = request.scope.get(ON_DISCONNECT)
+    watcher = None
+    if callbacks is not None:
+        callbacks.append(disconnected)
+    else:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            disconnected()
+
+        watcher = asyncio.create_task(watch())
     try:
         return await work
     except asyncio.CancelledError:
@@ -574,7 +584,10 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         task.uncancel()
         raise ClientDisconnect from None
     finally:
-        watcher.cancel()
+        if callbacks is not None:
+            callbacks.remove(disconnected)
+        if watcher is not None:
+            watcher.cancel()
 
 
 @router.post(

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import httptools
@@ -38,6 +38,10 @@ from jobq.settings import Settings
 # Set in a request's ASGI scope when the server itself answered it (a body timeout): the
 # application then neither counts nor logs it.
 SERVER_ANSWERED = "jobq.server_answered"
+# In every request's ASGI scope: the connection's list of callbacks the server calls when the
+# client disconnects. A request adds one while it waits (and removes it): no task of its own
+# reads the receive channel for the disconnect.
+ON_DISCONNECT = "jobq.on_disconnect"
 
 log = logging.getLogger("jobq.access")
 
@@ -72,6 +76,7 @@ class JobqHttpProtocol(HttpToolsProtocol):
         self._headers_completed = False
         self._rejected = False
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._on_disconnect: list[Callable[[], None]] = []
 
     # -- connection ------------------------------------------------------------------------
 
@@ -92,6 +97,8 @@ class JobqHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
         super().connection_lost(exc)
+        for callback in list(self._on_disconnect):
+            callback()
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
@@ -132,6 +139,7 @@ class JobqHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        cast(dict[str, Any], self.scope)[ON_DISCONNECT] = self._on_disconnect
         self._request_begun = True
         self._awaiting_headers = True
         self._header_bytes = 0
