@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
 import pytest
 
+from jobq import Middleware
 from jobq.api import create_app
 from jobq.examples import registry as examples
-from jobq.queue import NewJob, Queue, lease_of
+from jobq.middleware import EnqueueNext
+from jobq.queue import InvalidJob, NewJob, Queue, lease_of
+from jobq.registry import Registry
 from jobq.settings import Settings
 from tests.helpers import ALL_JOBS
-from tests.test_api import PROBLEM, make_client
+from tests.test_api import PROBLEM, assert_problem, make_client
 
 
 @pytest.fixture
@@ -181,3 +186,63 @@ async def test_the_batch_route_is_in_the_openapi_document_with_an_example(
     assert body["schema"]["properties"]["jobs"]["maxItems"] == 50
     assert body["examples"]
     assert {"200", "201", "413", "422"} <= set(op["responses"])
+
+
+class _Gate(Middleware):
+    """Refuses the jobs whose payload says so, naming them; or hands on a job with no kind."""
+
+    def __init__(self, *, replace: bool = False, name_index: bool = True) -> None:
+        self.replace = replace
+        self.name_index = name_index
+
+    async def enqueue(self, jobs: list[NewJob], call_next: EnqueueNext) -> list[uuid.UUID]:
+        for i, job in enumerate(jobs):
+            if job.payload.get("refuse"):
+                if self.replace:
+                    jobs = [*jobs[:i], dataclasses.replace(job, kind=""), *jobs[i + 1 :]]
+                    break
+                raise InvalidJob("payload", "refused", index=i if self.name_index else None)
+        return await call_next(jobs)
+
+
+def _gated(pool: asyncpg.Pool, gate: _Gate) -> httpx.AsyncClient:
+    registry = Registry(middleware=[gate])
+
+    @registry.handler("echo")
+    async def echo(ctx: object, payload: dict) -> None: ...
+
+    return make_client(create_app(Settings(), pool=pool, registry=registry))
+
+
+_REFUSED = {"jobs": [{"kind": "echo", "payload": {}}, {"kind": "echo", "payload": {"refuse": 1}}]}
+
+
+async def test_a_job_an_enqueue_middleware_refuses_in_a_batch_is_named_by_index(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    async with _gated(pool, _Gate()) as c:
+        problem = assert_problem(
+            await c.post("/jobs/batch", json=_REFUSED), 422, "validation_error"
+        )
+    assert [e["loc"] for e in problem["errors"]] == [["body", "jobs", 1, "payload"]]
+    assert await stored(pool) == 0
+
+
+async def test_an_invalid_job_an_enqueue_middleware_hands_on_in_a_batch_is_named_by_index(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    async with _gated(pool, _Gate(replace=True)) as c:
+        problem = assert_problem(
+            await c.post("/jobs/batch", json=_REFUSED), 422, "validation_error"
+        )
+    assert [e["loc"] for e in problem["errors"]] == [["body", "jobs", 1, "kind"]]
+
+
+async def test_a_batch_refused_by_a_middleware_naming_no_job_is_located_at_the_jobs(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    async with _gated(pool, _Gate(name_index=False)) as c:
+        problem = assert_problem(
+            await c.post("/jobs/batch", json=_REFUSED), 422, "validation_error"
+        )
+    assert [e["loc"] for e in problem["errors"]] == [["body", "jobs"]]

@@ -149,6 +149,17 @@ async def enqueue_batch(
             errors=[{"loc": loc, "msg": str(exc), "type": "idempotency_key_reused"}],
             job_id=None if exc.job_id is None else str(exc.job_id),
         ) from None
+    except InvalidJob as exc:
+        # From an enqueue middleware: the job it refused or replaced by an invalid one, by
+        # index when known (a middleware names it with InvalidJob(..., index=i)).
+        where = "jobs" if exc.index is None else f"job {exc.index}"
+        loc = ["body", "jobs"] if exc.index is None else ["body", "jobs", exc.index, exc.field]
+        raise ProblemError(
+            422,
+            "validation_error",
+            f"{where}: {exc}; nothing was stored",
+            errors=[{"loc": loc, "msg": exc.message, "type": "value_error"}],
+        ) from None
     created: dict[str, int] = {}
     out = []
     for row, was_created in stored:

@@ -35,7 +35,7 @@ from jobq.queue.model import (
     _FirstUse,
 )
 from jobq.queue.unique import Unique, UniqueSpec, unique_spec
-from jobq.queue.validation import encode_json, validate
+from jobq.queue.validation import encode_json, validate, validate_each
 
 
 def _held_by_version_3(exc: BaseException) -> bool:
@@ -191,12 +191,13 @@ class Enqueue(Unique):
                     "unique_for",
                     f"jobs of kind {job.kind!r} are unique (its handler declares unique_for):"
                     f" enqueue them one at a time, not in a batch (job {i})",
+                    index=i,
                 )
 
     async def _enqueue_many(
         self, jobs: Sequence[NewJob], connection: Connection | None
     ) -> list[uuid.UUID]:
-        checked = [validate(j) for j in jobs]
+        checked = validate_each(jobs)
         self._not_unique(checked)
         async with self._connection(connection) as conn, conn.transaction():
             stored = await self._insert_batch(conn, checked, 0, {})
@@ -228,7 +229,7 @@ class Enqueue(Unique):
         batch_size: int,
         on_batch: Callable[[int], None] | None,
     ) -> list[BulkEnqueued]:
-        checked = [validate(j) for j in jobs]  # every job checked before the first insert
+        checked = validate_each(jobs)  # every job checked before the first insert
         self._not_unique(checked)
         stored: list[BulkEnqueued] = []
         first_uses: dict[str, _FirstUse] = {}
@@ -295,7 +296,7 @@ class Enqueue(Unique):
     async def _enqueue_job_rows(
         self, jobs: Sequence[NewJob], payloads: Sequence[str] | None, validated: bool
     ) -> list[tuple[Row, bool]]:
-        checked = list(jobs) if validated else [validate(j) for j in jobs]
+        checked = list(jobs) if validated else validate_each(jobs)
         self._not_unique(checked)
         steps = insert_job_rows_steps(checked, self.idempotency_window, payloads=payloads)
         async with self.pool.acquire() as conn:

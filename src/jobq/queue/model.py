@@ -43,12 +43,15 @@ class JobqError(Exception):
 
 
 class InvalidJob(JobqError, ValueError):
-    """A job's fields are out of bounds; nothing was stored."""
+    """A job's fields are out of bounds; nothing was stored. `index`: from an enqueue of many,
+    the job's position in the input, when known (an enqueue middleware that refuses one of the
+    jobs it is handed names it so)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, index: int | None = None) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.index = index
 
 
 class IdempotencyConflict(JobqError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC
 from typing import Any
 
@@ -110,6 +110,18 @@ def _check_trace_context(value: object) -> None:
         raise InvalidJob("trace_context", f"must be at most {MAX_TRACE_CONTEXT_BYTES} characters")
     if any("\x00" in k or "\x00" in v for k, v in value.items()):
         raise InvalidJob("trace_context", "must not contain NUL characters")
+
+
+def validate_each(jobs: Sequence[NewJob]) -> list[NewJob]:
+    """Each job validated; the InvalidJob of a bad one names its position (`index`)."""
+    checked = []
+    for i, job in enumerate(jobs):
+        try:
+            checked.append(validate(job))
+        except InvalidJob as exc:
+            exc.index = i
+            raise
+    return checked
 
 
 def validate(job: NewJob) -> NewJob:

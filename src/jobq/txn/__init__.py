@@ -38,7 +38,7 @@ from jobq.queue.inserts import (
     run_steps_sync,
 )
 from jobq.queue.model import BulkEnqueued, EnqueueResult, NewJob
-from jobq.queue.validation import validate
+from jobq.queue.validation import validate, validate_each
 from jobq.settings import idempotency_window_from_env
 from jobq.txn import adapters
 
@@ -82,13 +82,13 @@ async def enqueue_many(
     an idempotency conflict raises IdempotencyConflict (roll back to drop the rest). Goes
     through the process-wide enqueue middleware and `middleware`, as `enqueue` does."""
     own = _own(middleware)
-    checked = [validate(j) for j in jobs]
+    checked = validate_each(jobs)
     if not checked:
         return []
     window = _window(idempotency_window)
 
     async def store(changed: list[NewJob]) -> tuple[list[BulkEnqueued], list[uuid.UUID]]:
-        stored = await _run(conn, insert_batch_steps([validate(j) for j in changed], window))
+        stored = await _run(conn, insert_batch_steps(validate_each(changed), window))
         return stored, [s.id for s in stored]
 
     return await around_enqueue(own, checked, store)
@@ -125,7 +125,7 @@ def enqueue_many_sync(
 ) -> list[BulkEnqueued]:
     """`enqueue_many` for sync drivers, through the middleware as `enqueue_sync` is."""
     own = _own(middleware)
-    checked = [validate(j) for j in jobs]
+    checked = validate_each(jobs)
     if not checked:
         return []
     window = _window(idempotency_window)
