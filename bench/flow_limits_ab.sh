@@ -8,7 +8,7 @@ set -euo pipefail
 source "$(dirname "$0")/ab_common.sh"
 ab_setup flow-limits-ab 3 "$@"
 OUT=${OUT:-$ROOT/bench/results/flow-limits-ab}
-mkdir -p "$OUT"
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # the runs cd into their worktrees
 rm -f "$OUT"/before-*.jsonl "$OUT"/after-*.jsonl
 run() {  # label run-number [bench.flow args]
     local label=$1 n=$2 tree="$TMP/$1"; shift 2
