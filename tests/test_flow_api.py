@@ -11,6 +11,7 @@ import pytest
 
 from jobq.api import create_app
 from jobq.queue import Queue
+from jobq.queue.validation import NOT_PRINTABLE
 from jobq.registry import Registry
 from jobq.settings import Settings
 from tests.test_api import assert_problem, make_client
@@ -159,6 +160,16 @@ async def test_a_name_with_a_c1_or_other_control_character_is_reported_at_the_pa
 ) -> None:
     problem = assert_problem(await client.post(f"/queues/{name}/pause"), 422, "validation_error")
     assert [e["loc"] for e in problem["errors"]] == [["path", "name"]]
+
+
+async def test_a_name_with_a_format_character_is_refused_at_the_path_as_not_printable(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/queues/%E2%80%8B/pause")  # U+200B ZERO WIDTH SPACE, category Cf
+    problem = assert_problem(r, 422, "validation_error")
+    assert problem["errors"] == [
+        {"loc": ["path", "name"], "msg": NOT_PRINTABLE, "type": "value_error"}
+    ]
 
 
 async def test_a_new_pause_beyond_jobq_max_paused_is_a_409_problem(

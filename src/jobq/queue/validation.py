@@ -26,6 +26,8 @@ from jobq.queue.model import (
     NewJob,
 )
 
+NOT_PRINTABLE = "must be printable: no control or format characters, no separator but the space"
+
 
 def _check_name(field: str, value: object) -> str:
     if not isinstance(value, str) or not value:
@@ -33,7 +35,9 @@ def _check_name(field: str, value: object) -> str:
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidJob(field, f"must be at most {MAX_NAME_LENGTH} characters")
     if not value.isprintable():
-        raise InvalidJob(field, "must not contain control characters")
+        # str.isprintable: format characters (U+200B), separators but the space, unassigned
+        # code points too, not only the C0 and C1 controls.
+        raise InvalidJob(field, NOT_PRINTABLE)
     if value in (".", ".."):
         # Browsers and most HTTP clients resolve them away in /queues/{name}/pause.
         raise InvalidJob(field, "must not be '.' or '..': no URL path can name it")
