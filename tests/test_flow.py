@@ -506,3 +506,36 @@ async def test_a_worker_starts_each_key_s_jobs_within_its_bucket(queue: Queue, d
 
 async def _at_least(starts: dict[str, list[float]], n: int) -> bool:
     return all(len(times) >= n for times in starts.values())
+
+
+# -- weighted fair share ---------------------------------------------------------------------
+
+
+def test_fair_weights_are_checked() -> None:
+    with pytest.raises(ValueError, match="fair=True"):
+        Limits.declare(fair_weights={"gold": 3})
+    with pytest.raises(ValueError, match="weight of 'gold'"):
+        Limits.declare(fair=True, fair_weights={"gold": 0})
+    with pytest.raises(ValueError, match="a key"):
+        Limits.declare(fair=True, fair_weights={"": 2})
+    assert Limits.declare(fair=True, fair_weights={"b": 2, "a": 3}).fair_weights == (
+        ("a", 3),
+        ("b", 2),
+    )
+
+
+async def test_a_key_with_weight_w_gets_w_turns_per_round(queue: Queue) -> None:
+    limits = Limits.declare(fair=True, fair_weights={"gold": 3})
+    await queue.declare_limits("w", {}, {"default": limits})
+    await queue.enqueue_many(
+        [
+            NewJob(kind="a", concurrency_key=k)
+            for _ in range(10)
+            for k in ("bronze", "gold", "silver")
+        ]
+    )
+    rounds = []
+    for _ in range(2):
+        claimed = await _claim(queue, 5, limited=True)
+        rounds.append(sorted(str(j.concurrency_key) for j in claimed))
+    assert rounds == [["bronze", "gold", "gold", "gold", "silver"]] * 2

@@ -378,13 +378,15 @@ class Registry:
         concurrency_key: str | tuple[str, ...] | None = None,
         rate_limit_per_key: str | None = None,
         rate_burst_per_key: int | None = None,
+        fair_weights: typing.Mapping[str, int] | None = None,
     ) -> None:
         """Declare limits for a queue, across every worker and host: running jobs at most
         (`max_concurrency`), per concurrency key (`max_per_key`), starts per second, minute or
         hour (`rate_limit="100/s"`, a bucket of `rate_burst` starts, default one second's
         worth), starts per concurrency key (`rate_limit_per_key="10/s"`, each key its own
-        bucket of `rate_burst_per_key`), and fair share across keys (`fair=True`). Workers
-        store them at start-up.
+        bucket of `rate_burst_per_key`), and fair share across keys (`fair=True`; a key
+        with weight w in `fair_weights={"gold": 3}` gets w turns per round, others 1).
+        Workers store them at start-up.
 
         `concurrency_key`: the payload field (or tuple of names down to a nested field) that
         gives the key of the queue's jobs enqueued without one, whatever their kind, unless
@@ -400,6 +402,7 @@ class Registry:
             fair=fair,
             rate_limit_per_key=rate_limit_per_key,
             rate_burst_per_key=rate_burst_per_key,
+            fair_weights=fair_weights,
         )
         if concurrency_key is not None:
             if callable(concurrency_key):

@@ -20,7 +20,7 @@ import orjson
 
 from jobq.queue.leases import _CLAIM_RETURNING, _LEASE
 from jobq.queue.model import InvalidJob, Job
-from jobq.queue.validation import _check_name
+from jobq.queue.validation import _check_name, check_concurrency_key
 from jobq.queue.views import Views
 
 SCOPES = ("queue", "kind")
@@ -54,6 +54,30 @@ def default_burst(rate: float) -> float:
 
 
 _INT4_MAX = 2**31 - 1
+MAX_FAIR_WEIGHT = 1000
+
+
+def _weights(weights: object, fair: bool) -> tuple[tuple[str, int], ...] | None:
+    if weights is None:
+        return None
+    if not fair:
+        raise ValueError("fair_weights needs fair=True")
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"fair_weights must map concurrency keys to weights, got {weights!r}")
+    out = []
+    for key, weight in sorted(weights.items()):
+        try:
+            check_concurrency_key(key)
+        except InvalidJob as exc:
+            raise ValueError(f"fair_weights: a key {exc.message}, got {key!r}") from None
+        if isinstance(weight, bool) or not isinstance(weight, int):
+            raise ValueError(f"fair_weights: the weight of {key!r} must be an integer")
+        if not 1 <= weight <= MAX_FAIR_WEIGHT:
+            raise ValueError(
+                f"fair_weights: the weight of {key!r} must be from 1 to {MAX_FAIR_WEIGHT}"
+            )
+        out.append((key, weight))
+    return tuple(out)
 
 
 def _positive(name: str, value: object) -> int | None:
@@ -81,6 +105,8 @@ class Limits:
     # Every concurrency key's own token bucket: starts per second, bucket size.
     rate_per_key: float | None = None
     burst_per_key: float | None = None
+    # Fair queues: (key, weight) pairs, a key with weight w gets w turns per round.
+    fair_weights: tuple[tuple[str, int], ...] | None = None
 
     @classmethod
     def declare(
@@ -93,6 +119,7 @@ class Limits:
         fair: bool = False,
         rate_limit_per_key: str | None = None,
         rate_burst_per_key: int | None = None,
+        fair_weights: Mapping[str, int] | None = None,
     ) -> Limits:
         """Checked declarations: ValueError naming the bad argument."""
         _positive("max_concurrency", max_concurrency)
@@ -117,6 +144,7 @@ class Limits:
         return cls(
             max_concurrency, max_per_key, rate, burst, fair,
             rate_per_key=per_key, burst_per_key=burst_per_key,
+            fair_weights=_weights(fair_weights, fair),
         )  # fmt: skip
 
     @property
@@ -249,10 +277,11 @@ _DECLARE = """
 WITH d AS (
     SELECT d.scope, d.name, d.mc, d.mk, d.rate, d.burst, d.fair, d.rpk, d.bpk,
            CASE WHEN d.kp IS NOT NULL
-                THEN ARRAY(SELECT jsonb_array_elements_text(d.kp::jsonb)) END AS kp
+                THEN ARRAY(SELECT jsonb_array_elements_text(d.kp::jsonb)) END AS kp,
+           d.fw::jsonb AS fw
     FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::float8[], $6::float8[],
-                $7::bool[], $9::text[], $10::float8[], $11::float8[])
-         AS d(scope, name, mc, mk, rate, burst, fair, kp, rpk, bpk)
+                $7::bool[], $9::text[], $10::float8[], $11::float8[], $12::text[])
+         AS d(scope, name, mc, mk, rate, burst, fair, kp, rpk, bpk, fw)
 ), rebucketed AS (
     -- A per-key rate declared anew starts every key's bucket full.
     DELETE FROM jobq_flow_key_buckets AS b
@@ -263,8 +292,8 @@ WITH d AS (
 ), upserted AS (
     INSERT INTO jobq_flow_controls AS c (scope, name, max_concurrency, max_per_key, rate, burst,
                                          fair, tokens, refilled_at, declared_by, declared_at,
-                                         key_path, rate_per_key, burst_per_key)
-    SELECT scope, name, mc, mk, rate, burst, fair, burst, now(), $8, now(), kp, rpk, bpk
+                                         key_path, rate_per_key, burst_per_key, fair_weights)
+    SELECT scope, name, mc, mk, rate, burst, fair, burst, now(), $8, now(), kp, rpk, bpk, fw
     FROM d WHERE mc IS NOT NULL OR mk IS NOT NULL OR rate IS NOT NULL OR fair OR kp IS NOT NULL
                  OR rpk IS NOT NULL
     ORDER BY scope, name
@@ -272,7 +301,7 @@ WITH d AS (
         SET max_concurrency = excluded.max_concurrency, max_per_key = excluded.max_per_key,
             fair = excluded.fair, declared_by = excluded.declared_by, declared_at = now(),
             key_path = excluded.key_path, rate_per_key = excluded.rate_per_key,
-            burst_per_key = excluded.burst_per_key,
+            burst_per_key = excluded.burst_per_key, fair_weights = excluded.fair_weights,
             tokens = CASE WHEN c.rate IS NOT DISTINCT FROM excluded.rate
                           AND c.burst IS NOT DISTINCT FROM excluded.burst
                           THEN c.tokens ELSE excluded.burst END,
@@ -285,7 +314,7 @@ WITH d AS (
     UPDATE jobq_flow_controls AS c
     SET max_concurrency = NULL, max_per_key = NULL, rate = NULL, burst = NULL, fair = false,
         tokens = NULL, refilled_at = NULL, key_path = NULL, rate_per_key = NULL,
-        burst_per_key = NULL, declared_by = $8, declared_at = now()
+        burst_per_key = NULL, fair_weights = NULL, declared_by = $8, declared_at = now()
     FROM d
     WHERE c.scope = d.scope AND c.name = d.name AND (c.limited OR c.key_path IS NOT NULL)
       AND d.mc IS NULL AND d.mk IS NULL AND d.rate IS NULL AND NOT d.fair AND d.kp IS NULL
@@ -433,7 +462,7 @@ WITH ctl AS (
     -- holder of the lock but got it after must not move the bucket's time back and be
     -- credited the same interval twice.
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.limited, c.max_concurrency,
-           c.max_per_key, c.fair, c.rate_per_key, c.burst_per_key, t.at,
+           c.max_per_key, c.fair, c.fair_weights, c.rate_per_key, c.burst_per_key, t.at,
            CASE WHEN c.rate IS NOT NULL THEN
                least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
                      extract(epoch FROM t.at - coalesce(c.refilled_at, t.at))::float8))
@@ -453,7 +482,7 @@ WITH ctl AS (
     GROUP BY 1, 2, 3
 ), room AS (
     -- What each limited kind and queue may start now (0 or less: none); NULL: no bound.
-    SELECT ctl.scope, ctl.name, ctl.max_per_key, ctl.fair, ctl.rate_per_key,
+    SELECT ctl.scope, ctl.name, ctl.max_per_key, ctl.fair, ctl.fair_weights, ctl.rate_per_key,
            -- The most jobs of one key it may start in one claim.
            least(ctl.max_per_key, floor(ctl.burst_per_key)::int) AS key_bound,
            floor(ctl.burst_per_key)::int AS key_burst,
@@ -474,6 +503,7 @@ WITH ctl AS (
 ), open_queues AS (
     -- keyed: jobs are read key by key (fair share or a per-key limit applies).
     SELECT q.queue, least($4, r.free) AS cap, coalesce(r.fair, false) AS fair,
+           r.fair_weights AS weights,
            r.max_per_key, r.key_bound, r.key_burst,
            (coalesce(r.fair, false) OR r.key_bound IS NOT NULL
             OR coalesce((SELECT per_key FROM open_kinds), false)) AS keyed
@@ -576,7 +606,10 @@ WITH ctl AS (
     WHERE NOT q.keyed
 ), candidates AS (
     SELECT c.id, c.kind, c.queue, c.key, c.priority, c.run_at, c.pos AS walked,
-           CASE WHEN q.fair THEN c.rk ELSE 1 END AS turn,
+           -- A key of weight w: its first w jobs take turn 1, the next w turn 2, ...
+           CASE WHEN q.fair
+                THEN ceil(c.rk / coalesce((q.weights ->> c.key)::float8, 1))::bigint
+                ELSE 1 END AS turn,
            CASE WHEN q.fair THEN c.pos ELSE 0 END AS pos,
            coalesce((kr.by_kind ->> (c.kind || chr(31) || c.key))::int, 0) AS kind_key_running,
            coalesce((kr.by_queue ->> (c.queue || chr(31) || c.key))::int, 0) AS queue_key_running
@@ -828,6 +861,12 @@ class Flow(Views):
             [None if r[2].key_path is None else orjson.dumps(r[2].key_path).decode() for r in rows],
             [r[2].rate_per_key for r in rows],
             [r[2].burst_per_key for r in rows],
+            [
+                None
+                if r[2].fair_weights is None
+                else orjson.dumps(dict(r[2].fair_weights)).decode()
+                for r in rows
+            ],
         )
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.fetchval(_DECLARE, *args)
