@@ -4,10 +4,13 @@ processes: one over this module's database, with a token; one over a database th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import http.server
 import math
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -330,6 +333,60 @@ def test_invalid_request_is_a_client_error_and_a_value_error() -> None:
 
 
 # -- retries ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def answering(status: int, body: bytes, ctype: str = "text/html") -> Iterator[str]:
+    """A server of the test's own, standing in for a proxy before the API: every request gets
+    `status` with `body`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(status)
+            self.send_header("content-type", ctype)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_a_get_is_retried_when_a_gateway_answers_502_or_504(status: int) -> None:
+    with answering(status, b"<html>bad gateway</html>") as base:
+        counting = Counting(base)
+        with counting as client, pytest.raises(errors.UnexpectedResponse):
+            client.get(uuid.uuid4())
+    assert counting.sent == ["GET"] * 3
+
+
+def test_an_enqueue_without_a_key_is_not_retried_when_a_gateway_answers_502() -> None:
+    # The request may have reached the API: sending it again could enqueue it twice.
+    with answering(502, b"<html>bad gateway</html>") as base:
+        counting = Counting(base)
+        with counting as client, pytest.raises(errors.UnexpectedResponse):
+            client.enqueue("echo")
+    assert counting.sent == ["POST"]
+
+
+def test_a_success_whose_body_is_not_a_job_raises_unexpected_response() -> None:
+    with answering(200, b'{"id": 5}', "application/json") as base:
+        counting = Counting(base)
+        with counting as client, pytest.raises(errors.UnexpectedResponse):
+            client.get(uuid.uuid4())
 
 
 def test_a_get_is_retried_on_503_then_raises_database_unavailable(down_api: str) -> None:

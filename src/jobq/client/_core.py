@@ -142,10 +142,15 @@ def build(
 _NOT_CARRIED_OUT = frozenset({"too_many_connections", "database_read_only"})
 
 
+# What a proxy or load balancer in front of the API answers while it restarts or is slow: the
+# request may or may not have reached the API.
+_GATEWAY = frozenset({502, 504})
+
+
 def should_retry(call: Call[Any], response: httpx.Response | None) -> bool:
-    """An idempotent call is sent again after a 503 or no answer at all; any call after a 503
-    that says nothing was done."""
-    if response is None:
+    """An idempotent call is sent again after a 503, a gateway's 502 or 504, or no answer at
+    all; any call after a 503 that says nothing was done."""
+    if response is None or response.status_code in _GATEWAY:
         return call.idempotent
     if response.status_code != 503:
         return False
@@ -209,7 +214,7 @@ def _parsed(fn: Callable[[Any], T]) -> Callable[[httpx.Response], T]:
         data = body_of(response)
         try:
             return fn(data)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise UnexpectedResponse(
                 response.status_code, f"the body does not fit: {type(exc).__name__}: {exc}",
                 response.text,
