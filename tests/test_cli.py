@@ -337,3 +337,12 @@ async def test_ctrl_c_on_dev_lets_running_jobs_finish_and_stops_the_database_las
         await conn.close()
         server.stop()
     assert (row["status"], row["attempts"]) == ("succeeded", 1)
+
+
+async def test_pause_by_stores_who_paused_and_status_shows_it(queue: Queue, dsn: str) -> None:
+    paused = jobq("pause", "reports", "--by", "Ana", env={"DATABASE_URL": dsn})
+    assert paused.returncode == 0, paused.stderr
+    assert json.loads(paused.stdout)["paused_by"] == "Ana"
+    from jobq import stats
+
+    assert "reports (paused by Ana)" in stats.render_text(await stats.collect(queue))

@@ -220,3 +220,54 @@ async def test_an_unusable_derived_key_in_a_batch_is_reported_at_its_item_s_payl
     r = await client.post("/jobs/batch", json={"jobs": jobs})
     problem = assert_problem(r, 422, "validation_error")
     assert [e["loc"] for e in problem["errors"]] == [["body", "jobs", 1, "payload", "tenant"]]
+
+
+async def test_a_pause_body_naming_who_pauses_is_answered_and_listed_as_paused_by(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/queues/reports/pause", json={"by": "ops: Ana"})
+    assert r.status_code == 200 and r.json()["paused_by"] == "ops: Ana"
+    (listed,) = [q for q in (await client.get("/queues")).json()["queues"] if q["paused"]]
+    assert listed["paused_by"] == "ops: Ana"
+
+
+@pytest.mark.parametrize("by", ["", "a\nb", "zero\u200bwidth", "x" * 201, 5, None])
+async def test_a_pause_by_that_is_not_1_to_200_printable_characters_is_a_422_at_body_by(
+    client: httpx.AsyncClient, queue: Queue, by: object
+) -> None:
+    r = await client.post("/kinds/k/pause", json={"by": by})
+    problem = assert_problem(r, 422, "validation_error")
+    assert [e["loc"] for e in problem["errors"]] == [["body", "by"]]
+    assert await queue.flow_states() == []
+
+
+@pytest.mark.parametrize("body", [{"who": "me"}, {"by": "me", "until": "noon"}])
+async def test_a_pause_body_with_another_field_is_a_422_problem_naming_it(
+    client: httpx.AsyncClient, queue: Queue, body: dict[str, str]
+) -> None:
+    problem = assert_problem(
+        await client.post("/queues/q/pause", json=body), 422, "validation_error"
+    )
+    assert ["body", "who" if "who" in body else "until"] in [e["loc"] for e in problem["errors"]]
+    assert await queue.flow_states() == []
+
+
+@pytest.mark.parametrize("content", [b"by=me", b"[1]", b'"me"'])
+async def test_a_pause_body_that_is_not_a_json_object_is_a_422_problem(
+    client: httpx.AsyncClient, queue: Queue, content: bytes
+) -> None:
+    r = await client.post(
+        "/queues/q/pause", content=content, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422, r.text
+    assert await queue.flow_states() == []
+
+
+async def test_a_pause_body_of_another_media_type_is_a_415_problem(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    r = await client.post(
+        "/queues/q/pause", content=b"by=me", headers={"content-type": "text/plain"}
+    )
+    assert_problem(r, 415, "unsupported_media_type")
+    assert await queue.flow_states() == []

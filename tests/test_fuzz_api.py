@@ -116,7 +116,7 @@ def _documented_rejection(case: Any, response: Any) -> bool:
     # Schema cannot say "printable" in full, nor bound a date-time or its calendar.
     return bool(errors) and all(
         (
-            e.get("loc") in (["body", "kind"], ["body", "queue"], ["path", "name"])
+            e.get("loc") in (["body", "kind"], ["body", "queue"], ["path", "name"], ["body", "by"])
             and e.get("msg") == NOT_PRINTABLE
         )
         or (

@@ -967,7 +967,7 @@ _KIND_FLAG = typer.Option(
 )
 
 
-def _flow(name: str, kind: bool, resume: bool) -> None:
+def _flow(name: str, kind: bool, resume: bool, by: str | None = None) -> None:
     settings = _settings()
     scope = "kind" if kind else "queue"
     with _database(settings) as dsn:
@@ -979,10 +979,15 @@ def _flow(name: str, kind: bool, resume: bool) -> None:
                     state = await q.resume(scope, name)
                 else:
                     try:
-                        state = await q.pause(scope, name, max_paused=settings.max_paused)
+                        state = await q.pause(scope, name, by=by, max_paused=settings.max_paused)
                     except TooManyPaused as exc:
                         _fail(str(exc))
-            return {scope: state.name, "paused": state.paused, "paused_at": state.paused_at}
+            return {
+                scope: state.name,
+                "paused": state.paused,
+                "paused_at": state.paused_at,
+                "paused_by": state.paused_by,
+            }
 
         out = _run_against(dsn, go())
     typer.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
@@ -992,10 +997,16 @@ def _flow(name: str, kind: bool, resume: bool) -> None:
 def pause(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The queue (or, with --kind, kind).")],
     kind: Annotated[bool, _KIND_FLAG] = False,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by", help="Who pauses (1 to 200 printable characters): shown as paused_by."
+        ),
+    ] = None,
 ) -> None:
     """Pause a queue: no worker on any host claims its jobs from now on; running ones finish,
     enqueue goes on. Stored until resumed. A queue with no jobs yet can be paused."""
-    _flow(name, kind, resume=False)
+    _flow(name, kind, resume=False, by=by)
 
 
 @app.command()

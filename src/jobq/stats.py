@@ -34,7 +34,7 @@ async def collect(queue: Queue, *, minutes: int = WINDOW_MINUTES) -> dict[str, A
     lag_by_queue = {lag.queue: lag for lag in lags}
     for name in lag_by_queue:
         by_queue.setdefault(name, dict.fromkeys(STATUSES, 0))
-    paused = {s.name for s in flow if s.scope == "queue" and s.paused}
+    paused = {s.name: s.paused_by for s in flow if s.scope == "queue" and s.paused}
     for name in paused:
         by_queue.setdefault(name, dict.fromkeys(STATUSES, 0))
     queues = []
@@ -48,6 +48,7 @@ async def collect(queue: Queue, *, minutes: int = WINDOW_MINUTES) -> dict[str, A
                 "oldest_due_at": lag.oldest_run_at if lag else None,
                 "oldest_due_age_seconds": round(lag.age_seconds, 3) if lag else None,
                 "paused": name in paused,
+                "paused_by": paused.get(name),
             }
         )
     return {
@@ -137,12 +138,19 @@ def _age(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+def _paused_note(q: dict[str, Any]) -> str:
+    if not q.get("paused"):
+        return ""
+    # paused_by is printable (checked at the pause): nothing a terminal would act on.
+    return f" (paused by {q['paused_by']})" if q.get("paused_by") else " (paused)"
+
+
 def render_text(body: dict[str, Any]) -> str:
     """`collect()`'s overview as a plain-text report for a terminal."""
     header = ["queue", *STATUSES, "total", "oldest due"]
     rows = [
         [
-            q["queue"] + (" (paused)" if q.get("paused") else ""),
+            q["queue"] + _paused_note(q),
             *(str(q["counts"][s]) for s in STATUSES),
             str(q["total"]),
             _age(q["oldest_due_age_seconds"]),

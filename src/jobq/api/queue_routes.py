@@ -13,7 +13,7 @@ from starlette.responses import Response
 from jobq import wire
 from jobq.api.auth import require_token
 from jobq.api.problems import COMMON_RESPONSES, ProblemError, openapi_problem
-from jobq.api.routes import strict_query
+from jobq.api.routes import read_json_body, strict_query
 from jobq.api.schemas import FlowStateOut, QueuesOut, flow_state_to_dict
 from jobq.queue import (
     MAX_NAME_LENGTH,
@@ -23,6 +23,7 @@ from jobq.queue import (
     Queue,
     TooManyPaused,
 )
+from jobq.queue.flow import MAX_PAUSED_BY_LENGTH, check_paused_by
 from jobq.queue.validation import _check_name
 
 router = APIRouter(dependencies=[Depends(require_token), Depends(strict_query)], tags=["queues"])
@@ -52,6 +53,37 @@ _BAD_NAME: dict[int | str, dict[str, Any]] = {
         "The name is empty, too long, holds control characters or is not UTF-8 (percent-"
         'encoded bytes that decode to no text): `loc` is `["path", "name"]`.'
     )
+}
+_PAUSE_BODY: dict[int | str, dict[str, Any]] = {
+    415: openapi_problem("A body that is not `application/json` UTF-8, uncompressed."),
+    422: openapi_problem(
+        'The name is bad (`loc` `["path", "name"]`), or the body is not JSON or not `{"by":'
+        ' "<who>"}` with `by` 1 to 200 printable characters (`loc` `["body", ...]`).'
+    ),
+}
+# The optional body: who pauses (shown as `paused_by`).
+_BY_SCHEMA = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "by": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_PAUSED_BY_LENGTH,
+                            "pattern": _NAME_PATTERN,
+                            "description": "Who pauses (a person, a script): shown as"
+                            " `paused_by` until the resume.",
+                        }
+                    },
+                    "additionalProperties": False,
+                }
+            }
+        },
+    }
 }
 _TOO_MANY: dict[int | str, dict[str, Any]] = {
     409: openapi_problem(
@@ -106,11 +138,48 @@ def _name(request: Request, scope: str, name: str) -> str:
         ) from None
 
 
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return "transfer-encoding" in request.headers or (length is not None and length != "0")
+
+
+async def _paused_by(request: Request) -> str | None:
+    """Who pauses: the optional body `{"by": "<who>"}`. No body is no one; any other body is
+    refused rather than ignored."""
+    if not _has_body(request):
+        return None
+    body = await read_json_body(request, limit=4096)
+    if not isinstance(body, dict):
+        raise ProblemError(
+            422, "validation_error", 'the body must be a JSON object {"by": "<who>"}',
+            errors=[{"loc": ["body"], "msg": "expected an object", "type": "model_type"}],
+        )  # fmt: skip
+    extra = [k for k in body if k != "by"]
+    if extra:
+        raise ProblemError(
+            422, "validation_error", f"unknown field {extra[0][:40]!r}: the body takes only `by`",
+            errors=[{"loc": ["body", k], "msg": "unknown field", "type": "extra_forbidden"}
+                    for k in extra],
+        )  # fmt: skip
+    if "by" not in body:
+        return None
+    try:
+        if body["by"] is None:  # the schema's `by` is a string: null is not "no one"
+            raise InvalidJob("by", "must be a string of 1 to 200 characters")
+        return check_paused_by(body["by"])
+    except InvalidJob as exc:
+        raise ProblemError(
+            422, "validation_error", f"by: {exc.message}",
+            errors=[{"loc": ["body", "by"], "msg": exc.message, "type": "value_error"}],
+        ) from None  # fmt: skip
+
+
 async def _pause(request: Request, scope: str, name: str) -> Response:
     checked = _name(request, scope, name)
+    by = await _paused_by(request)
     try:
         state = await _queue(request).pause(
-            scope, checked, max_paused=request.app.state.settings.max_paused
+            scope, checked, by=by, max_paused=request.app.state.settings.max_paused
         )
     except TooManyPaused as exc:
         raise ProblemError(409, "too_many_paused", str(exc), max_paused=exc.limit) from None
@@ -160,14 +229,17 @@ async def list_queues(request: Request) -> Response:
     _QUEUE + "/pause",
     summary="Pause a queue",
     response_model=FlowStateOut,
-    responses={**_BAD_NAME, **_TOO_MANY, **COMMON_RESPONSES},
+    responses={**_BAD_NAME, **_PAUSE_BODY, **_TOO_MANY, **COMMON_RESPONSES},
+    openapi_extra=_BY_SCHEMA,
 )
 async def pause_queue(request: Request, name: QueueName) -> Response:
     """No worker, on any host, claims this queue's jobs once this returns (a claim that
     started before it may still finish). Running jobs finish; enqueue goes on. The pause is
     stored: it holds across restarts until resumed. A queue with no jobs yet can be paused.
-    Pausing a paused queue changes nothing. At most JOBQ_MAX_PAUSED (default 1,000) queues and
-    kinds are paused at once: a new pause beyond it is a 409 problem."""
+    Pausing a paused queue changes nothing. An optional body `{"by": "<who>"}` says who
+    pauses: it is answered, and listed by `GET /queues`, as `paused_by` (the first pause's,
+    until the resume); any other body is a 422 problem. At most JOBQ_MAX_PAUSED (default
+    1,000) queues and kinds are paused at once: a new pause beyond it is a 409 problem."""
     return await _pause(request, "queue", name)
 
 
@@ -187,7 +259,8 @@ async def resume_queue(request: Request, name: QueueName) -> Response:
     _KIND + "/pause",
     summary="Pause a kind, in every queue",
     response_model=FlowStateOut,
-    responses={**_BAD_NAME, **_TOO_MANY, **COMMON_RESPONSES},
+    responses={**_BAD_NAME, **_PAUSE_BODY, **_TOO_MANY, **COMMON_RESPONSES},
+    openapi_extra=_BY_SCHEMA,
 )
 async def pause_kind(request: Request, name: KindName) -> Response:
     """As pausing a queue, for the jobs of one kind wherever they are queued."""

@@ -475,6 +475,9 @@ class FlowStateOut(BaseModel):
     name: str
     paused: bool = Field(description="No worker claims its jobs; running ones finish.")
     paused_at: datetime | None
+    paused_by: str | None = Field(
+        default=None, description='Who paused it, as the pause said (`{"by": ...}`), if it did.'
+    )
     max_concurrency: int | None = Field(description="Running jobs at most, all workers together.")
     max_per_key: int | None = Field(description="Running jobs per concurrency key at most.")
     rate_per_second: float | None = Field(description="Jobs started per second at most.")
@@ -500,6 +503,7 @@ def flow_state_to_dict(state: Any) -> dict[str, Any]:
         "name": state.name,
         "paused": state.paused,
         "paused_at": state.paused_at,
+        "paused_by": state.paused_by,
         "max_concurrency": state.max_concurrency,
         "max_per_key": state.max_per_key,
         "rate_per_second": state.rate,

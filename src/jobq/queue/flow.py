@@ -20,7 +20,7 @@ import orjson
 
 from jobq.queue.leases import _CLAIM_RETURNING, _LEASE
 from jobq.queue.model import InvalidJob, Job
-from jobq.queue.validation import _check_name, check_concurrency_key
+from jobq.queue.validation import NOT_PRINTABLE, _check_name, check_concurrency_key
 from jobq.queue.views import Views
 
 SCOPES = ("queue", "kind")
@@ -173,6 +173,8 @@ class FlowState:
     fair: bool
     rate_per_key: float | None = None
     burst_per_key: float | None = None
+    # Who paused it, as the pause said (`Flow.pause(by=...)`, the API's `{"by": ...}`).
+    paused_by: str | None = None
 
     @classmethod
     def from_record(cls, r: Any) -> FlowState:
@@ -188,6 +190,7 @@ class FlowState:
             r["fair"],
             r["rate_per_key"],
             r["burst_per_key"],
+            r["paused_by"],
         )
 
     @classmethod
@@ -232,8 +235,21 @@ def check_scope(scope: str) -> str:
 
 _STATE_COLUMNS = (
     "scope, name, paused_at, max_concurrency, max_per_key, rate, burst, fair, rate_per_key,"
-    " burst_per_key"
+    " burst_per_key, paused_by"
 )
+MAX_PAUSED_BY_LENGTH = 200
+
+
+def check_paused_by(by: object) -> str | None:
+    """Who pauses, as stored and shown (in a terminal too): printable, bounded."""
+    if by is None:
+        return None
+    if not isinstance(by, str) or not 1 <= len(by) <= MAX_PAUSED_BY_LENGTH:
+        raise InvalidJob("by", f"must be a string of 1 to {MAX_PAUSED_BY_LENGTH} characters")
+    if not by.isprintable():
+        raise InvalidJob("by", NOT_PRINTABLE)
+    return by
+
 
 # A name already paused is paused again (idempotent) whatever the count; a new pause only
 # while fewer than $4 are paused. Concurrent new pauses each count before the others commit,
@@ -793,10 +809,12 @@ class Flow(Views):
         """Stop claims of a queue's (or a kind's) jobs; running ones finish, enqueue goes on.
 
         A queue or kind with no jobs yet can be paused: it is a name, not a row of `jobs`.
-        Idempotent: pausing again keeps the first pause's time. With `max_paused`, a name not
+        Idempotent: pausing again keeps the first pause's time and `by` (who paused it:
+        printable, 1 to 200 characters). With `max_paused`, a name not
         paused yet is refused (TooManyPaused) while that many are paused."""
         check_scope(scope)
         _check_name(scope, name)
+        check_paused_by(by)
         row = await self.pool.fetchrow(_PAUSE, scope, name, by, max_paused)
         if row is None:
             assert max_paused is not None
