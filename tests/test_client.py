@@ -327,6 +327,13 @@ async def test_the_async_client_raises_invalid_request_for_the_same_input(api: s
             await client.wait(uuid.uuid4(), timeout=math.nan)
 
 
+def test_a_batch_of_the_queue_core_s_new_jobs_raises_invalid_request_naming_the_right_one(
+    client: Client,
+) -> None:
+    with pytest.raises(errors.InvalidRequest, match=r"jobq\.client\.NewJob"):
+        client.enqueue_batch([QueueNewJob("echo")])  # type: ignore[list-item]
+
+
 def test_invalid_request_is_a_client_error_and_a_value_error() -> None:
     assert issubclass(errors.InvalidRequest, errors.ClientError)
     assert issubclass(errors.InvalidRequest, ValueError)

@@ -282,9 +282,15 @@ def _batch(response: httpx.Response) -> list[Enqueued]:
 
 def enqueue_batch(jobs: Sequence[NewJob]) -> Call[list[Enqueued]]:
     """`POST /jobs/batch`: idempotent (so retried) when every job has an idempotency key."""
-    keyed = all(j.idempotency_key is not None for j in jobs)
     for job in jobs:
+        if not isinstance(job, NewJob):
+            # jobq.NewJob (the queue core's) looks the same and is the first one imported.
+            raise InvalidRequest(
+                "enqueue_batch takes jobq.client.NewJob, got"
+                f" {type(job).__module__}.{type(job).__qualname__}"
+            )
         _payload(job.payload)
+    keyed = all(j.idempotency_key is not None for j in jobs)
     body = {"jobs": [j.to_json() for j in jobs]}
     return Call("POST", "/jobs/batch", _batch, json=body, idempotent=keyed)
 
