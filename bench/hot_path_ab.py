@@ -15,10 +15,8 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -97,18 +95,6 @@ async def measure(admin: str, n: int, enqueue_n: int, concurrency: int) -> dict[
 # -- the orchestrator ----------------------------------------------------------------------
 
 
-def sample(tree: Path, admin: str, a: argparse.Namespace) -> dict[str, Any]:
-    out = subprocess.run(
-        # This file, run by path (the older revision may not have it), over that tree's jobq.
-        [sys.executable, __file__, "--measure", admin, "--n", str(a.n),
-         "--enqueue-n", str(a.enqueue_n), "--concurrency", str(a.concurrency)],
-        cwd=tree, env={**os.environ, "PYTHONPATH": f"{tree / 'src'}:{tree}"},
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("before", nargs="?")
@@ -125,38 +111,16 @@ def main() -> None:
         return
     if not (a.before and a.after):
         p.error("give BEFORE_REV and AFTER_REV")
-    from bench.suite import BENCH_PG_SETTINGS, server
+    from bench.alternating import alternate, report, run_in_tree
 
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("")
-    results: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
-    with tempfile.TemporaryDirectory(prefix="jobq-hot-path-ab-") as tmp:
-        trees = {}
-        for label, rev in (("before", a.before), ("after", a.after)):
-            trees[label] = Path(tmp) / label
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q",
-                            str(trees[label]), rev], check=True)  # fmt: skip
-        try:
-            with server(BENCH_PG_SETTINGS) as admin:
-                for i in range(a.rounds):
-                    order = ("before", "after") if i % 2 == 0 else ("after", "before")
-                    for label in order:
-                        rec = {"revision": label, "round": i, **sample(trees[label], admin, a)}
-                        results[label].append(rec)
-                        with a.out.open("a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        print(json.dumps(rec), file=sys.stderr, flush=True)
-        finally:
-            for tree in trees.values():
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                                str(tree)], check=False)  # fmt: skip
-    print(f"| median of {a.rounds} samples, jobs/s | before | after | after / before |")
-    print("|---|---:|---:|---:|")
-    for key, title in (("enqueue_jobs_per_s", "sequential enqueue"),
-                       ("drain_jobs_per_s", f"drain, 1 worker x {a.concurrency}")):  # fmt: skip
-        b = statistics.median(r[key] for r in results["before"])
-        f = statistics.median(r[key] for r in results["after"])
-        print(f"| {title} | {b:.0f} | {f:.0f} | {f / b:.3f} |")
+    def sample(label: str, tree: Path, admin: str) -> dict[str, Any]:
+        return run_in_tree(tree, __file__, ["--measure", admin, "--n", str(a.n), "--enqueue-n",
+                           str(a.enqueue_n), "--concurrency", str(a.concurrency)])  # fmt: skip
+
+    results = alternate(a.before, a.after, a.rounds, a.out, sample)
+    rows = [("enqueue_jobs_per_s", "sequential enqueue"),
+            ("drain_jobs_per_s", f"drain, 1 worker x {a.concurrency}")]  # fmt: skip
+    report(results, a.rounds, rows)
 
 
 if __name__ == "__main__":
