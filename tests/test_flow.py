@@ -178,6 +178,25 @@ async def test_a_per_key_limit_holds_under_a_race_of_many_claimers(queue: Queue)
     assert {r["concurrency_key"]: r["n"] for r in per_key} == {f"t{i}": 2 for i in range(5)}
 
 
+async def test_jobs_without_a_key_share_one_key_s_bound_under_a_race(queue: Queue) -> None:
+    # A payload missing the declared field gives no key: such jobs are one key, not unbounded.
+    await queue.declare_limits("w", {"a": Limits(max_per_key=1)}, {})
+    await queue.enqueue_many([NewJob(kind="a") for _ in range(4)])
+    got = await asyncio.gather(*(_claim(queue, 4, limited=True, worker=f"w{i}") for i in range(8)))
+    assert sum(len(g) for g in got) == 1
+    assert await _claim(queue, limited=True) == []  # the running one counts against the bound
+
+
+async def test_a_queue_s_per_key_limit_bounds_jobs_without_a_key_beside_keyed_ones(
+    queue: Queue,
+) -> None:
+    await queue.declare_limits("w", {}, {"default": Limits(max_per_key=2)})
+    await queue.enqueue_many([NewJob(kind=k) for k in "abab"])
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key="t") for _ in range(3)])
+    claimed = await _claim(queue, 10, limited=True)
+    assert sorted((j.concurrency_key or "") for j in claimed) == ["", "", "t", "t"]
+
+
 async def test_a_per_key_limit_holds_under_a_race_when_keys_outnumber_the_walk(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:

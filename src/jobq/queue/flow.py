@@ -464,6 +464,13 @@ ORDER BY scope, name
 FOR UPDATE
 """
 
+# A (kind or queue, key) pair's entry in the claim's maps of running jobs. Jobs without a key
+# count under the "no key" key, the name and chr(30): a name holds no control character, so
+# this is no other pair's entry.
+_MAP_KEY = "({name} || coalesce(chr(31) || {key}, chr(30)))"
+_QUEUE_KEY = _MAP_KEY.format(name="w.queue", key="w.key")
+_KIND_KEY = _MAP_KEY.format(name="k.kind", key="w.key")
+
 # In a fair queue, `turn` is a job's place within its key and `pos` its key's place in the walk
 # (round robin from the cursor); elsewhere both are constant and claim order applies.
 _ORDER = "turn, priority, pos, run_at, id"
@@ -529,13 +536,14 @@ WITH ctl AS (
       AND coalesce(r.free, 1) > 0
 ), key_running AS MATERIALIZED (
     -- The running jobs per (kind, key) and per (queue, key), as two maps: a lookup per key,
-    -- not a join of every key to every running key.
+    -- not a join of every key to every running key. Jobs without a key count as one more key
+    -- (see _MAP_KEY).
     SELECT coalesce((SELECT jsonb_object_agg(x.k, x.n) FROM (
-                        SELECT kind || chr(31) || key AS k, sum(n)::int AS n FROM running
-                        WHERE key IS NOT NULL GROUP BY 1) AS x), '{{}}') AS by_kind,
+                        SELECT {_MAP_KEY.format(name="kind", key="key")} AS k, sum(n)::int AS n
+                        FROM running GROUP BY 1) AS x), '{{}}') AS by_kind,
            coalesce((SELECT jsonb_object_agg(x.k, x.n) FROM (
-                        SELECT queue || chr(31) || key AS k, sum(n)::int AS n FROM running
-                        WHERE key IS NOT NULL GROUP BY 1) AS x), '{{}}') AS by_queue
+                        SELECT {_MAP_KEY.format(name="queue", key="key")} AS k, sum(n)::int AS n
+                        FROM running GROUP BY 1) AS x), '{{}}') AS by_queue
 ), kind_key_bound AS MATERIALIZED (
     -- Whether every kind claimed has a per-key bound (a limit or a rate): then a key's reads
     -- are bounded by what the kinds still let it start.
@@ -549,11 +557,11 @@ WITH ctl AS (
     -- it start (0: a bound is reached).
     SELECT w.queue, w.key, w.pos, greatest(0, least(
                q.cap,
-               q.max_per_key - coalesce((kr.by_queue ->> (w.queue || chr(31) || w.key))::int, 0),
+               q.max_per_key - coalesce((kr.by_queue ->> {_QUEUE_KEY})::int, 0),
                q.key_burst,
                CASE WHEN kb.all_bounded THEN (
                    SELECT max(least(r.max_per_key - coalesce(
-                                        (kr.by_kind ->> (k.kind || chr(31) || w.key))::int, 0),
+                                        (kr.by_kind ->> {_KIND_KEY})::int, 0),
                                     r.key_burst))
                    FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
                    JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind) END)) AS cap
@@ -627,8 +635,10 @@ WITH ctl AS (
                 THEN ceil(c.rk / coalesce((q.weights ->> c.key)::float8, 1))::bigint
                 ELSE 1 END AS turn,
            CASE WHEN q.fair THEN c.pos ELSE 0 END AS pos,
-           coalesce((kr.by_kind ->> (c.kind || chr(31) || c.key))::int, 0) AS kind_key_running,
-           coalesce((kr.by_queue ->> (c.queue || chr(31) || c.key))::int, 0) AS queue_key_running
+           coalesce((kr.by_kind ->> {_MAP_KEY.format(name="c.kind", key="c.key")})::int, 0)
+               AS kind_key_running,
+           coalesce((kr.by_queue ->> {_MAP_KEY.format(name="c.queue", key="c.key")})::int, 0)
+               AS queue_key_running
     FROM (SELECT * FROM keyed UNION ALL SELECT * FROM unkeyed UNION ALL SELECT * FROM plain) AS c
     JOIN open_queues AS q ON q.queue = c.queue
     CROSS JOIN key_running AS kr
@@ -655,10 +665,9 @@ WITH ctl AS (
     WHERE r.n_all <= $4
       AND (rk.free IS NULL OR r.n_kind <= rk.free)
       AND (rq.free IS NULL OR r.n_queue <= rq.free)
-      AND (r.key IS NULL OR rk.max_per_key IS NULL
-           OR r.kind_key_running + r.s_kind_key <= rk.max_per_key)
-      AND (r.key IS NULL OR rq.max_per_key IS NULL
-           OR r.queue_key_running + r.s_queue_key <= rq.max_per_key)
+      -- Jobs without a key share one key's bound (PARTITION BY groups them as one key).
+      AND (rk.max_per_key IS NULL OR r.kind_key_running + r.s_kind_key <= rk.max_per_key)
+      AND (rq.max_per_key IS NULL OR r.queue_key_running + r.s_queue_key <= rq.max_per_key)
       AND (tk.tokens IS NULL OR r.s_kind_key <= floor(tk.tokens))
       AND (tq.tokens IS NULL OR r.s_queue_key <= floor(tq.tokens))
 ), locked AS (
