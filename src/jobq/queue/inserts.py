@@ -73,12 +73,14 @@ def _derived_key(given: str, payload: str, kind: str, queue: str, paths: str) ->
     """A job's concurrency key: the one given, else the one its kind's (or else its queue's)
     declared payload path derives (jobq_flow_controls.key_path, stored by workers from their
     registries). The path lookup is only made for a job given no key. `payload`: the JSON
-    text as json, which keeps numbers as written (migration 0017), read once per lookup."""
+    text as json, which keeps numbers as written (migration 0017). The subquery (not flattened:
+    its LIMIT) picks the value once; jobq_key_of_value, inlined, only reads that value."""
     return f"""coalesce({given}, (
-        SELECT jobq_key_from_json({payload}, c.key_path) FROM {paths} AS c
-        WHERE c.key_path IS NOT NULL
-          AND ((c.scope = 'kind' AND c.name = {kind}) OR (c.scope = 'queue' AND c.name = {queue}))
-        ORDER BY c.scope LIMIT 1))"""
+        SELECT jobq_key_of_value(picked.v) FROM (
+            SELECT {payload} #> c.key_path AS v FROM {paths} AS c
+            WHERE c.key_path IS NOT NULL AND ((c.scope = 'kind' AND c.name = {kind})
+                                              OR (c.scope = 'queue' AND c.name = {queue}))
+            ORDER BY c.scope LIMIT 1) AS picked))"""
 
 
 # Many jobs in one statement read the declared paths once: with none (the common case), the
