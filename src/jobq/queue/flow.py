@@ -777,7 +777,7 @@ WITH ctl AS (
     GROUP BY 1, 2, 3
 )
 SELECT ctl.scope, ctl.name, ctl.paused_at, ctl.max_concurrency, ctl.max_per_key, ctl.rate,
-       ctl.burst, ctl.fair, ctl.rate_per_key, ctl.burst_per_key, ctl.tokens_now,
+       ctl.burst, ctl.fair, ctl.rate_per_key, ctl.burst_per_key, ctl.paused_by, ctl.tokens_now,
        coalesce((SELECT sum(r.n) FROM running AS r
                  WHERE CASE ctl.scope WHEN 'kind' THEN r.kind ELSE r.queue END = ctl.name),
                 0)::int AS running,
