@@ -11,13 +11,11 @@ import argparse
 import asyncio
 import statistics
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
-
-from jobq import db, schema
+from bench.store import migrated_database
+from jobq import db
 from jobq.queue import Limits, NewJob, Queue
 from jobq.queue.flow import _USAGE
 
@@ -32,15 +30,7 @@ async def _median_ms(call: Callable[[], Awaitable[Any]], n: int = 200) -> float:
 
 
 async def main(admin: str) -> None:
-    name = "jobq_limit_usage_" + uuid.uuid4().hex[:6]
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f"CREATE DATABASE {name}")
-    await conn.close()
-    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        conn = await db.connect(dsn)
-        await schema.migrate(conn)
-        await conn.close()
+    async with migrated_database(admin, "limit_usage") as dsn:
         pool = await db.create_pool(dsn, min_size=1, max_size=4)
         queue = Queue(pool)
         for _ in range(40):
@@ -62,10 +52,6 @@ async def main(admin: str) -> None:
         for row in await pool.fetch("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + _USAGE):
             print(row[0])
         await pool.close()
-    finally:
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await conn.close()
 
 
 if __name__ == "__main__":

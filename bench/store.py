@@ -13,14 +13,38 @@ database has is read from the catalog (`jobs_history` exists or not).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 Conn = asyncpg.Connection | asyncpg.Pool
+
+
+@contextlib.asynccontextmanager
+async def migrated_database(admin: str, label: str) -> AsyncIterator[str]:
+    """A database of its own on `admin`'s server, migrated by this checkout's jobq; dropped at
+    the end. Yields its DSN."""
+    from jobq import db, schema
+
+    name = f"jobq_{label}_{uuid.uuid4().hex[:6]}"
+    conn = await asyncpg.connect(admin)
+    await conn.execute(f"CREATE DATABASE {name}")
+    await conn.close()
+    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        migrating = await db.connect(dsn)
+        await schema.migrate(migrating)
+        await migrating.close()
+        yield dsn
+    finally:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await conn.close()
+
 
 # Seeded history lives in leaves as wide as jobq's default (`Queue(history_leaf_width=...)`).
 SEED_LEAF_WIDTH = timedelta(days=1)

@@ -12,14 +12,12 @@ import argparse
 import asyncio
 import statistics
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-import asyncpg
-
-from jobq import db, schema
+from bench.store import migrated_database
+from jobq import db
 from jobq.queue import NewJob, Queue
 
 N = 1000
@@ -37,15 +35,7 @@ async def _rate(prepare: Callable[[], Awaitable[Any]], run: Callable[[], Awaitab
 
 
 async def main(admin: str) -> None:
-    name = "jobq_unique_cost_" + uuid.uuid4().hex[:6]
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f"CREATE DATABASE {name}")
-    await conn.close()
-    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        conn = await db.connect(dsn)
-        await schema.migrate(conn)
-        await conn.close()
+    async with migrated_database(admin, "unique_cost") as dsn:
         pool = await db.create_pool(dsn, min_size=1, max_size=2)
         queue = Queue(pool)
         jobs = [NewJob("sync", {"account": i}) for i in range(N)]
@@ -78,10 +68,6 @@ async def main(admin: str) -> None:
         for what, rate in figures.items():
             print(f"| {what} | {rate:,.0f} jobs/s |")
         await pool.close()
-    finally:
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await conn.close()
 
 
 if __name__ == "__main__":
