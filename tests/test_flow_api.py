@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from jobq.api import create_app
-from jobq.queue import Queue
+from jobq.queue import Limits, Queue
 from jobq.queue.validation import NOT_PRINTABLE
 from jobq.registry import Registry
 from jobq.settings import Settings
@@ -271,3 +271,12 @@ async def test_a_pause_body_of_another_media_type_is_a_415_problem(
     )
     assert_problem(r, 415, "unsupported_media_type")
     assert await queue.flow_states() == []
+
+
+async def test_stats_lists_a_declared_limit_and_what_runs_under_it(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    await queue.declare_limits("w", {"tenant.task": Limits(max_concurrency=3)}, {})
+    r = await client.get("/stats")
+    assert r.status_code == 200, r.text
+    assert [(x["name"], x["running"]) for x in r.json()["limits"]] == [("tenant.task", 0)]
