@@ -280,3 +280,17 @@ async def test_stats_lists_a_declared_limit_and_what_runs_under_it(
     r = await client.get("/stats")
     assert r.status_code == 200, r.text
     assert [(x["name"], x["running"]) for x in r.json()["limits"]] == [("tenant.task", 0)]
+
+
+async def test_stats_and_get_queues_list_the_same_queues(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    # One with jobs, one paused, one limited (fair) without jobs.
+    await queue.declare_limits("w", {}, {"tenants": Limits(fair=True)})
+    assert (await client.post("/jobs", json={"kind": "tenant.task", "queue": "busy"})).is_success
+    assert (await client.post("/queues/held/pause")).is_success
+    listed = [q["name"] for q in (await client.get("/queues")).json()["queues"]]
+    stats = await client.get("/stats")
+    assert stats.status_code == 200, stats.text
+    in_stats = [q["queue"] for q in stats.json()["queues"]]
+    assert sorted(listed) == sorted(in_stats) == ["busy", "held", "tenants"]

@@ -35,7 +35,8 @@ async def collect(queue: Queue, *, minutes: int = WINDOW_MINUTES) -> dict[str, A
     for name in lag_by_queue:
         by_queue.setdefault(name, dict.fromkeys(STATUSES, 0))
     paused = {s.name: s.paused_by for s in flow if s.scope == "queue" and s.paused}
-    for name in paused:
+    # Every queue with jobs, a pause or a limit: the queues GET /queues lists.
+    for name in {s.name for s in flow if s.scope == "queue"}:
         by_queue.setdefault(name, dict.fromkeys(STATUSES, 0))
     queues = []
     for name in sorted(by_queue):

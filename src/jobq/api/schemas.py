@@ -370,6 +370,7 @@ class QueueStats(BaseModel):
         description="How long that job has been waiting; null when nothing due is waiting."
     )
     paused: bool = Field(description="No worker claims this queue's jobs until it is resumed.")
+    paused_by: str | None = Field(default=None, description="Who paused it, if the pause said.")
 
 
 class MinuteStats(BaseModel):
@@ -450,7 +451,9 @@ class StatsOut(BaseModel):
     paused_kinds: list[str] = Field(description="Kinds no worker claims until resumed.")
     limits: list[LimitStats] = Field(description="Running jobs against each limit.")
     window_minutes: int = Field(description="The span of `finished_per_minute`.")
-    queues: list[QueueStats]
+    queues: list[QueueStats] = Field(
+        description="Every queue with jobs, a pause or a limit, by name: those GET /queues lists."
+    )
     finished_per_minute: list[MinuteStats] = Field(
         description="Jobs that ended in each minute of the window, oldest first, current last."
     )
