@@ -512,6 +512,7 @@ async def test_stats_keeps_its_shape(queue: Queue, client: httpx.AsyncClient) ->
     (q,) = body["queues"]
     assert set(q) == {
         "queue", "counts", "total", "oldest_due_at", "oldest_due_age_seconds", "paused",
+        "paused_by",
     }  # fmt: skip
     assert q["counts"] == {
         "queued": 1, "running": 0, "retrying": 1, "succeeded": 0, "failed_permanent": 0,
