@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from jobq import db, schema
+from jobq.queue import flow
 from tests.conftest import drop_database, with_database
 
 
@@ -94,6 +95,13 @@ async def test_pre_deploy_steps_give_the_same_schema_before_or_after_post_deploy
 def test_migrations_are_numbered_without_gaps() -> None:
     versions = [m.version for m in schema.available()]
     assert versions == list(range(1, len(versions) + 1))
+
+
+def test_the_newest_migration_defining_the_limited_claim_states_the_code_s_statements() -> None:
+    # The limited claim runs as jobq_claim_limited, built from the statements in jobq.queue.flow:
+    # a change to them that no migration carries would not run.
+    defining = [m for m in schema.available() if "FUNCTION\n    jobq_claim_limited(" in m.sql]
+    assert defining and defining[-1].sql.endswith(flow.claim_limited_function())
 
 
 async def _migrate_through(conn: asyncpg.Connection, version: int) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from jobq.queue.leases import _CLAIM_RETURNING, _LEASE
-from jobq.queue.model import InvalidJob, Job
+from jobq.queue.model import _JOB_FIELDS, InvalidJob, Job
 from jobq.queue.validation import NOT_PRINTABLE, _check_name, check_concurrency_key
 from jobq.queue.views import Views
 
@@ -391,11 +391,12 @@ _NEXT_KEY = f"""
 _FIRST_KEY = _NEXT_KEY.format(queue="w.queue", after="w.after_key", wrapped="false")
 _STEP_KEY = _NEXT_KEY.format(queue="keys.queue", after="keys.key", wrapped="keys.wrapped")
 
-# The limited claim is one transaction of three statements. The first (this one) finds, for
-# every keyed queue (fair share or a per-key limit applies), the keys the claim will consider:
-# a loose index scan of jobs_queue_key_claim_idx, one probe per key, starting after the key
-# the previous claim stopped at and wrapping around once, at most $3 keys. It takes no lock:
-# which keys have waiting jobs is only a hint (the claim reads their jobs again below).
+# The limited claim is three statements, run by one function (claim_limited_function). The
+# first (this one) finds, for every keyed queue (fair share or a per-key limit applies), the
+# keys the claim will consider: a loose index scan of jobs_queue_key_claim_idx, one probe per
+# key, starting after the key the previous claim stopped at and wrapping around once, at most
+# $3 keys. It takes no lock: which keys have waiting jobs is only a hint (the claim reads
+# their jobs again below).
 # $1 kinds, $2 queues, $3 the walk's bound.
 _WALK_KEYS = f"""
 WITH RECURSIVE ctl AS (
@@ -761,6 +762,94 @@ SELECT claimed.*, held.held AS _held,
 FROM held LEFT JOIN claimed ON true
 """
 
+# The job columns jobq_claim_limited returns, as the jobs table types them.
+_JOB_TYPES = {
+    "id": "uuid", "kind": "text", "queue": "text", "payload": "jsonb", "status": "text",
+    "priority": "smallint", "attempts": "integer", "max_attempts": "integer",
+    "run_at": "timestamptz", "idempotency_key": "text", "cancel_requested": "boolean",
+    "lease_owner": "text", "lease_token": "uuid", "lease_expires_at": "timestamptz",
+    "retry_delay_seconds": "float8", "last_error": "text", "errors": "jsonb", "result": "jsonb",
+    "created_at": "timestamptz", "updated_at": "timestamptz", "started_at": "timestamptz",
+    "finished_at": "timestamptz", "concurrency_key": "text", "progress": "jsonb",
+    "trace_context": "jsonb",
+}  # fmt: skip
+
+
+def _renumber(sql: str, names: Mapping[int, str]) -> str:
+    return re.sub(r"\$(\d+)", lambda m: names.get(int(m.group(1)), m.group(0)), sql)
+
+
+def claim_limited_function() -> str:
+    """The definition of jobq_claim_limited: the walk, the lock and the decision above as one
+    function, so that the limited claim is one round trip. The newest migration defining it
+    must state exactly this (tests/test_migrations.py): a change to those statements needs a
+    migration. Each statement of a volatile function takes its own snapshot under READ
+    COMMITTED, so the decision still starts after the lock is granted. Arguments: $1 worker,
+    $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8 max attempts, $9 the walk's bound."""
+    walk = _renumber(_WALK_KEYS.strip(), {1: "$2", 2: "$3", 3: "$9"})
+    lock = _renumber(_LOCK_LIMITS.strip(), {1: "$2", 2: "$3"})
+    claim = _renumber(_CLAIM_LIMITED.strip(), {9: "w_queue", 10: "w_key", 11: "w_pos", 12: "cut"})
+    fields = ", ".join(f"claimed.{f}" for f in _JOB_FIELDS)
+    claim = (
+        claim.replace(
+            "SELECT claimed.*, held.held AS _held,",
+            f"SELECT {fields},\n       claimed._turn::bigint, claimed._pos::int,"
+            " claimed._walked::int, held.held AS _held,",
+        )
+        .replace(
+            "       (SELECT count(*) FROM spent)",
+            "       ((SELECT count(*) FROM spent)",
+        )
+        .replace(
+            "(SELECT count(*) FROM key_pruned) AS _written",
+            "(SELECT count(*) FROM key_pruned))::bigint AS _written",
+        )
+    )
+    columns = ",\n    ".join(f"{f} {_JOB_TYPES[f]}" for f in _JOB_FIELDS)
+    nulls = ", ".join(f"NULL::{_JOB_TYPES[f]}" for f in _JOB_FIELDS)
+    walked = "array_agg(x.{} ORDER BY x.queue, x.pos) FILTER (WHERE x.key IS NOT NULL)"
+    return f"""CREATE OR REPLACE FUNCTION
+    jobq_claim_limited(text, text[], text[], int, float8, text[], int[], int, int)
+RETURNS TABLE (
+    {columns},
+    _turn bigint, _pos int, _walked int, _held boolean, _keyed boolean, _written bigint
+)
+LANGUAGE plpgsql VOLATILE AS $fn$
+#variable_conflict use_column
+DECLARE
+    w_queue text[];
+    w_key text[];
+    w_pos int[];
+    cut boolean;
+    is_shut boolean;
+    is_full boolean;
+BEGIN
+    SELECT coalesce({walked.format("queue")}, '{{}}'),
+           coalesce({walked.format("key")}, '{{}}'),
+           coalesce({walked.format("pos")}, '{{}}'),
+           coalesce(bool_or(x.pos >= $9), false), bool_or(x.shut), bool_or(x.full)
+    INTO w_queue, w_key, w_pos, cut, is_shut, is_full
+    FROM (
+{walk}
+    ) AS x;
+    IF is_shut THEN
+        -- Every kind or every queue is paused or has no room: nothing to lock for.
+        RETURN QUERY SELECT {nulls},
+            NULL::bigint, NULL::int, NULL::int, is_full, $9 > 0, 0::bigint;
+        RETURN;
+    END IF;
+    PERFORM 1 FROM (
+{lock}
+    ) AS l;
+    RETURN QUERY
+{claim};
+END
+$fn$;
+"""
+
+
+_CLAIM_LIMITED_CALL = "SELECT * FROM jobq_claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+
 _USAGE = """
 WITH ctl AS (
     SELECT c.*, CASE WHEN c.rate IS NOT NULL THEN
@@ -942,37 +1031,26 @@ class Flow(Views):
     ) -> LimitedClaim:
         """`claim_limited`, and whether a bound (a limit full, a bucket empty, the key walk's
         bound) kept back jobs it could otherwise have taken. `walk_keys=False` (the last claim
-        said no queue is keyed) saves the key walk's round trip; should a queue be keyed by
+        said no queue is keyed) saves the key walk; should a queue be keyed by
         now, the claim takes none of its keyed jobs and says it held jobs back."""
         if n <= 0 or not kinds or not queues:
             return LimitedClaim([], held_back=False)
         per_kind = max_attempts or {}
         walk_bound = KEY_WALK
-        async with self.pool.acquire() as conn, conn.transaction():
-            walked = await conn.fetch(
-                _WALK_KEYS, list(kinds), list(queues), walk_bound if walk_keys else 0
-            )
-            if walked[0]["shut"]:
-                # Every kind or every queue is paused or has no room: nothing to lock for.
-                # Room frees up without a NOTIFY (a pause ends with one).
-                return LimitedClaim([], held_back=walked[0]["full"], keyed=walk_keys)
-            walked = [w for w in walked if w["key"] is not None]
-            await conn.execute(_LOCK_LIMITS, list(kinds), list(queues))
-            rows = await conn.fetch(
-                _CLAIM_LIMITED,
-                worker,
-                list(kinds),
-                list(queues),
-                n,
-                float(lease_seconds),
-                list(per_kind),
-                list(per_kind.values()),
-                self.default_max_attempts,
-                [w["queue"] for w in walked],
-                [w["key"] for w in walked],
-                [w["pos"] for w in walked],
-                any(w["pos"] >= walk_bound for w in walked),
-            )
+        # One round trip: jobq_claim_limited (migration 0020) runs the walk, the lock and the
+        # decision, each statement with its own snapshot, in this statement's transaction.
+        rows = await self.pool.fetch(
+            _CLAIM_LIMITED_CALL,
+            worker,
+            list(kinds),
+            list(queues),
+            n,
+            float(lease_seconds),
+            list(per_kind),
+            list(per_kind.values()),
+            self.default_max_attempts,
+            walk_bound if walk_keys else 0,
+        )
         got = [r for r in rows if r["id"] is not None]
         got.sort(key=lambda r: (r["_turn"], r["priority"], r["_pos"], r["run_at"], r["id"]))
         keyed = bool(rows[0]["_keyed"])
