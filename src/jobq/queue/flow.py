@@ -783,9 +783,11 @@ def claim_limited_function() -> str:
     """The definition of jobq_claim_limited: the walk, the lock and the decision above as one
     function, so that the limited claim is one round trip. The newest migration defining it
     must state exactly this (tests/test_migrations.py): a change to those statements needs a
-    migration. Each statement of a volatile function takes its own snapshot under READ
-    COMMITTED, so the decision still starts after the lock is granted. Arguments: $1 worker,
-    $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8 max attempts, $9 the walk's bound."""
+    migration ending with `python -c 'from jobq.queue import flow;
+    print(flow.claim_limited_function(), end="")'`. Each statement of a volatile function
+    takes its own snapshot under READ COMMITTED, so the decision still starts after the lock
+    is granted. Arguments: $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8
+    max attempts, $9 the walk's bound."""
     walk = _renumber(_WALK_KEYS.strip(), {1: "$2", 2: "$3", 3: "$9"})
     lock = _renumber(_LOCK_LIMITS.strip(), {1: "$2", 2: "$3"})
     claim = _renumber(_CLAIM_LIMITED.strip(), {9: "w_queue", 10: "w_key", 11: "w_pos", 12: "cut"})
