@@ -126,18 +126,25 @@ class CountingQueue(Queue):
         return await super().write_progress(reports)
 
 
-async def test_a_handler_reporting_in_a_tight_loop_costs_a_few_writes_a_second(
-    queue: Queue, pool: asyncpg.Pool
-) -> None:
+async def writing_for_a_claimed_job(
+    queue: Queue, writing: Queue
+) -> tuple[Run, ProgressWriter, asyncio.Task[None]]:
+    """A claimed job's run, and a progress writer over `writing` looping for it."""
     await queue.enqueue(NewJob("echo"))
     (job,) = await queue.claim("w", ["echo"], ["default"], 1, lease_seconds=30)
-    counting = CountingQueue(pool)
     state = WorkerState("w", FAST, kinds=["echo"], queues=["default"], concurrency=1)
-    writer = ProgressWriter(state, counting)
+    writer = ProgressWriter(state, writing)
     run = Run(job, context(), lease_of(job))
     state.runs[run.lease] = run
     writer.attach(run)
-    task = asyncio.create_task(writer.loop())
+    return run, writer, asyncio.create_task(writer.loop())
+
+
+async def test_a_handler_reporting_in_a_tight_loop_costs_a_few_writes_a_second(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    counting = CountingQueue(pool)
+    run, writer, task = await writing_for_a_claimed_job(queue, counting)
     seconds = 1.5
     calls = 0
 
@@ -158,7 +165,7 @@ async def test_a_handler_reporting_in_a_tight_loop_costs_a_few_writes_a_second(
         await asyncio.gather(task, return_exceptions=True)
     assert calls > 10_000
     assert counting.writes <= seconds / PROGRESS_INTERVAL + 3
-    stored = (await queue.get(job.id)).progress
+    stored = (await queue.get(run.job.id)).progress
     assert stored is not None and stored["fraction"] == 0.75 and stored["message"] == "last"
 
 
@@ -183,15 +190,8 @@ async def test_a_run_ending_while_its_report_is_being_written_waits_for_the_writ
     queue: Queue, pool: asyncpg.Pool
 ) -> None:
     # The run's outcome moves the job to history: a report written after it is lost.
-    await queue.enqueue(NewJob("echo"))
-    (job,) = await queue.claim("w", ["echo"], ["default"], 1, lease_seconds=30)
     held = HeldQueue(pool)
-    state = WorkerState("w", FAST, kinds=["echo"], queues=["default"], concurrency=1)
-    writer = ProgressWriter(state, held)
-    run = Run(job, context(), lease_of(job))
-    state.runs[run.lease] = run
-    writer.attach(run)
-    task = asyncio.create_task(writer.loop())
+    run, writer, task = await writing_for_a_claimed_job(queue, held)
     try:
         run.ctx.set_progress(0.5, "half")
         await asyncio.wait_for(held.entered.wait(), 5)  # the writer's own write is under way
