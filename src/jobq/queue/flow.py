@@ -400,7 +400,8 @@ _STEP_KEY = _NEXT_KEY.format(queue="keys.queue", after="keys.key", wrapped="keys
 # $1 kinds, $2 queues, $3 the walk's bound.
 _WALK_KEYS = f"""
 WITH RECURSIVE ctl AS (
-    SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.fair,
+    SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.fair, c.max_per_key,
+           floor(c.burst_per_key)::int AS key_burst,
            c.max_per_key IS NOT NULL OR c.rate_per_key IS NOT NULL AS per_key
     FROM jobq_flow_controls AS c
     WHERE c.limited AND ((c.scope = 'kind' AND c.name = ANY($1::text[]))
@@ -446,24 +447,67 @@ WITH RECURSIVE ctl AS (
                        WHERE (q.queue) NOT IN (SELECT name FROM closed WHERE scope = 'queue'))
            AS shut,
            EXISTS (SELECT 1 FROM closed WHERE NOT paused) AS full
+), key_running AS MATERIALIZED (
+    -- A hint of the running jobs of each key under a per-key limit, for choosing which keys
+    -- to lock: the decision counts them again, under the locks.
+    SELECT j.kind, j.queue, j.concurrency_key AS key, count(*)::int AS n
+    FROM jobs AS j
+    WHERE j.status = 'running' AND j.concurrency_key IS NOT NULL
+      AND EXISTS (SELECT 1 FROM keys)
+      AND (j.kind IN (SELECT name FROM ctl WHERE scope = 'kind' AND max_per_key IS NOT NULL)
+           OR j.queue IN (SELECT name FROM ctl WHERE scope = 'queue' AND max_per_key IS NOT NULL))
+    GROUP BY 1, 2, 3
+), queue_key_running AS MATERIALIZED (
+    SELECT queue, key, sum(n)::int AS n FROM key_running GROUP BY 1, 2
+), kind_key_running AS MATERIALIZED (
+    SELECT kind, key, sum(n)::int AS n FROM key_running GROUP BY 1, 2
 )
-SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full FROM shut LEFT JOIN keys ON true
+-- Per key walked, the hint of what its per-key bounds still let it start: its limit less its
+-- running jobs, at most its bucket's size (NULL: nothing bounds it); and whether per-key
+-- bounds apply at all, so that keys are locked.
+SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
+       EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
+       least(qb.max_per_key - coalesce(qr.n, 0), qb.key_burst, kb.room) AS room
+FROM shut
+LEFT JOIN keys ON true
+LEFT JOIN ctl AS qb ON qb.scope = 'queue' AND qb.name = keys.queue AND qb.per_key
+LEFT JOIN queue_key_running AS qr ON qr.queue = keys.queue AND qr.key = keys.key
+LEFT JOIN LATERAL (
+    SELECT max(least(k.max_per_key - coalesce(kr.n, 0), k.key_burst)) AS room
+    FROM ctl AS k LEFT JOIN kind_key_running AS kr ON kr.kind = k.name AND kr.key = keys.key
+    WHERE k.scope = 'kind' AND k.per_key AND NOT k.paused
+) AS kb ON true
 """
 
-# The second locks the rows of the limits this worker's kinds and queues fall under, in one
-# order (no deadlock between claimers); claims that share a limit take turns here. The third
-# starts after the lock is held, so its snapshot sees every claim committed by the previous
-# holder: the running jobs it counts, the tokens it reads, are current, and no other claim
-# under these limits can commit until this one does. Jobs that end meanwhile only free slots:
-# a count that still sees them errs on the safe side. The key walk came before the lock, so the
-# lock is held only for the decision: a probe per key visited, not per key waiting.
+# The second locks what the decision depends on, so that no other claim can change it until
+# this one commits. A limit with a bound over all its jobs (max_concurrency, a rate) or a fair
+# queue: its row, in one order (no deadlock between claimers); claims that share it take turns
+# here. A per-key bound (max_per_key, a per-key rate) depends only on the key's own jobs: the
+# claim locks the keys it will read instead (a transaction-scoped advisory lock per key, see
+# KEY_LOCK_CLASS), and claims of different keys decide at the same time. The third starts after
+# the locks are held, so its snapshot sees every claim committed by the previous holder: the
+# running jobs it counts, the tokens it reads, are current, and no other claim under these
+# bounds can commit until this one does. Jobs that end meanwhile only free slots: a count that
+# still sees them errs on the safe side. The key walk came before the locks, so they are held
+# only for the decision: a probe per key visited, not per key waiting.
 _LOCK_LIMITS = """
 SELECT 1 FROM jobq_flow_controls
-WHERE limited AND ((scope = 'kind' AND name = ANY($1::text[]))
-                   OR (scope = 'queue' AND name = ANY($2::text[])))
+WHERE limited AND (max_concurrency IS NOT NULL OR rate IS NOT NULL OR fair)
+  AND ((scope = 'kind' AND name = ANY($1::text[]))
+       OR (scope = 'queue' AND name = ANY($2::text[])))
 ORDER BY scope, name
 FOR UPDATE
 """
+
+# The advisory lock class (the first of the two keys) of concurrency keys' locks; the second
+# is the key's hashtext (jobs without a key: that of chr(30), which no key holds). Two keys
+# whose hashes collide only take turns. "jobq" in ASCII.
+KEY_LOCK_CLASS = 0x6A6F6271
+# That of the lock a claim takes to insert a queue's first cursor (jobq_flow_cursors).
+CURSOR_LOCK_CLASS = KEY_LOCK_CLASS + 1
+# The most keys one claim locks: with at most this many at once per claim, many workers'
+# claims fit the server's lock table (max_locks_per_transaction x max_connections entries).
+KEY_LOCKS = 64
 
 # A (kind or queue, key) pair's entry in the claim's maps of running jobs. Jobs without a key
 # count under the "no key" key, the name and chr(30): a name holds no control character, so
@@ -478,7 +522,9 @@ _ORDER = "turn, priority, pos, run_at, id"
 
 # $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8 max attempts (see _CLAIM);
 # $9/$10/$11 the keys walked (queue, key, place in the walk), $12 whether a walk stopped at its
-# bound with keys left.
+# bound with keys left or passed over keys, $13 whether the claim may take jobs without a key
+# in keyed queues (it holds their lock, or none is needed), $14 per key walked whether the
+# claim holds it.
 _CLAIM_LIMITED = f"""
 WITH ctl AS (
     -- The bucket refilled up to `at`, at most full. `at` is read now, after the lock was
@@ -552,10 +598,13 @@ WITH ctl AS (
     FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
     LEFT JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind
 ), walk AS (
-    SELECT * FROM unnest($9::text[], $10::text[], $11::int[]) AS w(queue, key, pos)
+    -- `held`: the claim holds the key's lock (or needs none) and reads its jobs; the others
+    -- were passed over, and only move the cursor.
+    SELECT * FROM unnest($9::text[], $10::text[], $11::int[], $14::bool[])
+        AS w(queue, key, pos, held)
 ), key_caps AS MATERIALIZED (
-    -- Per key walked, how many of its jobs to read at most: what its per-key bounds still let
-    -- it start (0: a bound is reached).
+    -- Per key walked and held, how many of its jobs to read at most: what its per-key bounds
+    -- still let it start (0: a bound is reached).
     SELECT w.queue, w.key, w.pos, greatest(0, least(
                q.cap,
                q.max_per_key - coalesce((kr.by_queue ->> {_QUEUE_KEY})::int, 0),
@@ -567,7 +616,7 @@ WITH ctl AS (
                    FROM unnest((SELECT kinds FROM open_kinds)::text[]) AS k(kind)
                    JOIN room AS r ON r.scope = 'kind' AND r.name = k.kind) END)) AS cap
     FROM walk AS w
-    JOIN open_queues AS q ON q.queue = w.queue AND q.keyed
+    JOIN open_queues AS q ON q.queue = w.queue AND q.keyed AND w.held
     CROSS JOIN kind_key_bound AS kb
     CROSS JOIN key_running AS kr
 ), key_tokens AS MATERIALIZED (
@@ -578,7 +627,7 @@ WITH ctl AS (
                      extract(epoch FROM ctl.at - coalesce(b.refilled_at, ctl.at))::float8))
                AS tokens
     FROM ctl
-    JOIN (SELECT DISTINCT key FROM walk) AS w ON true
+    JOIN (SELECT DISTINCT key FROM walk WHERE held) AS w ON true
     LEFT JOIN jobq_flow_key_buckets AS b
         ON b.scope = ctl.scope AND b.name = ctl.name AND b.key = w.key
     WHERE ctl.rate_per_key IS NOT NULL AND NOT ctl.paused
@@ -613,7 +662,7 @@ WITH ctl AS (
         LIMIT $4
     ) AS ahead
     JOIN jobs AS j ON j.id = ahead.id
-    WHERE q.keyed AND j.concurrency_key IS NULL
+    WHERE q.keyed AND j.concurrency_key IS NULL AND $13::bool
 ), plain AS (
     -- An unkeyed queue: its jobs in claim order, skipping rows other claims hold (jobs of
     -- kinds no limit covers may be claimed by anyone).
@@ -709,21 +758,22 @@ WITH ctl AS (
         SET tokens = excluded.tokens, refilled_at = greatest(b.refilled_at, excluded.refilled_at)
     RETURNING 1
 ), key_pruned AS (
-    -- Buckets refilled since (a full bucket is no row): a few per claim, none it just wrote.
+    -- Buckets refilled since (a full bucket is no row): of the keys this claim holds (another
+    -- claim may be writing the others' buckets), none it just wrote.
     DELETE FROM jobq_flow_key_buckets AS b
     WHERE (b.scope, b.name, b.key) IN (
         SELECT o.scope, o.name, o.key
         FROM ctl JOIN jobq_flow_key_buckets AS o ON o.scope = ctl.scope AND o.name = ctl.name
         WHERE ctl.rate_per_key IS NOT NULL AND NOT ctl.paused
+          AND o.key IN (SELECT key FROM walk WHERE held)
           AND o.tokens + ctl.rate_per_key
                 * extract(epoch FROM ctl.at - o.refilled_at)::float8 >= ctl.burst_per_key
           AND NOT EXISTS (SELECT 1 FROM claimed AS x WHERE x.concurrency_key = o.key)
         LIMIT 16)
     RETURNING 1
-), moved AS (
+), cursor_to AS (
     -- The next claim's walk starts after the last key this one took a job from, when it took
-    -- all it asked for; else after the last key it walked. Queues in lock order.
-    INSERT INTO jobq_flow_cursors AS cur (queue, after_key)
+    -- all it asked for; else after the last key it walked.
     SELECT w.queue, w.key
     FROM (SELECT w.queue, CASE WHEN (SELECT count(*) FROM claimed) >= $4
                                THEN (SELECT max(x._walked) FROM claimed AS x
@@ -731,8 +781,25 @@ WITH ctl AS (
                                ELSE max(w.pos) END AS pos
           FROM walk AS w GROUP BY w.queue) AS t
     JOIN walk AS w ON w.queue = t.queue AND w.pos = t.pos
-    ORDER BY w.queue
-    ON CONFLICT (queue) DO UPDATE SET after_key = excluded.after_key, updated_at = now()
+), moved AS (
+    -- Unless another claim is moving the queue's cursor now: the cursor is where walks start,
+    -- not a bound, and claims of other keys must not wait for each other here.
+    UPDATE jobq_flow_cursors AS cur SET after_key = t.key, updated_at = now()
+    FROM cursor_to AS t
+    WHERE cur.queue = t.queue
+      AND cur.queue IN (SELECT c.queue FROM jobq_flow_cursors AS c
+                        WHERE c.queue IN (SELECT queue FROM cursor_to)
+                        ORDER BY c.queue
+                        FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+), cursor_added AS (
+    -- A queue's first cursor: by one claim (the others would wait for its insert's commit).
+    INSERT INTO jobq_flow_cursors (queue, after_key)
+    SELECT t.queue, t.key FROM cursor_to AS t
+    WHERE NOT EXISTS (SELECT 1 FROM jobq_flow_cursors AS c WHERE c.queue = t.queue)
+      AND pg_try_advisory_xact_lock({CURSOR_LOCK_CLASS}, hashtext(t.queue))
+    ORDER BY t.queue
+    ON CONFLICT (queue) DO NOTHING
     RETURNING 1
 ), held AS (
     -- Whether a bound kept back jobs this claim could otherwise have taken: then the worker
@@ -758,6 +825,7 @@ SELECT claimed.*, held.held AS _held,
                    AND (max_per_key IS NOT NULL OR rate_per_key IS NOT NULL
                         OR (scope = 'queue' AND fair))) AS _keyed,
        (SELECT count(*) FROM spent) + (SELECT count(*) FROM moved)
+       + (SELECT count(*) FROM cursor_added)
        + (SELECT count(*) FROM key_spent) + (SELECT count(*) FROM key_pruned) AS _written
 FROM held LEFT JOIN claimed ON true
 """
@@ -790,7 +858,10 @@ def claim_limited_function() -> str:
     max attempts, $9 the walk's bound."""
     walk = _renumber(_WALK_KEYS.strip(), {1: "$2", 2: "$3", 3: "$9"})
     lock = _renumber(_LOCK_LIMITS.strip(), {1: "$2", 2: "$3"})
-    claim = _renumber(_CLAIM_LIMITED.strip(), {9: "w_queue", 10: "w_key", 11: "w_pos", 12: "cut"})
+    claim = _renumber(
+        _CLAIM_LIMITED.strip(),
+        {9: "w_queue", 10: "w_key", 11: "w_pos", 12: "cut", 13: "no_key", 14: "w_held"},
+    )
     fields = ", ".join(f"claimed.{f}" for f in _JOB_FIELDS)
     claim = (
         claim.replace(
@@ -816,21 +887,34 @@ RETURNS TABLE (
     {columns},
     _turn bigint, _pos int, _walked int, _held boolean, _keyed boolean, _written bigint
 )
-LANGUAGE plpgsql VOLATILE AS $fn$
+LANGUAGE plpgsql VOLATILE
+-- One plan for every call: the decision is a large statement, whose planning for each call's
+-- parameters took longer than a third of the claim's time.
+SET plan_cache_mode = force_generic_plan
+AS $fn$
 #variable_conflict use_column
 DECLARE
     w_queue text[];
     w_key text[];
     w_pos int[];
+    w_room int[];
     cut boolean;
     is_shut boolean;
     is_full boolean;
+    lock_keys boolean;
+    no_key boolean := true;
+    w_held boolean[] := '{{}}';
+    visited int := 0;
+    locked int := 0;
+    hinted int := 0;
 BEGIN
     SELECT coalesce({walked.format("queue")}, '{{}}'),
            coalesce({walked.format("key")}, '{{}}'),
            coalesce({walked.format("pos")}, '{{}}'),
-           coalesce(bool_or(x.pos >= $9), false), bool_or(x.shut), bool_or(x.full)
-    INTO w_queue, w_key, w_pos, cut, is_shut, is_full
+           coalesce({walked.format("room")}, '{{}}'),
+           coalesce(bool_or(x.pos >= $9), false), bool_or(x.shut), bool_or(x.full),
+           bool_or(x.lock_keys)
+    INTO w_queue, w_key, w_pos, w_room, cut, is_shut, is_full, lock_keys
     FROM (
 {walk}
     ) AS x;
@@ -843,6 +927,33 @@ BEGIN
     PERFORM 1 FROM (
 {lock}
     ) AS l;
+    IF lock_keys THEN
+        -- The keys to read, in walk order, until their hinted room covers what is asked for:
+        -- those another claim holds are passed over (it decides for them), and so are those
+        -- the hint says are full. A key held elsewhere or full kept jobs back: try again soon.
+        FOR i IN 1 .. cardinality(w_key) LOOP
+            EXIT WHEN hinted >= $4 OR locked >= {KEY_LOCKS};
+            visited := i;
+            IF coalesce(w_room[i], $4) > 0
+               AND pg_try_advisory_xact_lock({KEY_LOCK_CLASS}, hashtext(w_key[i])) THEN
+                w_held := w_held || true;
+                locked := locked + 1;
+                hinted := hinted + coalesce(w_room[i], $4);
+            ELSE
+                w_held := w_held || false;
+                cut := true;
+            END IF;
+        END LOOP;
+        -- Keys past those visited are left to the next claims, as keys past the walk's bound.
+        cut := cut OR visited < cardinality(w_key);
+        w_queue := w_queue[1:visited];
+        w_key := w_key[1:visited];
+        w_pos := w_pos[1:visited];
+        no_key := pg_try_advisory_xact_lock({KEY_LOCK_CLASS}, hashtext(chr(30)));
+        cut := cut OR NOT no_key;
+    ELSE
+        w_held := array_fill(true, ARRAY[cardinality(w_key)]);
+    END IF;
     RETURN QUERY
 {claim};
 END
