@@ -336,18 +336,17 @@ WITH ctl AS (
     -- claim may start, in claim order: they take turns as one more key, walked first. Jobs of
     -- other kinds (paused, full, or no handler here) are passed over as the plain claim
     -- passes them; they must not hide the jobs behind them.
-    SELECT j.id, j.kind, j.queue, j.concurrency_key AS key, j.priority, j.run_at, 0 AS pos,
-           1::bigint AS rk
+    SELECT a.id, a.kind, a.queue, a.key, a.priority, a.run_at, 0 AS pos, 1::bigint AS rk
     FROM open_queues AS q
     CROSS JOIN LATERAL (
-        SELECT h.id FROM jobs AS h
+        SELECT h.id, h.kind, h.queue, h.concurrency_key AS key, h.priority, h.run_at
+        FROM jobs AS h
         WHERE h.status IN ('queued', 'retrying') AND h.queue = q.queue AND h.run_at <= now()
           AND h.kind = ANY((SELECT kinds FROM open_kinds)::text[])
         ORDER BY h.priority, h.run_at, h.id
         LIMIT $4
-    ) AS ahead
-    JOIN jobs AS j ON j.id = ahead.id
-    WHERE q.keyed AND j.concurrency_key IS NULL AND no_key::bool
+    ) AS a
+    WHERE q.keyed AND no_key::bool AND a.key IS NULL
 ), plain AS (
     -- An unkeyed queue: its jobs in claim order, skipping rows other claims hold (jobs of
     -- kinds no limit covers may be claimed by anyone).
