@@ -517,6 +517,21 @@ async def test_each_concurrency_key_has_its_own_rate_bucket(queue: Queue) -> Non
     assert attempts == 0  # those waiting for a token spent no attempt
 
 
+async def test_the_cleaner_removes_refilled_key_buckets_and_keeps_the_others(queue: Queue) -> None:
+    # Claims remove refilled buckets only of keys they hold: a key with no job left is walked
+    # by no claim, and its bucket must not stay forever.
+    await queue.declare_limits("w", {"a": Limits.declare(rate_limit_per_key="1/min")}, {})
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key=k) for k in "AB"])
+    assert len(await _claim(queue, 10, limited=True)) == 2
+    await queue.pool.execute(
+        "UPDATE jobq_flow_key_buckets SET refilled_at = refilled_at - interval '2 min'"
+        " WHERE key = 'A'"
+    )
+    assert await queue.prune_key_buckets() == 1
+    keys = await queue.pool.fetch("SELECT key FROM jobq_flow_key_buckets")
+    assert [r["key"] for r in keys] == ["B"]
+
+
 async def test_a_worker_starts_each_key_s_jobs_within_its_bucket(queue: Queue, dsn: str) -> None:
     import time
 

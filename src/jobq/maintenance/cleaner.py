@@ -5,7 +5,8 @@ Every 30 s (jittered by the service loop) one worker at a time, under the retent
 whole time range is older than its class's retention (`JOBQ_RETENTION` for succeeded and
 cancelled, `JOBQ_RETENTION_FAILED` for failed_permanent), finishes what a pass that died left
 half done, and deletes idempotency keys past `JOBQ_IDEMPOTENCY_WINDOW` whose job is gone.
-Every worker also deletes unique-job keys whose period has passed (any number may at once).
+Every worker also deletes unique-job keys whose period has passed and per-key rate buckets
+that have refilled (any number may at once).
 History is thus kept between retention and retention plus one leaf width; rows inside a leaf
 that stays are removed only by `jobq prune` with an explicit horizon.
 """
@@ -66,3 +67,4 @@ class Cleaner:
     async def run_once(self) -> None:
         await self.clean()
         await self.queue.expire_unique_keys()
+        await self.queue.prune_key_buckets()

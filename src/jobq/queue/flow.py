@@ -999,6 +999,23 @@ ORDER BY ctl.scope, ctl.name
 """
 
 
+# Buckets that have refilled since (a full bucket is no row), and those of limits no longer
+# declared. Claims remove refilled buckets only of the keys they hold; this removes the rest
+# (keys with no job waiting are walked by no claim). A bucket a claim is writing is skipped.
+_PRUNE_KEY_BUCKETS = """
+DELETE FROM jobq_flow_key_buckets AS b
+WHERE (b.scope, b.name, b.key) IN (
+    SELECT o.scope, o.name, o.key
+    FROM jobq_flow_key_buckets AS o
+    LEFT JOIN jobq_flow_controls AS c ON c.scope = o.scope AND c.name = o.name
+    WHERE c.rate_per_key IS NULL
+       OR o.tokens + c.rate_per_key
+              * extract(epoch FROM clock_timestamp() - o.refilled_at)::float8 >= c.burst_per_key
+    LIMIT $1
+    FOR UPDATE OF o SKIP LOCKED)
+"""
+
+
 class TooManyPaused(Exception):
     """A new pause while `limit` queues and kinds are paused already (JOBQ_MAX_PAUSED)."""
 
@@ -1168,6 +1185,12 @@ class Flow(Views):
         keyed = bool(rows[0]["_keyed"])
         held = bool(rows[0]["_held"]) or (keyed and not walk_keys)
         return LimitedClaim([Job.from_record(r) for r in got], held_back=held, keyed=keyed)
+
+    async def prune_key_buckets(self, limit: int = 10_000) -> int:
+        """Delete up to `limit` per-key buckets that have refilled (or whose limit is gone);
+        how many."""
+        status = await self.pool.execute(_PRUNE_KEY_BUCKETS, limit)
+        return int(status.split()[-1])
 
     async def limit_usage(self) -> list[LimitUsage]:
         """Every limited queue and kind: running jobs against the limits, per key too."""
