@@ -235,6 +235,17 @@ async def test_claims_of_different_keys_under_a_per_key_limit_do_not_wait_for_ea
         assert sorted(str(j.concurrency_key) for j in other) == ["t2", "t3"]
 
 
+async def test_a_per_key_claim_goes_on_to_more_keys_when_the_first_have_fewer_jobs_than_room(
+    queue: Queue,
+) -> None:
+    # A claim locks keys until they cover what it asks for: a key's share is its due jobs, not
+    # only its limit's room (tenants with a job or two each).
+    await queue.declare_limits("w", {"a": Limits(max_per_key=3)}, {})
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key=k) for k in "abbccc"])
+    claimed = await _claim(queue, 6, limited=True)
+    assert sorted(str(j.concurrency_key) for j in claimed) == list("abbccc")
+
+
 async def test_a_queue_limit_counts_every_kind_in_it(queue: Queue) -> None:
     await queue.declare_limits("w", {}, {"default": Limits(max_concurrency=3)})
     await queue.enqueue_many([NewJob(kind=k) for k in "abababab"])

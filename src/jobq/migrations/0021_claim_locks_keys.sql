@@ -153,12 +153,18 @@ WITH RECURSIVE ctl AS (
 ), kind_key_running AS MATERIALIZED (
     SELECT kind, key, sum(n)::int AS n FROM key_running GROUP BY 1, 2
 )
--- Per key walked, the hint of what its per-key bounds still let it start: its limit less its
--- running jobs, at most its bucket's size (NULL: nothing bounds it); and whether per-key
--- bounds apply at all, so that keys are locked.
+-- Per key walked, the hint of how many of its jobs the claim can start: its due jobs, no more
+-- than its limit less its running jobs and its bucket's size allow; and whether per-key bounds
+-- apply at all, so that keys are locked.
 SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
        EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
-       least(qb.max_per_key - coalesce(qr.n, 0), qb.key_burst, kb.room) AS room
+       (SELECT count(*)::int FROM (
+            SELECT 1 FROM jobs AS j
+            WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue AND j.concurrency_key = keys.key
+              AND j.run_at <= now() AND j.kind = ANY($2::text[])
+            LIMIT greatest(0, coalesce(
+                least(qb.max_per_key - coalesce(qr.n, 0), qb.key_burst, kb.room), $4))
+        ) AS due) AS room
 FROM shut
 LEFT JOIN keys ON true
 LEFT JOIN ctl AS qb ON qb.scope = 'queue' AND qb.name = keys.queue AND qb.per_key

@@ -397,7 +397,7 @@ _STEP_KEY = _NEXT_KEY.format(queue="keys.queue", after="keys.key", wrapped="keys
 # key, starting after the key the previous claim stopped at and wrapping around once, at most
 # $3 keys. It takes no lock: which keys have waiting jobs is only a hint (the claim reads
 # their jobs again below).
-# $1 kinds, $2 queues, $3 the walk's bound.
+# $1 kinds, $2 queues, $3 the walk's bound, $4 how many jobs the claim asks for.
 _WALK_KEYS = f"""
 WITH RECURSIVE ctl AS (
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.fair, c.max_per_key,
@@ -462,12 +462,18 @@ WITH RECURSIVE ctl AS (
 ), kind_key_running AS MATERIALIZED (
     SELECT kind, key, sum(n)::int AS n FROM key_running GROUP BY 1, 2
 )
--- Per key walked, the hint of what its per-key bounds still let it start: its limit less its
--- running jobs, at most its bucket's size (NULL: nothing bounds it); and whether per-key
--- bounds apply at all, so that keys are locked.
+-- Per key walked, the hint of how many of its jobs the claim can start: its due jobs, no more
+-- than its limit less its running jobs and its bucket's size allow; and whether per-key bounds
+-- apply at all, so that keys are locked.
 SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
        EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
-       least(qb.max_per_key - coalesce(qr.n, 0), qb.key_burst, kb.room) AS room
+       (SELECT count(*)::int FROM (
+            SELECT 1 FROM jobs AS j
+            WHERE j.{_WAITING} AND j.queue = keys.queue AND j.concurrency_key = keys.key
+              AND j.run_at <= now() AND j.kind = ANY($1::text[])
+            LIMIT greatest(0, coalesce(
+                least(qb.max_per_key - coalesce(qr.n, 0), qb.key_burst, kb.room), $4))
+        ) AS due) AS room
 FROM shut
 LEFT JOIN keys ON true
 LEFT JOIN ctl AS qb ON qb.scope = 'queue' AND qb.name = keys.queue AND qb.per_key
@@ -855,7 +861,7 @@ def claim_limited_function() -> str:
     takes its own snapshot under READ COMMITTED, so the decision still starts after the lock
     is granted. Arguments: $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8
     max attempts, $9 the walk's bound."""
-    walk = _renumber(_WALK_KEYS.strip(), {1: "$2", 2: "$3", 3: "$9"})
+    walk = _renumber(_WALK_KEYS.strip(), {1: "$2", 2: "$3", 3: "$9", 4: "$4"})
     lock = _renumber(_LOCK_LIMITS.strip(), {1: "$2", 2: "$3"})
     claim = _renumber(
         _CLAIM_LIMITED.strip(),
