@@ -76,15 +76,33 @@ WITH RECURSIVE ctl AS (
     WHERE c.limited AND ((c.scope = 'kind' AND c.name = ANY($2::text[]))
                          OR (c.scope = 'queue' AND c.name = ANY($3::text[])))
 ), walked AS (
-    SELECT q.queue, coalesce(cur.after_key, '') AS after_key
+    SELECT q.queue, coalesce(cur.after_key, '') AS after_key, coalesce(ctl.fair, false) AS fair
     FROM unnest($3::text[]) AS q(queue)
     LEFT JOIN ctl ON ctl.scope = 'queue' AND ctl.name = q.queue
     LEFT JOIN jobq_flow_cursors AS cur ON cur.queue = q.queue
     WHERE $9 > 0 AND NOT coalesce(ctl.paused, false)
       AND (coalesce(ctl.fair, false) OR coalesce(ctl.per_key, false)
            OR EXISTS (SELECT 1 FROM ctl AS k WHERE k.scope = 'kind' AND k.per_key AND NOT k.paused))
+), running AS MATERIALIZED (
+    -- A hint of the running jobs of each key under a per-key limit, as two maps (per queue
+    -- and key, per kind and key), for choosing which keys to lock: the decision counts them
+    -- again, under the locks.
+    SELECT coalesce(jsonb_object_agg(x.k, x.n) FILTER (WHERE x.by = 'queue'), '{}') AS by_queue,
+           coalesce(jsonb_object_agg(x.k, x.n) FILTER (WHERE x.by = 'kind'), '{}') AS by_kind
+    FROM (
+        SELECT g.by, g.k, count(*) AS n
+        FROM jobs AS j
+        CROSS JOIN LATERAL (VALUES ('queue', j.queue || chr(31) || j.concurrency_key),
+                                   ('kind', j.kind || chr(31) || j.concurrency_key)) AS g(by, k)
+        WHERE j.status = 'running' AND j.concurrency_key IS NOT NULL
+          AND EXISTS (SELECT 1 FROM walked)
+          AND (j.kind IN (SELECT name FROM ctl WHERE scope = 'kind' AND max_per_key IS NOT NULL)
+               OR j.queue IN (SELECT name FROM ctl
+                              WHERE scope = 'queue' AND max_per_key IS NOT NULL))
+        GROUP BY 1, 2
+    ) AS x
 ), keys AS (
-    SELECT w.queue, w.after_key, k.key, k.wrapped, 1 AS pos
+    SELECT w.queue, w.after_key, w.fair, k.key, k.wrapped, 1 AS pos, s.share, s.share AS total
     FROM walked AS w
     CROSS JOIN LATERAL (
     SELECT x.key, x.wrapped FROM (
@@ -98,8 +116,27 @@ WITH RECURSIVE ctl AS (
            AND NOT false
          ORDER BY concurrency_key LIMIT 1)
     ) AS x LIMIT 1) AS k
+    CROSS JOIN LATERAL (
+        SELECT count(*)::int AS share FROM (
+            SELECT 1 FROM jobs AS j
+            WHERE j.status IN ('queued', 'retrying') AND j.queue = w.queue AND j.concurrency_key = k.key
+              AND j.run_at <= now() AND j.kind = ANY($2::text[])
+            LIMIT greatest(0, coalesce(least(
+                (SELECT c.max_per_key - coalesce(
+                            (r.by_queue ->> (w.queue || chr(31) || k.key))::int, 0)
+                 FROM ctl AS c, running AS r
+                 WHERE c.scope = 'queue' AND c.name = w.queue AND c.per_key),
+                (SELECT c.key_burst FROM ctl AS c
+                 WHERE c.scope = 'queue' AND c.name = w.queue AND c.per_key),
+                (SELECT max(least(c.max_per_key - coalesce(
+                                      (r.by_kind ->> (c.name || chr(31) || k.key))::int, 0),
+                                  c.key_burst))
+                 FROM ctl AS c, running AS r
+                 WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused)), $4))
+        ) AS due) AS s
     UNION ALL
-    SELECT keys.queue, keys.after_key, k.key, k.wrapped, keys.pos + 1
+    SELECT keys.queue, keys.after_key, keys.fair, k.key, k.wrapped, keys.pos + 1, s.share,
+           keys.total + s.share
     FROM keys
     CROSS JOIN LATERAL (
     SELECT x.key, x.wrapped FROM (
@@ -113,8 +150,29 @@ WITH RECURSIVE ctl AS (
            AND NOT keys.wrapped
          ORDER BY concurrency_key LIMIT 1)
     ) AS x LIMIT 1) AS k
-    -- Stop at the bound, or once around: back at the keys after the cursor.
+    CROSS JOIN LATERAL (
+        SELECT count(*)::int AS share FROM (
+            SELECT 1 FROM jobs AS j
+            WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue AND j.concurrency_key = k.key
+              AND j.run_at <= now() AND j.kind = ANY($2::text[])
+            LIMIT greatest(0, coalesce(least(
+                (SELECT c.max_per_key - coalesce(
+                            (r.by_queue ->> (keys.queue || chr(31) || k.key))::int, 0)
+                 FROM ctl AS c, running AS r
+                 WHERE c.scope = 'queue' AND c.name = keys.queue AND c.per_key),
+                (SELECT c.key_burst FROM ctl AS c
+                 WHERE c.scope = 'queue' AND c.name = keys.queue AND c.per_key),
+                (SELECT max(least(c.max_per_key - coalesce(
+                                      (r.by_kind ->> (c.name || chr(31) || k.key))::int, 0),
+                                  c.key_burst))
+                 FROM ctl AS c, running AS r
+                 WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused)), $4))
+        ) AS due) AS s
+    -- Stop at the bound, or once around: back at the keys after the cursor; or, but in a fair
+    -- queue (whose keys take turns), once the keys walked can start twice what is asked for
+    -- (some will be held by other claims).
     WHERE keys.pos < $9 AND NOT (k.wrapped AND k.key > keys.after_key)
+      AND (keys.fair OR keys.total < 2 * $4)
 ), closed AS (
     -- The kinds and queues whose limit has no room (or bucket no token) as this snapshot
     -- sees them, or that are paused. When every kind or every queue claimed is closed the
@@ -138,42 +196,13 @@ WITH RECURSIVE ctl AS (
                        WHERE (q.queue) NOT IN (SELECT name FROM closed WHERE scope = 'queue'))
            AS shut,
            EXISTS (SELECT 1 FROM closed WHERE NOT paused) AS full
-), key_running AS MATERIALIZED (
-    -- A hint of the running jobs of each key under a per-key limit, for choosing which keys
-    -- to lock: the decision counts them again, under the locks.
-    SELECT j.kind, j.queue, j.concurrency_key AS key, count(*)::int AS n
-    FROM jobs AS j
-    WHERE j.status = 'running' AND j.concurrency_key IS NOT NULL
-      AND EXISTS (SELECT 1 FROM keys)
-      AND (j.kind IN (SELECT name FROM ctl WHERE scope = 'kind' AND max_per_key IS NOT NULL)
-           OR j.queue IN (SELECT name FROM ctl WHERE scope = 'queue' AND max_per_key IS NOT NULL))
-    GROUP BY 1, 2, 3
-), queue_key_running AS MATERIALIZED (
-    SELECT queue, key, sum(n)::int AS n FROM key_running GROUP BY 1, 2
-), kind_key_running AS MATERIALIZED (
-    SELECT kind, key, sum(n)::int AS n FROM key_running GROUP BY 1, 2
 )
--- Per key walked, the hint of how many of its jobs the claim can start: its due jobs, no more
--- than its limit less its running jobs and its bucket's size allow; and whether per-key bounds
--- apply at all, so that keys are locked.
+-- Whether per-key bounds apply at all (then keys are locked), and per key walked the hint of
+-- how many of its jobs the claim can start.
 SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
        EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
-       (SELECT count(*)::int FROM (
-            SELECT 1 FROM jobs AS j
-            WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue AND j.concurrency_key = keys.key
-              AND j.run_at <= now() AND j.kind = ANY($2::text[])
-            LIMIT greatest(0, coalesce(
-                least(qb.max_per_key - coalesce(qr.n, 0), qb.key_burst, kb.room), $4))
-        ) AS due) AS room
-FROM shut
-LEFT JOIN keys ON true
-LEFT JOIN ctl AS qb ON qb.scope = 'queue' AND qb.name = keys.queue AND qb.per_key
-LEFT JOIN queue_key_running AS qr ON qr.queue = keys.queue AND qr.key = keys.key
-LEFT JOIN LATERAL (
-    SELECT max(least(k.max_per_key - coalesce(kr.n, 0), k.key_burst)) AS room
-    FROM ctl AS k LEFT JOIN kind_key_running AS kr ON kr.kind = k.name AND kr.key = keys.key
-    WHERE k.scope = 'kind' AND k.per_key AND NOT k.paused
-) AS kb ON true
+       keys.share AS room
+FROM shut LEFT JOIN keys ON true
     ) AS x;
     IF is_shut THEN
         -- Every kind or every queue is paused or has no room: nothing to lock for.
