@@ -197,6 +197,17 @@ async def test_a_queue_s_per_key_limit_bounds_jobs_without_a_key_beside_keyed_on
     assert sorted((j.concurrency_key or "") for j in claimed) == ["", "", "t", "t"]
 
 
+async def test_a_kind_s_and_its_queue_s_per_key_limits_both_hold_in_one_claim(
+    queue: Queue,
+) -> None:
+    await queue.declare_limits(
+        "w", {"a": Limits(max_per_key=1)}, {"default": Limits(max_per_key=2)}
+    )
+    await queue.enqueue_many([NewJob(kind=k, concurrency_key="t") for k in "ababab"])
+    claimed = await _claim(queue, 10, limited=True)
+    assert sorted(j.kind for j in claimed) == ["a", "b"]
+
+
 async def test_a_per_key_limit_holds_under_a_race_when_keys_outnumber_the_walk(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:

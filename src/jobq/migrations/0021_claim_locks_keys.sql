@@ -411,19 +411,45 @@ WITH ctl AS (
     FROM (SELECT * FROM keyed UNION ALL SELECT * FROM unkeyed UNION ALL SELECT * FROM plain) AS c
     JOIN open_queues AS q ON q.queue = c.queue
     CROSS JOIN key_running AS kr
+), shape AS MATERIALIZED (
+    -- Which ranks the bounds of this claim read: a rank no bound reads is not computed (each
+    -- is a sort of the candidates), and is 1 instead.
+    SELECT EXISTS (SELECT 1 FROM room WHERE free IS NOT NULL) AS free,
+           EXISTS (SELECT 1 FROM room WHERE scope = 'kind' AND key_bound IS NOT NULL) AS kind_keys,
+           EXISTS (SELECT 1 FROM room WHERE scope = 'queue' AND key_bound IS NOT NULL)
+               AS queue_keys
 ), ranked AS (
     -- Each candidate's place under every bound it falls under, in claim order; under a per-key
     -- bound, counted after the jobs of its key that run now. A candidate turned down by one
     -- bound still takes a place under the others: a claim may take fewer than it could, never
-    -- more.
+    -- more. Of the three branches one runs, by the claim's bounds (the others' filters are
+    -- false before they read a row).
     SELECT c.*,
            row_number() OVER (ORDER BY turn, priority, pos, run_at, id) AS n_all,
            row_number() OVER (PARTITION BY c.kind ORDER BY turn, priority, pos, run_at, id) AS n_kind,
            row_number() OVER (PARTITION BY c.queue ORDER BY turn, priority, pos, run_at, id) AS n_queue,
-           -- Starts of its key in this claim up to it (what a per-key bucket pays for).
            row_number() OVER (PARTITION BY c.kind, c.key ORDER BY turn, priority, pos, run_at, id) AS s_kind_key,
            row_number() OVER (PARTITION BY c.queue, c.key ORDER BY turn, priority, pos, run_at, id) AS s_queue_key
     FROM candidates AS c
+    WHERE (SELECT free OR (kind_keys AND queue_keys) FROM shape)
+    UNION ALL
+    SELECT c.*,
+           row_number() OVER (ORDER BY turn, priority, pos, run_at, id) AS n_all,
+           1::bigint AS n_kind,
+           1::bigint AS n_queue,
+           row_number() OVER (PARTITION BY c.kind, c.key ORDER BY turn, priority, pos, run_at, id) AS s_kind_key,
+           1::bigint AS s_queue_key
+    FROM candidates AS c
+    WHERE (SELECT NOT free AND NOT queue_keys FROM shape)
+    UNION ALL
+    SELECT c.*,
+           row_number() OVER (ORDER BY turn, priority, pos, run_at, id) AS n_all,
+           1::bigint AS n_kind,
+           1::bigint AS n_queue,
+           1::bigint AS s_kind_key,
+           row_number() OVER (PARTITION BY c.queue, c.key ORDER BY turn, priority, pos, run_at, id) AS s_queue_key
+    FROM candidates AS c
+    WHERE (SELECT NOT free AND queue_keys AND NOT kind_keys FROM shape)
 ), picked AS (
     SELECT r.id, r.turn, r.pos, r.walked
     FROM ranked AS r

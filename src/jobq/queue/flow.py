@@ -543,6 +543,26 @@ _KIND_KEY = _MAP_KEY.format(name="k.kind", key="w.key")
 # (round robin from the cursor); elsewhere both are constant and claim order applies.
 _ORDER = "turn, priority, pos, run_at, id"
 
+
+def _ranks(*, kinds: bool, queues: bool, kind_keys: bool, queue_keys: bool) -> str:
+    """SQL: the candidates with their ranks in claim order: overall, per kind and per queue
+    (for kinds' and queues' room), per kind and key and per queue and key (starts of the key in
+    this claim, for per-key limits and buckets); a rank not asked for is 1."""
+
+    def rank(wanted: bool, partition: str, name: str) -> str:
+        over = f"PARTITION BY {partition} ORDER BY {_ORDER}" if partition else f"ORDER BY {_ORDER}"
+        return f"row_number() OVER ({over}) AS {name}" if wanted else f"1::bigint AS {name}"
+
+    ranks = ",\n           ".join([
+        rank(True, "", "n_all"),
+        rank(kinds, "c.kind", "n_kind"),
+        rank(queues, "c.queue", "n_queue"),
+        rank(kind_keys, "c.kind, c.key", "s_kind_key"),
+        rank(queue_keys, "c.queue, c.key", "s_queue_key"),
+    ])  # fmt: skip
+    return f"SELECT c.*,\n           {ranks}\n    FROM candidates AS c"
+
+
 # $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8 max attempts (see _CLAIM);
 # $9/$10/$11 the keys walked (queue, key, place in the walk), $12 whether a walk stopped at its
 # bound with keys left or passed over keys, $13 whether the claim may take jobs without a key
@@ -714,19 +734,27 @@ WITH ctl AS (
     FROM (SELECT * FROM keyed UNION ALL SELECT * FROM unkeyed UNION ALL SELECT * FROM plain) AS c
     JOIN open_queues AS q ON q.queue = c.queue
     CROSS JOIN key_running AS kr
+), shape AS MATERIALIZED (
+    -- Which ranks the bounds of this claim read: a rank no bound reads is not computed (each
+    -- is a sort of the candidates), and is 1 instead.
+    SELECT EXISTS (SELECT 1 FROM room WHERE free IS NOT NULL) AS free,
+           EXISTS (SELECT 1 FROM room WHERE scope = 'kind' AND key_bound IS NOT NULL) AS kind_keys,
+           EXISTS (SELECT 1 FROM room WHERE scope = 'queue' AND key_bound IS NOT NULL)
+               AS queue_keys
 ), ranked AS (
     -- Each candidate's place under every bound it falls under, in claim order; under a per-key
     -- bound, counted after the jobs of its key that run now. A candidate turned down by one
     -- bound still takes a place under the others: a claim may take fewer than it could, never
-    -- more.
-    SELECT c.*,
-           row_number() OVER (ORDER BY {_ORDER}) AS n_all,
-           row_number() OVER (PARTITION BY c.kind ORDER BY {_ORDER}) AS n_kind,
-           row_number() OVER (PARTITION BY c.queue ORDER BY {_ORDER}) AS n_queue,
-           -- Starts of its key in this claim up to it (what a per-key bucket pays for).
-           row_number() OVER (PARTITION BY c.kind, c.key ORDER BY {_ORDER}) AS s_kind_key,
-           row_number() OVER (PARTITION BY c.queue, c.key ORDER BY {_ORDER}) AS s_queue_key
-    FROM candidates AS c
+    -- more. Of the three branches one runs, by the claim's bounds (the others' filters are
+    -- false before they read a row).
+    {_ranks(kinds=True, queues=True, kind_keys=True, queue_keys=True)}
+    WHERE (SELECT free OR (kind_keys AND queue_keys) FROM shape)
+    UNION ALL
+    {_ranks(kinds=False, queues=False, kind_keys=True, queue_keys=False)}
+    WHERE (SELECT NOT free AND NOT queue_keys FROM shape)
+    UNION ALL
+    {_ranks(kinds=False, queues=False, kind_keys=False, queue_keys=True)}
+    WHERE (SELECT NOT free AND queue_keys AND NOT kind_keys FROM shape)
 ), picked AS (
     SELECT r.id, r.turn, r.pos, r.walked
     FROM ranked AS r
