@@ -259,6 +259,37 @@ async def test_a_run_ending_while_its_report_is_being_written_waits_for_the_writ
         await asyncio.gather(task, return_exceptions=True)
 
 
+class FailingOnce(Queue):
+    """The real queue, whose first progress statement fails as if the database were away."""
+
+    failed = asyncio.Event()
+
+    async def write_progress(self, reports: Sequence[ProgressReport]) -> set[Lease]:
+        if not self.failed.is_set():
+            self.failed.set()
+            raise ConnectionResetError("the database went away")
+        return await super().write_progress(reports)
+
+
+async def test_a_report_whose_write_failed_is_still_written_before_the_outcome(
+    queue: Queue, pool: asyncpg.Pool
+) -> None:
+    failing = FailingOnce(pool)
+    failing.failed = asyncio.Event()
+    run, writer, task = await writing_for_a_claimed_job(queue, failing)
+    try:
+        run.ctx.set_progress(0.5, "half")
+        await asyncio.wait_for(failing.failed.wait(), 5)
+        await asyncio.sleep(0)  # the failed write's handler has run
+        assert writer.unwritten(run)  # the run ending now flushes it, as execution does
+        await writer.flush(run)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    stored = (await queue.get(run.job.id)).progress
+    assert stored is not None and stored["message"] == "half"
+
+
 async def test_progress_from_a_lost_lease_writes_nothing(queue: Queue) -> None:
     await queue.enqueue(NewJob("echo"))
     (job,) = await queue.claim("w", ["echo"], ["default"], 1, lease_seconds=30)

@@ -70,13 +70,13 @@ class ProgressWriter:
     def unwritten(self, run: Run) -> bool:
         # Noted is set by the report itself, before this writer hears of it (a callback on the
         # loop): an async handler that reports and returns at once ends before that callback.
-        return run.ctx._progress_noted or run.lease in self.writing
+        return run.ctx._progress_noted or run.lease in self.pending or run.lease in self.writing
 
     async def flush(self, run: Run) -> None:
         """Write `run`'s last report now, if it has one not yet written (before its outcome),
         after any write of it under way."""
         async with self._lock:
-            if run.ctx._progress_noted:
+            if run.ctx._progress_noted or run.lease in self.pending:
                 self.pending[run.lease] = run
                 await self._write(only=run.lease)
 
@@ -107,6 +107,8 @@ class ProgressWriter:
             for report in reports:  # tried again at the next write, while the run lasts
                 still = self.state.runs.get(report.lease)
                 if still is not None:
+                    # Unwritten again: a run that ends now flushes it before its outcome.
+                    still.ctx._progress_noted = True
                     self._note(still)
         finally:
             self.writing.difference_update(r.lease for r in reports)
