@@ -125,6 +125,7 @@ class Claimer:
             # Cleared before the claim: a slot freed or a NOTIFY while it runs is not missed.
             state.wake.clear()
             state.slot_freed.clear()
+            state.outcome_written.clear()
             try:
                 await self._refresh_limited()
                 jobs = await self._claim(want)
@@ -142,8 +143,10 @@ class Claimer:
                 self.runner.start(job)
             if len(jobs) < want:
                 if self.held_back:
-                    # A slot of this worker's own freed (a completion written) may be the one
-                    # the limit was waiting for: try again then, or soon anyway.
-                    await state.wait_any(state.slot_freed, timeout=LIMITED_RETRY_SECONDS)
+                    # A slot of this worker's own freed in the database (an outcome written)
+                    # may be the one the limit was waiting for: try again then, or soon
+                    # anyway. Not when a run ends: its success still holds its slot until
+                    # written, and a claim then would be held back again.
+                    await state.wait_any(state.outcome_written, timeout=LIMITED_RETRY_SECONDS)
                 else:
                     await state.wait_any(state.wake, timeout=settings.poll_interval_seconds)

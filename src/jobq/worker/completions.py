@@ -55,6 +55,7 @@ class CompletionWriter:
         for kind, n in succeeded.items():
             state.metrics_for(kind)[2].inc(n)
         state.slot_freed.set()
+        state.outcome_written.set()
         for lease, (_, _, kind) in batch:
             if lease.job_id in done.refused:
                 # The database refused this result: its job fails for good, once. It stays

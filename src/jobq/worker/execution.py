@@ -149,6 +149,8 @@ class JobRunner:
             metrics.WORKER_IN_FLIGHT.dec()
             self.state.metrics_for(job.kind)[1].observe(time.monotonic() - run.started)
             self.state.slot_freed.set()
+            if run.lease not in self.state.pending:
+                self.state.outcome_written.set()
 
     async def _run_handler(self, run: Run, handler: Handler, extra: dict[str, Any]) -> None:
         job = run.job

@@ -90,6 +90,9 @@ class WorkerState:
         # New jobs may be due (a NOTIFY, a reconnect, a stop request): claim now.
         self.wake = asyncio.Event()
         self.slot_freed = asyncio.Event()
+        # A job of this worker's stopped running as the database sees it: its success was
+        # written, or it ended otherwise (its outcome is written before its run ends).
+        self.outcome_written = asyncio.Event()
         self.pending_added = asyncio.Event()
         self.stopping = asyncio.Event()
         # A second stop request: no more grace, no more retries of what is owed.
