@@ -200,12 +200,50 @@ async def test_a_queue_s_per_key_limit_bounds_jobs_without_a_key_beside_keyed_on
 async def test_a_kind_s_and_its_queue_s_per_key_limits_both_hold_in_one_claim(
     queue: Queue,
 ) -> None:
+    # The kind's bound (1 of a) binds before the queue's (3 of the key).
     await queue.declare_limits(
-        "w", {"a": Limits(max_per_key=1)}, {"default": Limits(max_per_key=2)}
+        "w", {"a": Limits(max_per_key=1)}, {"default": Limits(max_per_key=3)}
     )
     await queue.enqueue_many([NewJob(kind=k, concurrency_key="t") for k in "ababab"])
     claimed = await _claim(queue, 10, limited=True)
     assert sorted(j.kind for j in claimed) == ["a", "b"]
+
+
+async def test_a_worker_s_second_keyed_queue_is_claimed_beside_a_backlog_in_the_first(
+    queue: Queue,
+) -> None:
+    # A claim stops locking keys once they cover what it asks for: the queues' keys take
+    # turns, or the first queue's backlog would take every claim.
+    await queue.declare_limits("w", {"a": Limits(max_per_key=5)}, {})
+    await queue.enqueue_many(
+        [NewJob(kind="a", queue="other", concurrency_key=f"o{i}") for i in range(5)]
+    )
+    await queue.enqueue_many(
+        [NewJob(kind="a", queue="default", concurrency_key=f"d{i % 10}") for i in range(200)]
+    )
+    claimed = await _claim(queue, 4, limited=True)
+    assert "other" in {j.queue for j in claimed}  # its jobs are the oldest
+
+
+async def test_a_key_whose_bounded_kind_is_full_still_starts_jobs_of_an_unbounded_kind(
+    queue: Queue,
+) -> None:
+    await queue.declare_limits("w", {"a": Limits(max_per_key=1)}, {})
+    await queue.enqueue(NewJob(kind="a", concurrency_key="t"))
+    assert [j.kind for j in await _claim(queue, 1, limited=True)] == ["a"]
+    await queue.enqueue(NewJob(kind="b", concurrency_key="t"))
+    assert [j.kind for j in await _claim(queue, 5, limited=True)] == ["b"]
+
+
+async def test_fair_share_under_a_per_key_limit_takes_one_job_of_each_key_first(
+    queue: Queue,
+) -> None:
+    await queue.declare_limits("w", {}, {"default": Limits(fair=True, max_per_key=5)})
+    await queue.enqueue_many(
+        [NewJob(kind="a", concurrency_key=f"t{i}") for i in range(10) for _ in range(5)]
+    )
+    claimed = await _claim(queue, 10, limited=True)
+    assert sorted(str(j.concurrency_key) for j in claimed) == [f"t{i}" for i in range(10)]
 
 
 async def test_a_per_key_limit_holds_under_a_race_when_keys_outnumber_the_walk(

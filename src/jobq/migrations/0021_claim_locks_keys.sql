@@ -50,6 +50,9 @@ DECLARE
     w_key text[];
     w_pos int[];
     w_room int[];
+    w_fair boolean[];
+    l_scope text[];
+    l_name text[];
     cut boolean;
     is_shut boolean;
     is_full boolean;
@@ -58,15 +61,17 @@ DECLARE
     w_held boolean[] := '{}';
     visited int := 0;
     locked int := 0;
-    hinted int := 0;
+    hinted jsonb := '{}';
+    queue_hinted int;
 BEGIN
-    SELECT coalesce(array_agg(x.queue ORDER BY x.queue, x.pos) FILTER (WHERE x.key IS NOT NULL), '{}'),
-           coalesce(array_agg(x.key ORDER BY x.queue, x.pos) FILTER (WHERE x.key IS NOT NULL), '{}'),
-           coalesce(array_agg(x.pos ORDER BY x.queue, x.pos) FILTER (WHERE x.key IS NOT NULL), '{}'),
-           coalesce(array_agg(x.room ORDER BY x.queue, x.pos) FILTER (WHERE x.key IS NOT NULL), '{}'),
+    SELECT coalesce(array_agg(x.queue ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
+           coalesce(array_agg(x.key ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
+           coalesce(array_agg(x.pos ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
+           coalesce(array_agg(x.room ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
+           coalesce(array_agg(x.fair ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
            coalesce(bool_or(x.pos >= $9), false), bool_or(x.shut), bool_or(x.full),
            bool_or(x.lock_keys)
-    INTO w_queue, w_key, w_pos, w_room, cut, is_shut, is_full, lock_keys
+    INTO w_queue, w_key, w_pos, w_room, w_fair, cut, is_shut, is_full, lock_keys
     FROM (
 WITH RECURSIVE ctl AS (
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.fair, c.max_per_key,
@@ -83,6 +88,15 @@ WITH RECURSIVE ctl AS (
     WHERE $9 > 0 AND NOT coalesce(ctl.paused, false)
       AND (coalesce(ctl.fair, false) OR coalesce(ctl.per_key, false)
            OR EXISTS (SELECT 1 FROM ctl AS k WHERE k.scope = 'kind' AND k.per_key AND NOT k.paused))
+), kinds_keyed AS MATERIALIZED (
+    -- The kinds claimed (but paused ones) with a per-key bound, and the others: a key whose
+    -- bounded kinds are full may still start jobs of the others.
+    SELECT coalesce(array_agg(k.kind) FILTER (WHERE c.per_key), '{}') AS bounded,
+           coalesce(array_agg(k.kind) FILTER (WHERE NOT coalesce(c.per_key, false)), '{}')
+               AS unbounded
+    FROM unnest($2::text[]) AS k(kind)
+    LEFT JOIN ctl AS c ON c.scope = 'kind' AND c.name = k.kind
+    WHERE NOT coalesce(c.paused, false)
 ), running AS MATERIALIZED (
     -- A hint of the running jobs of each key under a per-key limit, as two maps (per queue
     -- and key, per kind and key), for choosing which keys to lock: the decision counts them
@@ -117,23 +131,31 @@ WITH RECURSIVE ctl AS (
          ORDER BY concurrency_key LIMIT 1)
     ) AS x LIMIT 1) AS k
     CROSS JOIN LATERAL (
-        SELECT count(*)::int AS share FROM (
-            SELECT 1 FROM jobs AS j
-            WHERE j.status IN ('queued', 'retrying') AND j.queue = w.queue AND j.concurrency_key = k.key
-              AND j.run_at <= now() AND j.kind = ANY($2::text[])
-            LIMIT greatest(0, coalesce(least(
-                (SELECT c.max_per_key - coalesce(
-                            (r.by_queue ->> (w.queue || chr(31) || k.key))::int, 0)
-                 FROM ctl AS c, running AS r
-                 WHERE c.scope = 'queue' AND c.name = w.queue AND c.per_key),
-                (SELECT c.key_burst FROM ctl AS c
-                 WHERE c.scope = 'queue' AND c.name = w.queue AND c.per_key),
-                (SELECT max(least(c.max_per_key - coalesce(
-                                      (r.by_kind ->> (c.name || chr(31) || k.key))::int, 0),
-                                  c.key_burst))
-                 FROM ctl AS c, running AS r
-                 WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused)), $4))
-        ) AS due) AS s
+        SELECT greatest(0, least($4, (
+            SELECT least(c.max_per_key - coalesce(
+                             (r.by_queue ->> (w.queue || chr(31) || k.key))::int, 0),
+                         c.key_burst)
+            FROM ctl AS c, running AS r
+            WHERE c.scope = 'queue' AND c.name = w.queue AND c.per_key),
+            (SELECT count(*)::int FROM (
+                SELECT 1 FROM jobs AS j
+                WHERE j.status IN ('queued', 'retrying') AND j.queue = w.queue AND j.concurrency_key = k.key
+                  AND j.run_at <= now()
+                  AND j.kind = ANY((SELECT bounded FROM kinds_keyed)::text[])
+                LIMIT greatest(0, coalesce((
+                    SELECT max(least(c.max_per_key - coalesce(
+                                         (r.by_kind ->> (c.name || chr(31) || k.key))::int, 0),
+                                     c.key_burst))
+                    FROM ctl AS c, running AS r
+                    WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused), $4))
+            ) AS due)
+            + (SELECT count(*)::int FROM (
+                SELECT 1 FROM jobs AS j
+                WHERE j.status IN ('queued', 'retrying') AND j.queue = w.queue AND j.concurrency_key = k.key
+                  AND j.run_at <= now()
+                  AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
+                LIMIT $4
+            ) AS due))) AS share) AS s
     UNION ALL
     SELECT keys.queue, keys.after_key, keys.fair, k.key, k.wrapped, keys.pos + 1, s.share,
            keys.total + s.share
@@ -151,23 +173,31 @@ WITH RECURSIVE ctl AS (
          ORDER BY concurrency_key LIMIT 1)
     ) AS x LIMIT 1) AS k
     CROSS JOIN LATERAL (
-        SELECT count(*)::int AS share FROM (
-            SELECT 1 FROM jobs AS j
-            WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue AND j.concurrency_key = k.key
-              AND j.run_at <= now() AND j.kind = ANY($2::text[])
-            LIMIT greatest(0, coalesce(least(
-                (SELECT c.max_per_key - coalesce(
-                            (r.by_queue ->> (keys.queue || chr(31) || k.key))::int, 0)
-                 FROM ctl AS c, running AS r
-                 WHERE c.scope = 'queue' AND c.name = keys.queue AND c.per_key),
-                (SELECT c.key_burst FROM ctl AS c
-                 WHERE c.scope = 'queue' AND c.name = keys.queue AND c.per_key),
-                (SELECT max(least(c.max_per_key - coalesce(
-                                      (r.by_kind ->> (c.name || chr(31) || k.key))::int, 0),
-                                  c.key_burst))
-                 FROM ctl AS c, running AS r
-                 WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused)), $4))
-        ) AS due) AS s
+        SELECT greatest(0, least($4, (
+            SELECT least(c.max_per_key - coalesce(
+                             (r.by_queue ->> (keys.queue || chr(31) || k.key))::int, 0),
+                         c.key_burst)
+            FROM ctl AS c, running AS r
+            WHERE c.scope = 'queue' AND c.name = keys.queue AND c.per_key),
+            (SELECT count(*)::int FROM (
+                SELECT 1 FROM jobs AS j
+                WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue AND j.concurrency_key = k.key
+                  AND j.run_at <= now()
+                  AND j.kind = ANY((SELECT bounded FROM kinds_keyed)::text[])
+                LIMIT greatest(0, coalesce((
+                    SELECT max(least(c.max_per_key - coalesce(
+                                         (r.by_kind ->> (c.name || chr(31) || k.key))::int, 0),
+                                     c.key_burst))
+                    FROM ctl AS c, running AS r
+                    WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused), $4))
+            ) AS due)
+            + (SELECT count(*)::int FROM (
+                SELECT 1 FROM jobs AS j
+                WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue AND j.concurrency_key = k.key
+                  AND j.run_at <= now()
+                  AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
+                LIMIT $4
+            ) AS due))) AS share) AS s
     -- Stop at the bound, or once around: back at the keys after the cursor; or, but in a fair
     -- queue (whose keys take turns), once the keys walked can start twice what is asked for
     -- (some will be held by other claims).
@@ -201,7 +231,7 @@ WITH RECURSIVE ctl AS (
 -- how many of its jobs the claim can start.
 SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
        EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
-       keys.share AS room
+       keys.share AS room, keys.fair
 FROM shut LEFT JOIN keys ON true
     ) AS x;
     IF is_shut THEN
@@ -210,8 +240,10 @@ FROM shut LEFT JOIN keys ON true
             NULL::bigint, NULL::int, NULL::int, is_full, $9 > 0, 0::bigint;
         RETURN;
     END IF;
-    PERFORM 1 FROM (
-SELECT 1 FROM jobq_flow_controls
+    SELECT coalesce(array_agg(l.scope), '{}'), coalesce(array_agg(l.name), '{}')
+    INTO l_scope, l_name
+    FROM (
+SELECT scope, name FROM jobq_flow_controls
 WHERE limited AND (max_concurrency IS NOT NULL OR rate IS NOT NULL OR fair)
   AND ((scope = 'kind' AND name = ANY($2::text[]))
        OR (scope = 'queue' AND name = ANY($3::text[])))
@@ -219,17 +251,23 @@ ORDER BY scope, name
 FOR UPDATE
     ) AS l;
     IF lock_keys THEN
-        -- The keys to read, in walk order, until their hinted room covers what is asked for:
-        -- those another claim holds are passed over (it decides for them), and so are those
-        -- the hint says are full. A key held elsewhere or full kept jobs back: try again soon.
+        -- The keys to read, in walk order (the queues' keys taking turns), until their hinted
+        -- room covers what is asked for, in each queue (in a fair queue, whose keys take
+        -- turns, as many as walked): those another claim holds are passed over (it decides
+        -- for them), and so are those the hint says are full. A key held elsewhere or full
+        -- kept jobs back: try again soon.
         FOR i IN 1 .. cardinality(w_key) LOOP
-            EXIT WHEN hinted >= $4 OR locked >= 64;
+            EXIT WHEN locked >= 64;
             visited := i;
-            IF coalesce(w_room[i], $4) > 0
+            queue_hinted := coalesce((hinted ->> w_queue[i])::int, 0);
+            IF queue_hinted >= $4 AND NOT w_fair[i] THEN
+                w_held := w_held || false;
+            ELSIF coalesce(w_room[i], $4) > 0
                AND pg_try_advisory_xact_lock(1785684593, hashtext(w_key[i])) THEN
                 w_held := w_held || true;
                 locked := locked + 1;
-                hinted := hinted + coalesce(w_room[i], $4);
+                hinted := hinted
+                    || jsonb_build_object(w_queue[i], queue_hinted + coalesce(w_room[i], $4));
             ELSE
                 w_held := w_held || false;
                 cut := true;
@@ -276,7 +314,17 @@ WITH ctl AS (
            -- The most jobs of one key it may start in one claim.
            least(ctl.max_per_key, floor(ctl.burst_per_key)::int) AS key_bound,
            floor(ctl.burst_per_key)::int AS key_burst,
-           least(ctl.max_concurrency - coalesce(r.n, 0), floor(ctl.tokens)::int) AS free
+           -- A bound declared since the locks were taken (a worker started meanwhile) is not
+           -- under one this claim holds: nothing under it this time; the next claim locks it.
+           CASE WHEN ((ctl.max_concurrency IS NOT NULL OR ctl.tokens IS NOT NULL)
+                      AND (ctl.scope, ctl.name) NOT IN (
+                          SELECT l.scope, l.name FROM unnest(l_scope::text[], l_name::text[])
+                              AS l(scope, name)))
+                     OR ((ctl.max_per_key IS NOT NULL OR ctl.burst_per_key IS NOT NULL)
+                         AND NOT lock_keys::bool)
+                THEN 0
+                ELSE least(ctl.max_concurrency - coalesce(r.n, 0), floor(ctl.tokens)::int)
+           END AS free
     FROM ctl
     CROSS JOIN LATERAL (
         SELECT sum(running.n)::int AS n FROM running

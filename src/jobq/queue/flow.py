@@ -390,27 +390,36 @@ _NEXT_KEY = f"""
     ) AS x LIMIT 1"""
 _FIRST_KEY = _NEXT_KEY.format(queue="w.queue", after="w.after_key", wrapped="false")
 
-# A hint of how many jobs of key k.key in queue {queue} a claim can start: its due jobs, no
-# more than its per-key limits less its running jobs (the walk's `running` maps) and its
-# bucket's size allow, at most $4 (what the claim asks for).
+# A hint of how many jobs of key k.key in queue {queue} a claim can start: its due jobs of the
+# kinds with a per-key bound, no more than the most those bounds still let it start (their
+# limits less its running jobs, their buckets' size), and of the other kinds; in all no more
+# than the queue's per-key bounds allow, and at most $4 (what the claim asks for).
 _KEY_SHARE = f"""
-        SELECT count(*)::int AS share FROM (
-            SELECT 1 FROM jobs AS j
-            WHERE j.{_WAITING} AND j.queue = {{queue}} AND j.concurrency_key = k.key
-              AND j.run_at <= now() AND j.kind = ANY($1::text[])
-            LIMIT greatest(0, coalesce(least(
-                (SELECT c.max_per_key - coalesce(
-                            (r.by_queue ->> ({{queue}} || chr(31) || k.key))::int, 0)
-                 FROM ctl AS c, running AS r
-                 WHERE c.scope = 'queue' AND c.name = {{queue}} AND c.per_key),
-                (SELECT c.key_burst FROM ctl AS c
-                 WHERE c.scope = 'queue' AND c.name = {{queue}} AND c.per_key),
-                (SELECT max(least(c.max_per_key - coalesce(
-                                      (r.by_kind ->> (c.name || chr(31) || k.key))::int, 0),
-                                  c.key_burst))
-                 FROM ctl AS c, running AS r
-                 WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused)), $4))
-        ) AS due"""
+        SELECT greatest(0, least($4, (
+            SELECT least(c.max_per_key - coalesce(
+                             (r.by_queue ->> ({{queue}} || chr(31) || k.key))::int, 0),
+                         c.key_burst)
+            FROM ctl AS c, running AS r
+            WHERE c.scope = 'queue' AND c.name = {{queue}} AND c.per_key),
+            (SELECT count(*)::int FROM (
+                SELECT 1 FROM jobs AS j
+                WHERE j.{_WAITING} AND j.queue = {{queue}} AND j.concurrency_key = k.key
+                  AND j.run_at <= now()
+                  AND j.kind = ANY((SELECT bounded FROM kinds_keyed)::text[])
+                LIMIT greatest(0, coalesce((
+                    SELECT max(least(c.max_per_key - coalesce(
+                                         (r.by_kind ->> (c.name || chr(31) || k.key))::int, 0),
+                                     c.key_burst))
+                    FROM ctl AS c, running AS r
+                    WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused), $4))
+            ) AS due)
+            + (SELECT count(*)::int FROM (
+                SELECT 1 FROM jobs AS j
+                WHERE j.{_WAITING} AND j.queue = {{queue}} AND j.concurrency_key = k.key
+                  AND j.run_at <= now()
+                  AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
+                LIMIT $4
+            ) AS due))) AS share"""
 _STEP_KEY = _NEXT_KEY.format(queue="keys.queue", after="keys.key", wrapped="keys.wrapped")
 
 # The limited claim is three statements, run by one function (claim_limited_function). The
@@ -436,6 +445,15 @@ WITH RECURSIVE ctl AS (
     WHERE $3 > 0 AND NOT coalesce(ctl.paused, false)
       AND (coalesce(ctl.fair, false) OR coalesce(ctl.per_key, false)
            OR EXISTS (SELECT 1 FROM ctl AS k WHERE k.scope = 'kind' AND k.per_key AND NOT k.paused))
+), kinds_keyed AS MATERIALIZED (
+    -- The kinds claimed (but paused ones) with a per-key bound, and the others: a key whose
+    -- bounded kinds are full may still start jobs of the others.
+    SELECT coalesce(array_agg(k.kind) FILTER (WHERE c.per_key), '{{}}') AS bounded,
+           coalesce(array_agg(k.kind) FILTER (WHERE NOT coalesce(c.per_key, false)), '{{}}')
+               AS unbounded
+    FROM unnest($1::text[]) AS k(kind)
+    LEFT JOIN ctl AS c ON c.scope = 'kind' AND c.name = k.kind
+    WHERE NOT coalesce(c.paused, false)
 ), running AS MATERIALIZED (
     -- A hint of the running jobs of each key under a per-key limit, as two maps (per queue
     -- and key, per kind and key), for choosing which keys to lock: the decision counts them
@@ -498,7 +516,7 @@ WITH RECURSIVE ctl AS (
 -- how many of its jobs the claim can start.
 SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
        EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
-       keys.share AS room
+       keys.share AS room, keys.fair
 FROM shut LEFT JOIN keys ON true
 """
 
@@ -514,7 +532,7 @@ FROM shut LEFT JOIN keys ON true
 # still sees them errs on the safe side. The key walk came before the locks, so they are held
 # only for the decision: a probe per key visited, not per key waiting.
 _LOCK_LIMITS = """
-SELECT 1 FROM jobq_flow_controls
+SELECT scope, name FROM jobq_flow_controls
 WHERE limited AND (max_concurrency IS NOT NULL OR rate IS NOT NULL OR fair)
   AND ((scope = 'kind' AND name = ANY($1::text[]))
        OR (scope = 'queue' AND name = ANY($2::text[])))
@@ -567,7 +585,8 @@ def _ranks(*, kinds: bool, queues: bool, kind_keys: bool, queue_keys: bool) -> s
 # $9/$10/$11 the keys walked (queue, key, place in the walk), $12 whether a walk stopped at its
 # bound with keys left or passed over keys, $13 whether the claim may take jobs without a key
 # in keyed queues (it holds their lock, or none is needed), $14 per key walked whether the
-# claim holds it.
+# claim holds it; $15/$16 the limits' rows it holds locked (scope, name), $17 whether it locked
+# keys (per-key bounds applied when the walk ran).
 _CLAIM_LIMITED = f"""
 WITH ctl AS (
     -- The bucket refilled up to `at`, at most full. `at` is read now, after the lock was
@@ -599,7 +618,17 @@ WITH ctl AS (
            -- The most jobs of one key it may start in one claim.
            least(ctl.max_per_key, floor(ctl.burst_per_key)::int) AS key_bound,
            floor(ctl.burst_per_key)::int AS key_burst,
-           least(ctl.max_concurrency - coalesce(r.n, 0), floor(ctl.tokens)::int) AS free
+           -- A bound declared since the locks were taken (a worker started meanwhile) is not
+           -- under one this claim holds: nothing under it this time; the next claim locks it.
+           CASE WHEN ((ctl.max_concurrency IS NOT NULL OR ctl.tokens IS NOT NULL)
+                      AND (ctl.scope, ctl.name) NOT IN (
+                          SELECT l.scope, l.name FROM unnest($15::text[], $16::text[])
+                              AS l(scope, name)))
+                     OR ((ctl.max_per_key IS NOT NULL OR ctl.burst_per_key IS NOT NULL)
+                         AND NOT $17::bool)
+                THEN 0
+                ELSE least(ctl.max_concurrency - coalesce(r.n, 0), floor(ctl.tokens)::int)
+           END AS free
     FROM ctl
     CROSS JOIN LATERAL (
         SELECT sum(running.n)::int AS n FROM running
@@ -910,7 +939,8 @@ def claim_limited_function() -> str:
     lock = _renumber(_LOCK_LIMITS.strip(), {1: "$2", 2: "$3"})
     claim = _renumber(
         _CLAIM_LIMITED.strip(),
-        {9: "w_queue", 10: "w_key", 11: "w_pos", 12: "cut", 13: "no_key", 14: "w_held"},
+        {9: "w_queue", 10: "w_key", 11: "w_pos", 12: "cut", 13: "no_key", 14: "w_held",
+         15: "l_scope", 16: "l_name", 17: "lock_keys"},
     )
     fields = ", ".join(f"claimed.{f}" for f in _JOB_FIELDS)
     claim = (
@@ -930,7 +960,9 @@ def claim_limited_function() -> str:
     )
     columns = ",\n    ".join(f"{f} {_JOB_TYPES[f]}" for f in _JOB_FIELDS)
     nulls = ", ".join(f"NULL::{_JOB_TYPES[f]}" for f in _JOB_FIELDS)
-    walked = "array_agg(x.{} ORDER BY x.queue, x.pos) FILTER (WHERE x.key IS NOT NULL)"
+    # Keys in walk order, the queues' keys taking turns: the lock loop below stops once it
+    # holds enough, and must not spend it all on the first queue's.
+    walked = "array_agg(x.{} ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL)"
     return f"""CREATE OR REPLACE FUNCTION
     jobq_claim_limited(text, text[], text[], int, float8, text[], int[], int, int)
 RETURNS TABLE (
@@ -948,6 +980,9 @@ DECLARE
     w_key text[];
     w_pos int[];
     w_room int[];
+    w_fair boolean[];
+    l_scope text[];
+    l_name text[];
     cut boolean;
     is_shut boolean;
     is_full boolean;
@@ -956,15 +991,17 @@ DECLARE
     w_held boolean[] := '{{}}';
     visited int := 0;
     locked int := 0;
-    hinted int := 0;
+    hinted jsonb := '{{}}';
+    queue_hinted int;
 BEGIN
     SELECT coalesce({walked.format("queue")}, '{{}}'),
            coalesce({walked.format("key")}, '{{}}'),
            coalesce({walked.format("pos")}, '{{}}'),
            coalesce({walked.format("room")}, '{{}}'),
+           coalesce({walked.format("fair")}, '{{}}'),
            coalesce(bool_or(x.pos >= $9), false), bool_or(x.shut), bool_or(x.full),
            bool_or(x.lock_keys)
-    INTO w_queue, w_key, w_pos, w_room, cut, is_shut, is_full, lock_keys
+    INTO w_queue, w_key, w_pos, w_room, w_fair, cut, is_shut, is_full, lock_keys
     FROM (
 {walk}
     ) AS x;
@@ -974,21 +1011,29 @@ BEGIN
             NULL::bigint, NULL::int, NULL::int, is_full, $9 > 0, 0::bigint;
         RETURN;
     END IF;
-    PERFORM 1 FROM (
+    SELECT coalesce(array_agg(l.scope), '{{}}'), coalesce(array_agg(l.name), '{{}}')
+    INTO l_scope, l_name
+    FROM (
 {lock}
     ) AS l;
     IF lock_keys THEN
-        -- The keys to read, in walk order, until their hinted room covers what is asked for:
-        -- those another claim holds are passed over (it decides for them), and so are those
-        -- the hint says are full. A key held elsewhere or full kept jobs back: try again soon.
+        -- The keys to read, in walk order (the queues' keys taking turns), until their hinted
+        -- room covers what is asked for, in each queue (in a fair queue, whose keys take
+        -- turns, as many as walked): those another claim holds are passed over (it decides
+        -- for them), and so are those the hint says are full. A key held elsewhere or full
+        -- kept jobs back: try again soon.
         FOR i IN 1 .. cardinality(w_key) LOOP
-            EXIT WHEN hinted >= $4 OR locked >= {KEY_LOCKS};
+            EXIT WHEN locked >= {KEY_LOCKS};
             visited := i;
-            IF coalesce(w_room[i], $4) > 0
+            queue_hinted := coalesce((hinted ->> w_queue[i])::int, 0);
+            IF queue_hinted >= $4 AND NOT w_fair[i] THEN
+                w_held := w_held || false;
+            ELSIF coalesce(w_room[i], $4) > 0
                AND pg_try_advisory_xact_lock({KEY_LOCK_CLASS}, hashtext(w_key[i])) THEN
                 w_held := w_held || true;
                 locked := locked + 1;
-                hinted := hinted + coalesce(w_room[i], $4);
+                hinted := hinted
+                    || jsonb_build_object(w_queue[i], queue_hinted + coalesce(w_room[i], $4));
             ELSE
                 w_held := w_held || false;
                 cut := true;
@@ -1237,7 +1282,7 @@ class Flow(Views):
         held = bool(rows[0]["_held"]) or (keyed and not walk_keys)
         return LimitedClaim([Job.from_record(r) for r in got], held_back=held, keyed=keyed)
 
-    async def prune_key_buckets(self, limit: int = 10_000) -> int:
+    async def prune_key_buckets(self, limit: int = 1_000) -> int:
         """Delete up to `limit` per-key buckets that have refilled (or whose limit is gone);
         how many."""
         status = await self.pool.execute(_PRUNE_KEY_BUCKETS, limit)
