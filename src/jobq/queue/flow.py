@@ -939,8 +939,17 @@ def claim_limited_function() -> str:
     lock = _renumber(_LOCK_LIMITS.strip(), {1: "$2", 2: "$3"})
     claim = _renumber(
         _CLAIM_LIMITED.strip(),
-        {9: "w_queue", 10: "w_key", 11: "w_pos", 12: "cut", 13: "no_key", 14: "w_held",
-         15: "l_scope", 16: "l_name", 17: "lock_keys"},
+        {
+            9: "w_queue",
+            10: "w_key",
+            11: "w_pos",
+            12: "cut",
+            13: "no_key",
+            14: "w_held",
+            15: "l_scope",
+            16: "l_name",
+            17: "lock_keys",
+        },
     )
     fields = ", ".join(f"claimed.{f}" for f in _JOB_FIELDS)
     claim = (
