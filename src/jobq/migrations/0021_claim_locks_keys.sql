@@ -137,7 +137,8 @@ WITH RECURSIVE ctl AS (
                          c.key_burst)
             FROM ctl AS c, running AS r
             WHERE c.scope = 'queue' AND c.name = w.queue AND c.per_key),
-            (SELECT count(*)::int FROM (
+            CASE WHEN (SELECT cardinality(bounded) > 0 FROM kinds_keyed)
+                 THEN (SELECT count(*)::int FROM (
                 SELECT 1 FROM jobs AS j
                 WHERE j.status IN ('queued', 'retrying') AND j.queue = w.queue AND j.concurrency_key = k.key
                   AND j.run_at <= now()
@@ -149,13 +150,18 @@ WITH RECURSIVE ctl AS (
                     FROM ctl AS c, running AS r
                     WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused), $4))
             ) AS due)
-            + (SELECT count(*)::int FROM (
-                SELECT 1 FROM jobs AS j
-                WHERE j.status IN ('queued', 'retrying') AND j.queue = w.queue AND j.concurrency_key = k.key
-                  AND j.run_at <= now()
-                  AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
-                LIMIT $4
-            ) AS due))) AS share) AS s
+                 ELSE 0 END
+            -- (Not read when every kind has a bound: an index scan for no kind reads them all.)
+            + CASE WHEN (SELECT cardinality(unbounded) > 0 FROM kinds_keyed)
+                   THEN (SELECT count(*)::int FROM (
+                       SELECT 1 FROM jobs AS j
+                       WHERE j.status IN ('queued', 'retrying') AND j.queue = w.queue AND j.concurrency_key = k.key
+                         AND j.run_at <= now()
+                         AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
+                       LIMIT $4
+                   ) AS due)
+                   ELSE 0 END)) AS share
+        OFFSET 0) AS s
     UNION ALL
     SELECT keys.queue, keys.after_key, keys.fair, k.key, k.wrapped, keys.pos + 1, s.share,
            keys.total + s.share
@@ -179,7 +185,8 @@ WITH RECURSIVE ctl AS (
                          c.key_burst)
             FROM ctl AS c, running AS r
             WHERE c.scope = 'queue' AND c.name = keys.queue AND c.per_key),
-            (SELECT count(*)::int FROM (
+            CASE WHEN (SELECT cardinality(bounded) > 0 FROM kinds_keyed)
+                 THEN (SELECT count(*)::int FROM (
                 SELECT 1 FROM jobs AS j
                 WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue AND j.concurrency_key = k.key
                   AND j.run_at <= now()
@@ -191,13 +198,18 @@ WITH RECURSIVE ctl AS (
                     FROM ctl AS c, running AS r
                     WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused), $4))
             ) AS due)
-            + (SELECT count(*)::int FROM (
-                SELECT 1 FROM jobs AS j
-                WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue AND j.concurrency_key = k.key
-                  AND j.run_at <= now()
-                  AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
-                LIMIT $4
-            ) AS due))) AS share) AS s
+                 ELSE 0 END
+            -- (Not read when every kind has a bound: an index scan for no kind reads them all.)
+            + CASE WHEN (SELECT cardinality(unbounded) > 0 FROM kinds_keyed)
+                   THEN (SELECT count(*)::int FROM (
+                       SELECT 1 FROM jobs AS j
+                       WHERE j.status IN ('queued', 'retrying') AND j.queue = keys.queue AND j.concurrency_key = k.key
+                         AND j.run_at <= now()
+                         AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
+                       LIMIT $4
+                   ) AS due)
+                   ELSE 0 END)) AS share
+        OFFSET 0) AS s
     -- Stop at the bound, or once around: back at the keys after the cursor; or, but in a fair
     -- queue (whose keys take turns), once the keys walked can start twice what is asked for
     -- (some will be held by other claims).

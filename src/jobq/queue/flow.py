@@ -401,7 +401,8 @@ _KEY_SHARE = f"""
                          c.key_burst)
             FROM ctl AS c, running AS r
             WHERE c.scope = 'queue' AND c.name = {{queue}} AND c.per_key),
-            (SELECT count(*)::int FROM (
+            CASE WHEN (SELECT cardinality(bounded) > 0 FROM kinds_keyed)
+                 THEN (SELECT count(*)::int FROM (
                 SELECT 1 FROM jobs AS j
                 WHERE j.{_WAITING} AND j.queue = {{queue}} AND j.concurrency_key = k.key
                   AND j.run_at <= now()
@@ -413,13 +414,18 @@ _KEY_SHARE = f"""
                     FROM ctl AS c, running AS r
                     WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused), $4))
             ) AS due)
-            + (SELECT count(*)::int FROM (
-                SELECT 1 FROM jobs AS j
-                WHERE j.{_WAITING} AND j.queue = {{queue}} AND j.concurrency_key = k.key
-                  AND j.run_at <= now()
-                  AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
-                LIMIT $4
-            ) AS due))) AS share"""
+                 ELSE 0 END
+            -- (Not read when every kind has a bound: an index scan for no kind reads them all.)
+            + CASE WHEN (SELECT cardinality(unbounded) > 0 FROM kinds_keyed)
+                   THEN (SELECT count(*)::int FROM (
+                       SELECT 1 FROM jobs AS j
+                       WHERE j.{_WAITING} AND j.queue = {{queue}} AND j.concurrency_key = k.key
+                         AND j.run_at <= now()
+                         AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
+                       LIMIT $4
+                   ) AS due)
+                   ELSE 0 END)) AS share
+        OFFSET 0"""
 _STEP_KEY = _NEXT_KEY.format(queue="keys.queue", after="keys.key", wrapped="keys.wrapped")
 
 # The limited claim is three statements, run by one function (claim_limited_function). The
