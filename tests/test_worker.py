@@ -743,3 +743,34 @@ async def test_a_heartbeat_stuck_behind_a_table_lock_gives_up_at_its_timeout(
     assert extended is False  # to be tried again soon
     # Bounded by min(max(1 s, heartbeat), lease / 2) = 1 s here, not by the lock's duration.
     assert took < 5
+
+
+def test_a_worker_works_the_queues_its_registry_names_unless_told_otherwise() -> None:
+    # A queue declared with limits, or one a schedule enqueues into, is one its workers must
+    # work: `jobq worker` and `jobq dev` without --queues would leave its jobs waiting.
+    registry = Registry()
+    registry.queue("tenants", fair=True)
+    registry.periodic(every=timedelta(minutes=1), kind="report", queue="reports")
+
+    @registry.handler("report")
+    async def report(ctx: JobContext, payload: dict[str, Any]) -> None: ...
+
+    assert Worker("postgresql:///x", registry).queues == ["default", "reports", "tenants"]
+    assert Worker("postgresql:///x", registry, queues=["mail"]).queues == ["mail"]
+
+
+async def test_a_worker_without_queues_runs_jobs_of_a_queue_its_registry_declares(
+    queue: Queue, dsn: str
+) -> None:
+    registry = Registry()
+    registry.queue("tenants", fair=True)
+
+    @registry.handler("tenant.sync")
+    async def sync(ctx: JobContext, payload: dict[str, Any]) -> str:
+        return "synced"
+
+    new = NewJob(kind="tenant.sync", queue="tenants", concurrency_key="acme")
+    job = (await queue.enqueue(new)).job
+    async with running(dsn, registry):
+        done = await finished(queue, job.id)
+    assert (done.status, done.result) == ("succeeded", "synced")

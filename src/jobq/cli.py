@@ -452,8 +452,13 @@ def worker(
     app_spec: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="The Registry to run.")],
     concurrency: Annotated[int, typer.Option(min=1, metavar="N", help="Jobs in flight.")] = 10,
     queues: Annotated[
-        str, typer.Option(metavar="NAMES", help="Comma-separated queues to work.")
-    ] = "default",
+        str | None,
+        typer.Option(
+            metavar="NAMES",
+            help="Comma-separated queues to work (default: default, and every queue the "
+            "registry declares limits for or schedules jobs into).",
+        ),
+    ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(metavar="PORT", help="Serve Prometheus metrics on this port.")
     ] = None,
@@ -476,7 +481,7 @@ def worker(
 
     settings = _settings()
     registry = load_registry(app_spec)
-    queue_names = _queue_names(queues)
+    queue_names = None if queues is None else _queue_names(queues)
     if metrics_port is not None:
         from prometheus_client import start_http_server
 

@@ -663,6 +663,13 @@ class Registry:
         """The periodic schedules declared, by name."""
         return [self._schedules[n] for n in sorted(self._schedules)]
 
+    @property
+    def queues(self) -> list[str]:
+        """The queues a worker of this registry works unless told otherwise: the default
+        queue, and every queue it declares limits for or schedules jobs into."""
+        named = set(self._queue_limits) | {s.queue for s in self._schedules.values()}
+        return [DEFAULT_QUEUE, *sorted(named - {DEFAULT_QUEUE})]
+
     def __contains__(self, kind: object) -> bool:
         return kind in self._handlers
 

@@ -22,7 +22,7 @@ import asyncpg
 from jobq import db, maintenance, middleware
 from jobq.backoff import Backoff
 from jobq.maintenance import Partitioner
-from jobq.queue import DEFAULT_QUEUE, Limits, Queue
+from jobq.queue import Limits, Queue
 from jobq.registry import Registry
 from jobq.settings import Settings
 from jobq.worker import maintenance as maintenance_runner
@@ -55,7 +55,7 @@ class Worker:
         registry: Registry,
         *,
         concurrency: int = 10,
-        queues: Sequence[str] = (DEFAULT_QUEUE,),
+        queues: Sequence[str] | None = None,
         settings: Settings | None = None,
         worker_id: str | None = None,
         shutdown_grace: float = 30.0,
@@ -69,7 +69,9 @@ class Worker:
         self.dsn = dsn
         self.registry = registry
         self.concurrency = concurrency
-        self.queues = list(queues)
+        # By default the queues the registry names (Registry.queues): a queue declared with
+        # limits, or one a schedule enqueues into, is one its workers must work.
+        self.queues = list(registry.queues if queues is None else queues)
         self.settings = settings or Settings.from_env()
         self.worker_id = worker_id or default_worker_id()
         self.shutdown_grace = shutdown_grace
