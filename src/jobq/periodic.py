@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from jobq.queue.model import DEFAULT_QUEUE, NewJob
-from jobq.queue.validation import encode_json, validate
+from jobq.queue.validation import _check_name, encode_json, validate
 
 # How late a tick may still be enqueued when nothing else is said: a deploy or an outage
 # shorter than this does not lose a tick; a longer one loses all but the latest within it.
@@ -118,10 +118,7 @@ def _check(s: Schedule) -> None:
     where = f"schedule {s.name!r}"
     try:
         # The queue's own rules for the job each tick makes (and for the name, as for a kind).
-        try:
-            validate(NewJob(kind=s.name))
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("kind", "name", 1)) from None
+        _check_name("name", s.name)
         validate(
             NewJob(
                 kind=s.kind,

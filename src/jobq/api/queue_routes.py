@@ -165,7 +165,7 @@ async def _paused_by(request: Request) -> str | None:
         return None
     try:
         if body["by"] is None:  # the schema's `by` is a string: null is not "no one"
-            raise InvalidJob("by", "must be a string of 1 to 200 characters")
+            raise InvalidJob("by", f"must be a string of 1 to {MAX_PAUSED_BY_LENGTH} characters")
         return check_paused_by(body["by"])
     except InvalidJob as exc:
         raise ProblemError(

@@ -32,20 +32,32 @@ _PER_SECOND = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "min
                "h": 3600.0, "hour": 3600.0}  # fmt: skip
 
 
-def parse_rate(text: object) -> float:
-    """Jobs per second from "100/s", "30/min", "1000/h"; ValueError for anything else."""
+def parse_rate(text: object, field: str = "rate_limit") -> float:
+    """Jobs per second from "100/s", "30/min", "1000/h"; ValueError (naming `field`) for
+    anything else."""
     match = _RATE.match(text) if isinstance(text, str) else None
     if match is None:
-        raise ValueError(f"rate_limit must look like '100/s', '30/min' or '1000/h', got {text!r}")
+        raise ValueError(f"{field} must look like '100/s', '30/min' or '1000/h', got {text!r}")
     count = float(match[1])
     if not count > 0 or not math.isfinite(count):
-        raise ValueError(f"rate_limit must allow more than 0 jobs, got {text!r}")
+        raise ValueError(f"{field} must allow more than 0 jobs, got {text!r}")
     rate = count / _PER_SECOND[match[2].lower()]
     # The claim counts a bucket's tokens as an integer: a larger rate would fail every claim
     # of every worker that shares the limit, not this declaration.
     if rate > _INT4_MAX:
-        raise ValueError(f"rate_limit must be at most {_INT4_MAX}/s, got {text!r}")
+        raise ValueError(f"{field} must be at most {_INT4_MAX}/s, got {text!r}")
     return rate
+
+
+def _rate_and_burst(
+    field: str, text: str | None, burst_field: str, burst: int | None
+) -> tuple[float | None, float | None]:
+    """A declared rate (`field`) and its bucket size (`burst_field`, by default one second's
+    worth): starts per second and the bucket, or None and None without a rate."""
+    rate = None if text is None else parse_rate(text, field)
+    if burst is not None and rate is None:
+        raise ValueError(f"{burst_field} needs a {field}")
+    return rate, None if rate is None else float(burst or default_burst(rate))
 
 
 def default_burst(rate: float) -> float:
@@ -128,18 +140,9 @@ class Limits:
         _positive("rate_burst_per_key", rate_burst_per_key)
         if not isinstance(fair, bool):
             raise ValueError(f"fair must be True or False, got {fair!r}")
-        rate = None if rate_limit is None else parse_rate(rate_limit)
-        if rate_burst is not None and rate is None:
-            raise ValueError("rate_burst needs a rate_limit")
-        burst = None if rate is None else float(rate_burst or default_burst(rate))
-        try:
-            per_key = None if rate_limit_per_key is None else parse_rate(rate_limit_per_key)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("rate_limit", "rate_limit_per_key", 1)) from None
-        if rate_burst_per_key is not None and per_key is None:
-            raise ValueError("rate_burst_per_key needs a rate_limit_per_key")
-        burst_per_key = (
-            None if per_key is None else float(rate_burst_per_key or default_burst(per_key))
+        rate, burst = _rate_and_burst("rate_limit", rate_limit, "rate_burst", rate_burst)
+        per_key, burst_per_key = _rate_and_burst(
+            "rate_limit_per_key", rate_limit_per_key, "rate_burst_per_key", rate_burst_per_key
         )
         return cls(
             max_concurrency, max_per_key, rate, burst, fair,
@@ -366,6 +369,9 @@ SELECT (SELECT count(*) FROM jobq_flow_controls
         WHERE limited AND scope = 'queue' AND name = ANY($2::text[]))
            = cardinality(ARRAY(SELECT DISTINCT unnest($2::text[])))
 """
+
+# Both, in one round trip (each worker asks once a second).
+_COVER = f"SELECT ({_APPLIES.strip()}) AS applies, ({_ALL_LIMITED.strip()}) AS covered"
 
 # How many concurrency keys one limited claim visits per keyed queue, at most. A claim's cost
 # (and the time it holds the limit's row lock) is bounded by it, not by the number of keys
@@ -1236,10 +1242,9 @@ class Flow(Views):
     async def limits_cover(self, kinds: Sequence[str], queues: Sequence[str]) -> tuple[bool, bool]:
         """(`limits_apply`, and whether limits cover every one of these kinds or every one of
         these queues: then the plain claim would find nothing of theirs to take)."""
-        async with self.pool.acquire() as conn:
-            applies = bool(await conn.fetchval(_APPLIES, list(kinds), list(queues)))
-            covered = applies and bool(await conn.fetchval(_ALL_LIMITED, list(kinds), list(queues)))
-        return applies, covered
+        row = await self.pool.fetchrow(_COVER, list(kinds), list(queues))
+        assert row is not None  # one row, always
+        return bool(row["applies"]), bool(row["applies"] and row["covered"])
 
     async def claim_limited(
         self,

@@ -128,6 +128,22 @@ def validate_each(jobs: Sequence[NewJob]) -> list[NewJob]:
     return checked
 
 
+def validate_changed(changed: Sequence[NewJob], checked: Sequence[NewJob]) -> list[NewJob]:
+    """`changed`, what enqueue middleware made of `checked` (validated already), with each job
+    a middleware replaced validated again; the InvalidJob of a bad one names its position."""
+    out = []
+    for i, (job, before) in enumerate(zip(changed, checked, strict=True)):
+        if job is before:
+            out.append(job)
+            continue
+        try:
+            out.append(validate(job))
+        except InvalidJob as exc:
+            exc.index = i
+            raise
+    return out
+
+
 def validate(job: NewJob) -> NewJob:
     """Return the job checked (naive run_at taken as UTC), or raise InvalidJob.
 

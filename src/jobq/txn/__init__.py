@@ -38,7 +38,7 @@ from jobq.queue.inserts import (
     run_steps_sync,
 )
 from jobq.queue.model import BulkEnqueued, EnqueueResult, NewJob
-from jobq.queue.validation import validate, validate_each
+from jobq.queue.validation import validate_changed, validate_each
 from jobq.settings import idempotency_window_from_env
 from jobq.txn import adapters
 
@@ -88,7 +88,7 @@ async def enqueue_many(
     window = _window(idempotency_window)
 
     async def store(changed: list[NewJob]) -> tuple[list[BulkEnqueued], list[uuid.UUID]]:
-        stored = await _run(conn, insert_batch_steps(validate_each(changed), window))
+        stored = await _run(conn, insert_batch_steps(validate_changed(changed, checked), window))
         return stored, [s.id for s in stored]
 
     return await around_enqueue(own, checked, store)
@@ -132,9 +132,8 @@ def enqueue_many_sync(
     fetch = adapters.sync(conn)
 
     def store(changed: list[NewJob]) -> tuple[list[BulkEnqueued], list[uuid.UUID]]:
-        # Only the jobs a middleware replaced need checking again.
-        again = [j if j is c else validate(j) for j, c in zip(changed, checked, strict=True)]
-        stored = run_steps_sync(insert_batch_steps(again, window), fetch)
+        steps = insert_batch_steps(validate_changed(changed, checked), window)
+        stored = run_steps_sync(steps, fetch)
         return stored, [s.id for s in stored]
 
     return around_enqueue_sync(own, checked, store)

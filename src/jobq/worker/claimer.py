@@ -79,7 +79,7 @@ class Claimer:
         The two take turns going first, so that neither side's backlog starves the other."""
         state = self.state
         claims: list[Callable[..., Awaitable[list[Job]]]] = [self.queue.claim]
-        if self.limited and self._all_limited:
+        if self._all_limited:  # implies limited
             claims = [self._claim_limited]
         elif self.limited:
             self._limited_first = not self._limited_first
