@@ -774,3 +774,45 @@ async def test_a_worker_without_queues_runs_jobs_of_a_queue_its_registry_declare
     async with running(dsn, registry):
         done = await finished(queue, job.id)
     assert (done.status, done.result) == ("succeeded", "synced")
+
+
+async def test_a_limited_worker_claims_after_its_own_successes_are_written_not_before(
+    queue: Queue, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A success not written yet still holds its key's slot: a claim sent beside its write
+    # finds the key full and comes back empty, a wasted claim per job.
+    from jobq.queue.flow import Flow, LimitedClaim
+    from jobq.queue.leases import Leases
+
+    registry = Registry()
+
+    @registry.handler("one.at.a.time", concurrency_key="account", max_per_key=1)
+    async def step(ctx: JobContext, payload: dict[str, Any]) -> None:
+        return None
+
+    claims: list[int] = []
+    claim_limited_held, complete_many = Flow.claim_limited_held, Leases.complete_many
+
+    async def counted(self: Flow, *args: Any, **kwargs: Any) -> LimitedClaim:
+        claim = await claim_limited_held(self, *args, **kwargs)
+        claims.append(len(claim.jobs))
+        return claim
+
+    async def busy_database(self: Leases, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.01)  # a write that takes longer than a claim
+        return await complete_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(Flow, "claim_limited_held", counted)
+    monkeypatch.setattr(Leases, "complete_many", busy_database)
+    jobs = [await enqueue(queue, "one.at.a.time", {"account": "acme"}) for _ in range(10)]
+    # One slot: the claim loop wakes as soon as a run ends, before its success is written.
+    async with running(dsn, registry, concurrency=1):
+        for job in jobs:
+            assert (await finished(queue, job.id)).status == "succeeded"
+    taken, until_all_taken = 0, []
+    for n in claims:
+        if taken == len(jobs):
+            break
+        taken += n
+        until_all_taken.append(n)
+    assert 0 not in until_all_taken, claims

@@ -104,6 +104,11 @@ class Claimer:
         return jobs
 
     async def _claim_limited(self, *args: Any, **kwargs: Any) -> list[Job]:
+        state = self.state
+        if state.pending:
+            # This worker's successes not written yet still hold their slots (their keys', the
+            # limit's): a claim now would find them full and come back short, then again.
+            await state.wait_any(state.outcome_written, timeout=LIMITED_RETRY_SECONDS)
         claim = await self.queue.claim_limited_held(*args, walk_keys=self._walk_keys, **kwargs)
         self.held_back = claim.held_back
         self._walk_keys = claim.keyed
