@@ -4,6 +4,7 @@ share, against a real PostgreSQL (docs/flow-control.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -282,6 +283,25 @@ async def test_claims_of_different_keys_under_a_per_key_limit_do_not_wait_for_ea
         assert sorted(r["concurrency_key"] for r in held) == ["t0", "t1"]
         other = await asyncio.wait_for(_claim(queue, 4, limited=True, worker="w2"), 5)
         assert sorted(str(j.concurrency_key) for j in other) == ["t2", "t3"]
+
+
+async def test_claims_walking_at_once_from_the_same_cursor_take_different_keys(
+    queue: Queue,
+) -> None:
+    # Claims that start together see the same cursor: each must go on past the keys the
+    # others hold until it holds enough, not give up after a fixed stretch of keys.
+    await queue.declare_limits("w", {"a": Limits(max_per_key=1)}, {})
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key=f"t{i:02}") for i in range(12)])
+    async with contextlib.AsyncExitStack() as open_claims:
+        keys: list[str] = []
+        for worker in ("w1", "w2", "w3"):
+            conn = await open_claims.enter_async_context(queue.pool.acquire())
+            await open_claims.enter_async_context(conn.transaction())
+            rows = await conn.fetch(
+                flow._CLAIM_LIMITED_CALL, worker, KINDS, QUEUES, 4, 30.0, [], [], 3, flow.KEY_WALK
+            )
+            keys += [r["concurrency_key"] for r in rows if r["id"] is not None]
+    assert sorted(keys) == [f"t{i:02}" for i in range(12)]
 
 
 async def test_a_per_key_claim_goes_on_to_more_keys_when_the_first_have_fewer_jobs_than_room(
