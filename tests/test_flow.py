@@ -322,6 +322,37 @@ async def test_a_queue_limit_counts_every_kind_in_it(queue: Queue) -> None:
     assert await _claim(queue, limited=True) == []
 
 
+async def test_a_bound_declared_while_a_claim_waits_for_its_locks_starts_nothing_in_that_claim(
+    queue: Queue,
+) -> None:
+    # The claim locked the rows that existed when it asked for them; a limit stored since (a
+    # worker starting) is not under a lock it holds, so it must not apply it unlocked: two
+    # such claims could both see the one free slot.
+    await queue.declare_limits("w", {"a": Limits(max_concurrency=10)}, {})
+    await queue.enqueue_many([NewJob(kind="b") for _ in range(3)])
+    async with queue.pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT 1 FROM jobq_flow_controls WHERE scope = 'kind' AND name = 'a' FOR UPDATE"
+        )
+        claim = asyncio.create_task(
+            queue.claim_limited_held("w", KINDS, QUEUES, 10, lease_seconds=30)
+        )
+        await wait_for(
+            lambda: queue.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database() AND query LIKE '%jobq_claim_limited%'"
+            ),
+            timeout=10,
+        )
+        await queue.declare_limits("w2", {"b": Limits(max_concurrency=1)}, {})
+        await tx.commit()
+        first = await asyncio.wait_for(claim, 10)
+    assert (first.jobs, first.held_back) == ([], True)
+    assert len(await _claim(queue, 10, limited=True)) == 1
+
+
 async def test_slots_free_up_when_jobs_end_fail_or_are_released(queue: Queue) -> None:
     await queue.declare_limits("w", {"a": Limits(max_concurrency=2)}, {})
     await queue.enqueue_many([NewJob(kind="a", max_attempts=5) for _ in range(10)])
