@@ -461,28 +461,29 @@ _KEY_HOLD = f"""
 # first (this one) finds, for every keyed queue (fair share or a per-key limit applies), the
 # keys the claim will consider: a loose index scan of jobs_queue_key_claim_idx, one probe per
 # key, starting after the key the previous claim stopped at and wrapping around once, at most
-# $3 keys. Under per-key bounds it locks the keys it will read as it goes (see _KEY_HOLD) and
+# $9 keys. Under per-key bounds it locks the keys it will read as it goes (see _KEY_HOLD) and
 # stops once those can start what is asked for: keys other claims hold are passed over, and
 # claims walking at once from the same cursor spread over the keys. Which keys have waiting
 # jobs, and how many each can start, is only a hint: the decision reads them again, under the
 # locks.
-# $1 kinds, $2 queues, $3 the walk's bound, $4 how many jobs the claim asks for.
+# Written in the function's arguments: $2 kinds, $3 queues, $9 the walk's bound, $4 how many
+# jobs the claim asks for.
 _WALK_KEYS = f"""
 WITH RECURSIVE ctl AS (
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.fair, c.max_per_key,
            floor(c.burst_per_key)::int AS key_burst,
            c.max_per_key IS NOT NULL OR c.rate_per_key IS NOT NULL AS per_key
     FROM jobq_flow_controls AS c
-    WHERE c.limited AND ((c.scope = 'kind' AND c.name = ANY($1::text[]))
-                         OR (c.scope = 'queue' AND c.name = ANY($2::text[])))
+    WHERE c.limited AND ((c.scope = 'kind' AND c.name = ANY($2::text[]))
+                         OR (c.scope = 'queue' AND c.name = ANY($3::text[])))
 ), walked AS (
     -- Each queue walked may lock its share of the most keys one claim locks.
     SELECT q.queue, coalesce(cur.after_key, '') AS after_key, coalesce(ctl.fair, false) AS fair,
            greatest(1, {KEY_LOCKS} / count(*) OVER ()) AS lock_cap
-    FROM unnest($2::text[]) AS q(queue)
+    FROM unnest($3::text[]) AS q(queue)
     LEFT JOIN ctl ON ctl.scope = 'queue' AND ctl.name = q.queue
     LEFT JOIN jobq_flow_cursors AS cur ON cur.queue = q.queue
-    WHERE $3 > 0 AND NOT coalesce(ctl.paused, false) AND NOT (SELECT shut FROM shut)
+    WHERE $9 > 0 AND NOT coalesce(ctl.paused, false) AND NOT (SELECT shut FROM shut)
       AND (coalesce(ctl.fair, false) OR coalesce(ctl.per_key, false)
            OR EXISTS (SELECT 1 FROM ctl AS k WHERE k.scope = 'kind' AND k.per_key AND NOT k.paused))
 ), kinds_keyed AS MATERIALIZED (
@@ -491,7 +492,7 @@ WITH RECURSIVE ctl AS (
     SELECT coalesce(array_agg(k.kind) FILTER (WHERE c.per_key), '{{}}') AS bounded,
            coalesce(array_agg(k.kind) FILTER (WHERE NOT coalesce(c.per_key, false)), '{{}}')
                AS unbounded
-    FROM unnest($1::text[]) AS k(kind)
+    FROM unnest($2::text[]) AS k(kind)
     LEFT JOIN ctl AS c ON c.scope = 'kind' AND c.name = k.kind
     WHERE NOT coalesce(c.paused, false)
 ), running AS MATERIALIZED (
@@ -533,7 +534,7 @@ WITH RECURSIVE ctl AS (
     -- Stop at the bound, or once around: back at the keys after the cursor; or once the keys
     -- held can start what is asked for, but in a fair queue (whose keys take turns); or once
     -- the queue holds its share of key locks.
-    WHERE keys.pos < $3 AND NOT (k.wrapped AND k.key > keys.after_key)
+    WHERE keys.pos < $9 AND NOT (k.wrapped AND k.key > keys.after_key)
       AND (keys.fair OR keys.total < $4) AND keys.locks < keys.lock_cap
 ), closed AS (
     -- The kinds and queues whose limit has no room (or bucket no token) as this snapshot
@@ -541,8 +542,8 @@ WITH RECURSIVE ctl AS (
     -- claim stops here, without the lock: slots only free up since, so the next claim will
     -- see them.
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused FROM jobq_flow_controls AS c
-    WHERE ((c.scope = 'kind' AND c.name = ANY($1::text[]))
-           OR (c.scope = 'queue' AND c.name = ANY($2::text[])))
+    WHERE ((c.scope = 'kind' AND c.name = ANY($2::text[]))
+           OR (c.scope = 'queue' AND c.name = ANY($3::text[])))
       AND (c.paused_at IS NOT NULL
            OR (c.rate IS NOT NULL AND least(c.burst, coalesce(c.tokens, c.burst) + c.rate
                    * greatest(0.0, extract(epoch FROM clock_timestamp()
@@ -552,9 +553,9 @@ WITH RECURSIVE ctl AS (
                WHERE j.status = 'running'
                  AND CASE c.scope WHEN 'kind' THEN j.kind ELSE j.queue END = c.name))
 ), shut AS (
-    SELECT NOT EXISTS (SELECT 1 FROM unnest($1::text[]) AS k(kind)
+    SELECT NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS k(kind)
                        WHERE (k.kind) NOT IN (SELECT name FROM closed WHERE scope = 'kind'))
-        OR NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS q(queue)
+        OR NOT EXISTS (SELECT 1 FROM unnest($3::text[]) AS q(queue)
                        WHERE (q.queue) NOT IN (SELECT name FROM closed WHERE scope = 'queue'))
            AS shut,
            EXISTS (SELECT 1 FROM closed WHERE NOT paused) AS full
@@ -562,7 +563,7 @@ WITH RECURSIVE ctl AS (
 -- Whether per-key bounds apply at all (then keys are locked), and per key walked whether the
 -- claim holds it, and whether the walk left keys it might have taken to the next claims.
 SELECT keys.queue, keys.key, keys.pos, keys.held, shut.shut, shut.full, lock_keys.lock_keys,
-       keys.pos >= $3 OR NOT keys.held OR keys.locks >= keys.lock_cap AS cut
+       keys.pos >= $9 OR NOT keys.held OR keys.locks >= keys.lock_cap AS cut
 FROM shut CROSS JOIN lock_keys LEFT JOIN keys ON true
 """
 
@@ -580,8 +581,8 @@ FROM shut CROSS JOIN lock_keys LEFT JOIN keys ON true
 _LOCK_LIMITS = """
 SELECT scope, name FROM jobq_flow_controls
 WHERE limited AND (max_concurrency IS NOT NULL OR rate IS NOT NULL OR fair)
-  AND ((scope = 'kind' AND name = ANY($1::text[]))
-       OR (scope = 'queue' AND name = ANY($2::text[])))
+  AND ((scope = 'kind' AND name = ANY($2::text[]))
+       OR (scope = 'queue' AND name = ANY($3::text[])))
 ORDER BY scope, name
 FOR UPDATE
 """
@@ -618,12 +619,15 @@ def _ranks(*, kinds: bool, queues: bool, kind_keys: bool, queue_keys: bool) -> s
     return f"SELECT c.*,\n           {ranks}\n    FROM candidates AS c"
 
 
-# $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8 max attempts (see _CLAIM);
-# $9/$10/$11 the keys walked (queue, key, place in the walk), $12 whether a walk stopped at its
-# bound with keys left or passed over keys, $13 whether the claim may take jobs without a key
-# in keyed queues (it holds their lock, or none is needed), $14 per key walked whether the
-# claim holds it; $15/$16 the limits' rows it holds locked (scope, name), $17 whether it locked
-# keys (per-key bounds applied when the walk ran).
+_CLAIMED_FIELDS = ", ".join(f"claimed.{f}" for f in _JOB_FIELDS)
+
+# The function's arguments: $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8
+# max attempts (see _CLAIM). Its variables, from the walk and the locks: w_queue/w_key/w_pos the
+# keys walked (queue, key, place in the walk), w_held per key walked whether the claim holds
+# it, cut whether the walk left keys it might have taken to the next claims, no_key whether the
+# claim may take jobs without a key in keyed queues (it holds their lock, or none is needed);
+# l_scope/l_name the limits' rows it holds locked, lock_keys whether per-key bounds applied
+# when the walk ran (then it locked keys).
 _CLAIM_LIMITED = f"""
 WITH ctl AS (
     -- The bucket refilled up to `at`, at most full. `at` is read now, after the lock was
@@ -659,10 +663,10 @@ WITH ctl AS (
            -- under one this claim holds: nothing under it this time; the next claim locks it.
            CASE WHEN ((ctl.max_concurrency IS NOT NULL OR ctl.tokens IS NOT NULL)
                       AND (ctl.scope, ctl.name) NOT IN (
-                          SELECT l.scope, l.name FROM unnest($15::text[], $16::text[])
+                          SELECT l.scope, l.name FROM unnest(l_scope::text[], l_name::text[])
                               AS l(scope, name)))
                      OR ((ctl.max_per_key IS NOT NULL OR ctl.burst_per_key IS NOT NULL)
-                         AND NOT $17::bool)
+                         AND NOT lock_keys::bool)
                 THEN 0
                 ELSE least(ctl.max_concurrency - coalesce(r.n, 0), floor(ctl.tokens)::int)
            END AS free
@@ -709,7 +713,7 @@ WITH ctl AS (
 ), walk AS (
     -- `held`: the claim holds the key's lock (or needs none) and reads its jobs; the others
     -- were passed over, and only move the cursor.
-    SELECT * FROM unnest($9::text[], $10::text[], $11::int[], $14::bool[])
+    SELECT * FROM unnest(w_queue::text[], w_key::text[], w_pos::int[], w_held::bool[])
         AS w(queue, key, pos, held)
 ), key_caps AS MATERIALIZED (
     -- Per key walked and held, how many of its jobs to read at most: what its per-key bounds
@@ -770,7 +774,7 @@ WITH ctl AS (
         ORDER BY h.priority, h.run_at, h.id
         LIMIT $4
     ) AS a
-    WHERE q.keyed AND $13::bool AND a.key IS NULL
+    WHERE q.keyed AND no_key::bool AND a.key IS NULL
 ), plain AS (
     -- An unkeyed queue: its jobs in claim order, skipping rows other claims hold (jobs of
     -- kinds no limit covers may be claimed by anyone).
@@ -921,7 +925,7 @@ WITH ctl AS (
     -- Whether a bound kept back jobs this claim could otherwise have taken: then the worker
     -- tries again soon (slots and tokens free up without a NOTIFY); else, like the plain
     -- claim, it waits for a NOTIFY or the poll.
-    SELECT $12::bool
+    SELECT cut::bool
         OR EXISTS (SELECT 1 FROM key_caps WHERE cap = 0)
         OR (SELECT count(*) FROM candidates) > (SELECT count(*) FROM picked)
         OR EXISTS (SELECT 1 FROM open_queues AS q
@@ -936,13 +940,14 @@ WITH ctl AS (
                        OR j.queue IN (SELECT name FROM room WHERE scope = 'queue' AND free <= 0))
             )) AS held
 )
-SELECT claimed.*, held.held AS _held,
+SELECT {_CLAIMED_FIELDS},
+       claimed._turn::bigint, claimed._pos::int, claimed._walked::int, held.held AS _held,
        EXISTS (SELECT 1 FROM ctl WHERE NOT paused
                    AND (max_per_key IS NOT NULL OR rate_per_key IS NOT NULL
                         OR (scope = 'queue' AND fair))) AS _keyed,
-       (SELECT count(*) FROM spent) + (SELECT count(*) FROM moved)
+       ((SELECT count(*) FROM spent) + (SELECT count(*) FROM moved)
        + (SELECT count(*) FROM cursor_added)
-       + (SELECT count(*) FROM key_spent) + (SELECT count(*) FROM key_pruned) AS _written
+       + (SELECT count(*) FROM key_spent) + (SELECT count(*) FROM key_pruned))::bigint AS _written
 FROM held LEFT JOIN claimed ON true
 """
 
@@ -959,10 +964,6 @@ _JOB_TYPES = {
 }  # fmt: skip
 
 
-def _renumber(sql: str, names: Mapping[int, str]) -> str:
-    return re.sub(r"\$(\d+)", lambda m: names.get(int(m.group(1)), m.group(0)), sql)
-
-
 def claim_limited_function() -> str:
     """The definition of jobq_claim_limited: the walk, the lock and the decision above as one
     function, so that the limited claim is one round trip. The newest migration defining it
@@ -972,38 +973,7 @@ def claim_limited_function() -> str:
     takes its own snapshot under READ COMMITTED, so the decision still starts after the lock
     is granted. Arguments: $1 worker, $2 kinds, $3 queues, $4 n, $5 lease seconds, $6/$7/$8
     max attempts, $9 the walk's bound."""
-    walk = _renumber(_WALK_KEYS.strip(), {1: "$2", 2: "$3", 3: "$9", 4: "$4"})
-    lock = _renumber(_LOCK_LIMITS.strip(), {1: "$2", 2: "$3"})
-    claim = _renumber(
-        _CLAIM_LIMITED.strip(),
-        {
-            9: "w_queue",
-            10: "w_key",
-            11: "w_pos",
-            12: "cut",
-            13: "no_key",
-            14: "w_held",
-            15: "l_scope",
-            16: "l_name",
-            17: "lock_keys",
-        },
-    )
-    fields = ", ".join(f"claimed.{f}" for f in _JOB_FIELDS)
-    claim = (
-        claim.replace(
-            "SELECT claimed.*, held.held AS _held,",
-            f"SELECT {fields},\n       claimed._turn::bigint, claimed._pos::int,"
-            " claimed._walked::int, held.held AS _held,",
-        )
-        .replace(
-            "       (SELECT count(*) FROM spent)",
-            "       ((SELECT count(*) FROM spent)",
-        )
-        .replace(
-            "(SELECT count(*) FROM key_pruned) AS _written",
-            "(SELECT count(*) FROM key_pruned))::bigint AS _written",
-        )
-    )
+    walk, lock, claim = _WALK_KEYS.strip(), _LOCK_LIMITS.strip(), _CLAIM_LIMITED.strip()
     columns = ",\n    ".join(f"{f} {_JOB_TYPES[f]}" for f in _JOB_FIELDS)
     nulls = ", ".join(f"NULL::{_JOB_TYPES[f]}" for f in _JOB_FIELDS)
     walked = "array_agg(x.{} ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL)"
