@@ -34,7 +34,7 @@ from jobq.queue import (
     history,
     validate,
 )
-from jobq.registry import PayloadInvalid, Registry
+from jobq.registry import KeyConflict, PayloadInvalid, Registry
 from jobq.settings import Settings, SettingsError, parse_duration
 
 log = logging.getLogger("jobq.cli")
@@ -612,16 +612,12 @@ def _check_with_registry(registry: Registry | None, job: NewJob, where: str) -> 
         )
         _fail(f"{where}the payload does not fit {job.kind!r}: {problems}")
     try:
-        derived = handler.key_of(job.payload)
+        key = handler.job_key(job.payload, job.concurrency_key)
+    except KeyConflict as exc:
+        _fail(f"{where}--concurrency-key {exc.message}")
     except InvalidJob as exc:
-        if job.concurrency_key is not None:
-            return job  # the key given stands: none derived to conflict with
         _fail(f"{where}concurrency key: {exc.message}")
-    if job.concurrency_key is None:
-        return dataclasses.replace(job, concurrency_key=derived)
-    if derived is not None and derived != job.concurrency_key:
-        _fail(f"{where}--concurrency-key conflicts with the key derived from payload ({derived!r})")
-    return job
+    return dataclasses.replace(job, concurrency_key=key)
 
 
 @app.command()

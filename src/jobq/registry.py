@@ -64,6 +64,17 @@ class KeyUnusable(InvalidJob):
         self.path = path
 
 
+class KeyConflict(InvalidJob):
+    """A concurrency key given at enqueue differs from the one the handler derives from the
+    payload: it would put the job under another key's limits. `derived`: the handler's key."""
+
+    def __init__(self, derived: str) -> None:
+        super().__init__(
+            "concurrency_key", f"conflicts with the key derived from payload ({derived!r})"
+        )
+        self.derived = derived
+
+
 class JobCancelled(Exception):
     """Raised inside a handler (by `ctx.raise_if_cancelled()`) to stop for a cancel request."""
 
@@ -222,6 +233,22 @@ class Handler:
             return check_concurrency_key(str(key))
         except InvalidJob as exc:
             raise KeyUnusable(exc.message, path) from None
+
+    def job_key(self, payload: dict[str, Any], given: str | None) -> str | None:
+        """The concurrency key an enqueue from outside (HTTP, the CLI) gives a job: the one
+        derived from the payload, or the one given if the same. A given key that differs is
+        refused (KeyConflict), not silently preferred; one given where none can be derived
+        stands, as there is nothing for it to conflict with. KeyUnusable when none is given
+        and the derived one is no key."""
+        try:
+            derived = self.key_of(payload)
+        except KeyUnusable:
+            if given is not None:
+                return given
+            raise
+        if given is not None and derived is not None and derived != given:
+            raise KeyConflict(derived)
+        return derived if given is None else given
 
     def backoff_with(self, configured: Backoff) -> Backoff:
         """This handler's backoff: its own bounds, the configured ones where it sets none."""

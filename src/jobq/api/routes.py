@@ -33,13 +33,12 @@ from jobq.queue import (
     MAX_OFFSET,
     STATUSES,
     CancelOutcome,
-    InvalidJob,
     NewJob,
     Queue,
     check_idempotency_key,
     clamp_limit,
 )
-from jobq.registry import Handler, KeyUnusable, PayloadInvalid, Registry
+from jobq.registry import Handler, KeyConflict, KeyUnusable, PayloadInvalid, Registry
 
 T = TypeVar("T")
 
@@ -220,20 +219,22 @@ def _field_errors(exc: pydantic.ValidationError, prefix: str = "body") -> list[d
     ]
 
 
-def _derived_or_none(handler: Handler, payload: dict[str, Any]) -> str | None:
-    """The key the handler derives, None where it derives none or cannot (a key given then
-    stands: there is nothing for it to conflict with)."""
+def _job_key(handler: Handler, payload: dict[str, Any], given: str | None) -> str | None:
+    """The job's concurrency key (Handler.job_key); a derived value that is no key is
+    reported at the payload field it came from (at the payload, from a function), the field
+    the client sent."""
     try:
-        return handler.key_of(payload)
-    except InvalidJob:
-        return None
-
-
-def _derived_key(handler: Handler, payload: dict[str, Any]) -> str | None:
-    """The key the handler derives; a value that is no key is reported at the payload field it
-    came from (at the payload, from a function), the field the client sent."""
-    try:
-        return handler.key_of(payload)
+        return handler.job_key(payload, given)
+    except KeyConflict as exc:
+        # A key given that the handler would not give puts the job under another tenant's
+        # limits: refused, not silently preferred (docs/flow-control.md).
+        raise ProblemError(
+            422,
+            "validation_error",
+            f"`concurrency_key` {exc.message}; omit it or give the same",
+            errors=[{"loc": ["body", "concurrency_key"], "msg": exc.message,
+                     "type": "key_conflict"}],
+        ) from None  # fmt: skip
     except KeyUnusable as exc:
         where = ".".join(("payload", *exc.path))
         raise ProblemError(
@@ -299,18 +300,7 @@ def job_of(
         if max_attempts is None:
             max_attempts = handler.max_attempts
         kind_unique = handler.unique
-        if concurrency_key is None:
-            concurrency_key = _derived_key(handler, req.payload)
-        elif (derived := _derived_or_none(handler, req.payload)) not in (None, concurrency_key):
-            # A key given that the handler would not give puts the job under another tenant's
-            # limits: refused, not silently preferred (docs/flow-control.md).
-            msg = f"conflicts with the key derived from payload ({derived!r})"
-            raise ProblemError(
-                422,
-                "validation_error",
-                f"`concurrency_key` {msg}; omit it or give the same",
-                errors=[{"loc": ["body", "concurrency_key"], "msg": msg, "type": "key_conflict"}],
-            )
+        concurrency_key = _job_key(handler, req.payload, concurrency_key)
     key = req.idempotency_key
     if header_key is not None:
         key = header_key.strip(" \t")
