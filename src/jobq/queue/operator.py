@@ -21,7 +21,7 @@ from jobq.queue.model import (
     into_history,
     notify_watchers,
 )
-from jobq.queue.unique import _HOLDER_LOCKED, _STATUS, UniqueSpec, unique_key
+from jobq.queue.unique import _HOLDER_LOCKED, UniqueSpec, binding_status, unique_key
 
 _LOCK_LIVE = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
 
@@ -162,11 +162,9 @@ class Operator(Lookup):
         key = unique_key(NewJob(kind=job.kind, payload=job.payload, queue=job.queue), spec)
         async with self.pool.acquire() as conn, conn.transaction():
             held = await conn.fetchrow(_HOLDER_LOCKED, key)
-            if held is not None and held["live"] and held["job_id"] != job.id:
-                status = await conn.fetchval(
-                    _STATUS, held["job_id"], finished_not_before(held["job_id"])
-                )
-                if status in spec.states:
+            if held is not None and held["job_id"] != job.id:
+                status = await binding_status(conn, held, spec)
+                if status is not None:
                     raise UniqueHeld(job, held["job_id"], status)
             row = await conn.fetchrow(_RETRY, job.id, bound)
             if row is not None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from jobq.queue.base import Connection
 from jobq.queue.inserts import _WAKING, _derived_key, _trace_json
 from jobq.queue.lookup import Lookup, finished_not_before
 from jobq.queue.model import (
@@ -168,6 +169,16 @@ WITH taken AS (
 """
 
 
+async def binding_status(conn: Connection, held: Any, spec: UniqueSpec) -> str | None:
+    """The status of the job holding a unique key (its `_HOLDER` row) while the key still
+    binds: within its period, its job in one of the states that make a duplicate; else None
+    (the key may be taken over)."""
+    if held is None or not held["live"]:
+        return None
+    status = await conn.fetchval(_STATUS, held["job_id"], finished_not_before(held["job_id"]))
+    return status if status in spec.states else None
+
+
 # Keys past their period, a batch at a time (the cleaner's pass). The holder's state does not
 # matter any more: an expired key is taken over by the next enqueue anyway.
 _EXPIRE = """
@@ -209,10 +220,7 @@ class Unique(Lookup):
                 locked = await conn.fetchrow(_HOLDER_LOCKED, key)
                 if locked is None:
                     continue
-                status = await conn.fetchval(
-                    _STATUS, locked["job_id"], finished_not_before(locked["job_id"])
-                )
-                if not (locked["live"] and status in spec.states):
+                if await binding_status(conn, locked, spec) is None:
                     row = await conn.fetchrow(_TAKE_OVER, *params)
                     assert row is not None  # the key row is locked by this transaction
                     return EnqueueResult(Job.from_record(row), created=True)
