@@ -273,6 +273,27 @@ async def test_a_pause_body_of_another_media_type_is_a_415_problem(
     assert await queue.flow_states() == []
 
 
+@pytest.mark.parametrize("content", [b'{"by": "ops"}', b"[]", b"null"])
+async def test_a_resume_body_that_is_not_an_empty_object_is_a_422_problem_and_resumes_nothing(
+    client: httpx.AsyncClient, queue: Queue, content: bytes
+) -> None:
+    await queue.pause("queue", "q")
+    r = await client.post(
+        "/queues/q/resume", content=content, headers={"content-type": "application/json"}
+    )
+    assert_problem(r, 422, "validation_error")
+    assert [s.paused for s in await queue.flow_states()] == [True]
+
+
+async def test_a_resume_with_an_empty_object_body_resumes(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    await queue.pause("kind", "k")
+    r = await client.post("/kinds/k/resume", json={})
+    assert r.status_code == 200 and r.json()["paused"] is False, r.text
+    assert await queue.flow_states() == []
+
+
 async def test_stats_lists_a_declared_limit_and_what_runs_under_it(
     client: httpx.AsyncClient, queue: Queue
 ) -> None:

@@ -85,6 +85,22 @@ _BY_SCHEMA = {
         },
     }
 }
+_RESUME_BODY: dict[int | str, dict[str, Any]] = {
+    415: _PAUSE_BODY[415],
+    422: openapi_problem(
+        'The name is bad (`loc` `["path", "name"]`), or a body was sent that is not an empty'
+        ' JSON object (`loc` `["body", ...]`).'
+    ),
+}
+# A resume takes no field: a body, if any, is `{}`.
+_NO_FIELDS = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {"schema": {"type": "object", "additionalProperties": False}}
+        },
+    }
+}
 _TOO_MANY: dict[int | str, dict[str, Any]] = {
     409: openapi_problem(
         "`too_many_paused`: JOBQ_MAX_PAUSED queues and kinds are paused already (pausing one"
@@ -143,24 +159,31 @@ def _has_body(request: Request) -> bool:
     return "transfer-encoding" in request.headers or (length is not None and length != "0")
 
 
-async def _paused_by(request: Request) -> str | None:
-    """Who pauses: the optional body `{"by": "<who>"}`. No body is no one; any other body is
-    refused rather than ignored."""
+async def _body(request: Request, fields: tuple[str, ...], shape: str) -> dict[str, Any]:
+    """The optional JSON object body of a pause or a resume, holding no field but `fields`:
+    any other body is refused rather than ignored. No body is an empty one."""
     if not _has_body(request):
-        return None
+        return {}
     body = await read_json_body(request, limit=4096)
     if not isinstance(body, dict):
         raise ProblemError(
-            422, "validation_error", 'the body must be a JSON object {"by": "<who>"}',
+            422, "validation_error", f"the body must be a JSON object {shape}",
             errors=[{"loc": ["body"], "msg": "expected an object", "type": "model_type"}],
         )  # fmt: skip
-    extra = [k for k in body if k != "by"]
+    extra = [k for k in body if k not in fields]
     if extra:
+        takes = f"only `{fields[0]}`" if fields else "no field"
         raise ProblemError(
-            422, "validation_error", f"unknown field {extra[0][:40]!r}: the body takes only `by`",
+            422, "validation_error", f"unknown field {extra[0][:40]!r}: the body takes {takes}",
             errors=[{"loc": ["body", k], "msg": "unknown field", "type": "extra_forbidden"}
                     for k in extra],
         )  # fmt: skip
+    return body
+
+
+async def _paused_by(request: Request) -> str | None:
+    """Who pauses: the optional body `{"by": "<who>"}`. No body, or none in it, is no one."""
+    body = await _body(request, ("by",), '{"by": "<who>"}')
     if "by" not in body:
         return None
     try:
@@ -187,7 +210,9 @@ async def _pause(request: Request, scope: str, name: str) -> Response:
 
 
 async def _resume(request: Request, scope: str, name: str) -> Response:
-    return _state(await _queue(request).resume(scope, _name(request, scope, name)))
+    checked = _name(request, scope, name)
+    await _body(request, (), "{}")
+    return _state(await _queue(request).resume(scope, checked))
 
 
 def _json(body: object) -> Response:
@@ -247,11 +272,12 @@ async def pause_queue(request: Request, name: QueueName) -> Response:
     _QUEUE + "/resume",
     summary="Resume a queue",
     response_model=FlowStateOut,
-    responses={**_BAD_NAME, **COMMON_RESPONSES},
+    responses={**_RESUME_BODY, **COMMON_RESPONSES},
+    openapi_extra=_NO_FIELDS,
 )
 async def resume_queue(request: Request, name: QueueName) -> Response:
     """Workers claim this queue's jobs again. Resuming a queue that is not paused changes
-    nothing."""
+    nothing. A body, if any, is `{}`: one with a field is a 422 problem."""
     return await _resume(request, "queue", name)
 
 
@@ -271,7 +297,9 @@ async def pause_kind(request: Request, name: KindName) -> Response:
     _KIND + "/resume",
     summary="Resume a kind",
     response_model=FlowStateOut,
-    responses={**_BAD_NAME, **COMMON_RESPONSES},
+    responses={**_RESUME_BODY, **COMMON_RESPONSES},
+    openapi_extra=_NO_FIELDS,
 )
 async def resume_kind(request: Request, name: KindName) -> Response:
+    """As resuming a queue, for the jobs of one kind."""
     return await _resume(request, "kind", name)
