@@ -278,6 +278,18 @@ async def test_overview_lists_a_paused_kind_and_its_resume_button_resumes_it(
         await queue.resume("kind", "report.build")
 
 
+async def test_overview_shows_who_paused_a_queue(
+    page: Page, api: httpx.AsyncClient, base_url: str, queue: Queue
+) -> None:
+    await queue.pause("queue", "reports", by="ops on call")
+    try:
+        await page.goto(f"{base_url}/ui")
+        row = page.locator('#counts-body tr[data-queue-row="reports"]')
+        await expect(row.locator("span[data-paused-by]")).to_have_text(" by ops on call")
+    finally:
+        await queue.resume("queue", "reports")
+
+
 async def test_overview_lists_a_limit_with_what_runs_under_it(
     page: Page, api: httpx.AsyncClient, base_url: str, queue: Queue
 ) -> None:

@@ -209,7 +209,7 @@
         row.append(el("td", { class: "num", "data-queue": q.queue, "data-oldest": "" }, "—"));
         const toggle = el("button", { type: "button", class: "pause", "data-pause": q.queue }, "Pause");
         toggle.addEventListener("click", () => togglePause(toggle));
-        row.append(el("td", { class: "state" }, toggle));
+        row.append(el("td", { class: "state" }, toggle, el("span", { class: "by", "data-paused-by": "" })));
         const after = [...body.querySelectorAll("tr[data-queue-row]")].find((r) => r.dataset.queueRow > q.queue);
         body.insertBefore(row, after || null);
       }
@@ -227,6 +227,8 @@
         setText(toggle, q.paused ? "Resume" : "Pause");
         row.classList.toggle("paused", q.paused);
       }
+      // Who paused it, when the pause said (POST .../pause {"by": ...}).
+      setText(row.querySelector("span[data-paused-by]"), q.paused && q.paused_by ? ` by ${q.paused_by}` : "");
     }
     for (const [name, row] of rows) if (!wanted.has(name)) row.remove();
   }
