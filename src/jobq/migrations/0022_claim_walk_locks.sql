@@ -242,9 +242,9 @@ WITH RECURSIVE ctl AS (
     WHERE ((c.scope = 'kind' AND c.name = ANY($2::text[]))
            OR (c.scope = 'queue' AND c.name = ANY($3::text[])))
       AND (c.paused_at IS NOT NULL
-           OR (c.rate IS NOT NULL AND least(c.burst, coalesce(c.tokens, c.burst) + c.rate
-                   * greatest(0.0, extract(epoch FROM clock_timestamp()
-                                           - coalesce(c.refilled_at, now()))::float8)) < 1)
+           OR (c.rate IS NOT NULL
+               AND least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
+        extract(epoch FROM clock_timestamp() - coalesce(c.refilled_at, clock_timestamp()))::float8)) < 1)
            OR c.max_concurrency <= (
                SELECT count(*) FROM jobs AS j
                WHERE j.status = 'running'
@@ -293,10 +293,8 @@ WITH ctl AS (
     -- credited the same interval twice.
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.limited, c.max_concurrency,
            c.max_per_key, c.fair, c.fair_weights, c.rate_per_key, c.burst_per_key, t.at,
-           CASE WHEN c.rate IS NOT NULL THEN
-               least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
-                     extract(epoch FROM t.at - coalesce(c.refilled_at, t.at))::float8))
-           END AS tokens
+           CASE WHEN c.rate IS NOT NULL THEN least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
+        extract(epoch FROM t.at - coalesce(c.refilled_at, t.at))::float8)) END AS tokens
     FROM jobq_flow_controls AS c
     CROSS JOIN (SELECT clock_timestamp() AS at) AS t
     WHERE (c.scope = 'kind' AND c.name = ANY($2::text[]))
@@ -392,10 +390,8 @@ WITH ctl AS (
 ), key_tokens AS MATERIALIZED (
     -- Under a per-key rate, each key walked: its bucket refilled up to `at` (no row: full).
     SELECT ctl.scope, ctl.name, w.key, ctl.at, ctl.rate_per_key, ctl.burst_per_key,
-           least(ctl.burst_per_key, coalesce(b.tokens, ctl.burst_per_key)
-                 + ctl.rate_per_key * greatest(0.0,
-                     extract(epoch FROM ctl.at - coalesce(b.refilled_at, ctl.at))::float8))
-               AS tokens
+           least(ctl.burst_per_key, coalesce(b.tokens, ctl.burst_per_key) + ctl.rate_per_key * greatest(0.0,
+        extract(epoch FROM ctl.at - coalesce(b.refilled_at, ctl.at))::float8)) AS tokens
     FROM ctl
     JOIN (SELECT DISTINCT key FROM walk WHERE held) AS w ON true
     LEFT JOIN jobq_flow_key_buckets AS b
@@ -571,8 +567,9 @@ WITH ctl AS (
         FROM ctl JOIN jobq_flow_key_buckets AS o ON o.scope = ctl.scope AND o.name = ctl.name
         WHERE ctl.rate_per_key IS NOT NULL AND NOT ctl.paused
           AND o.key IN (SELECT key FROM walk WHERE held)
-          AND o.tokens + ctl.rate_per_key
-                * extract(epoch FROM ctl.at - o.refilled_at)::float8 >= ctl.burst_per_key
+          AND least(ctl.burst_per_key, coalesce(o.tokens, ctl.burst_per_key) + ctl.rate_per_key * greatest(0.0,
+        extract(epoch FROM ctl.at - coalesce(o.refilled_at, ctl.at))::float8))
+              >= ctl.burst_per_key
           AND NOT EXISTS (SELECT 1 FROM claimed AS x WHERE x.concurrency_key = o.key)
         LIMIT 16)
     RETURNING 1

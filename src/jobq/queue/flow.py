@@ -373,6 +373,27 @@ SELECT (SELECT count(*) FROM jobq_flow_controls
 # Both, in one round trip (each worker asks once a second).
 _COVER = f"SELECT ({_APPLIES.strip()}) AS applies, ({_ALL_LIMITED.strip()}) AS covered"
 
+
+def _refilled(*, burst: str, tokens: str, rate: str, refilled_at: str, at: str) -> str:
+    """SQL: a token bucket's tokens at `at`: `tokens` left at `refilled_at` plus `rate` per
+    second since, at most `burst`. No tokens stored yet: a full bucket; a clock read before
+    `refilled_at` adds none."""
+    return (
+        f"least({burst}, coalesce({tokens}, {burst}) + {rate} * greatest(0.0,\n"
+        f"        extract(epoch FROM {at} - coalesce({refilled_at}, {at}))::float8))"
+    )
+
+
+# A limit's bucket (a row c of jobq_flow_controls) at {at}; a key's bucket under limit ctl at
+# ctl.at.
+_RATE_TOKENS = _refilled(
+    burst="c.burst", tokens="c.tokens", rate="c.rate", refilled_at="c.refilled_at", at="{at}"
+)
+_KEY_TOKENS = _refilled(
+    burst="ctl.burst_per_key", tokens="{tokens}", rate="ctl.rate_per_key",
+    refilled_at="{refilled_at}", at="ctl.at",
+)  # fmt: skip
+
 # How many concurrency keys one limited claim visits per keyed queue, at most. A claim's cost
 # (and the time it holds the limit's row lock) is bounded by it, not by the number of keys
 # waiting; successive claims continue from where the last one stopped (jobq_flow_cursors).
@@ -545,9 +566,8 @@ WITH RECURSIVE ctl AS (
     WHERE ((c.scope = 'kind' AND c.name = ANY($2::text[]))
            OR (c.scope = 'queue' AND c.name = ANY($3::text[])))
       AND (c.paused_at IS NOT NULL
-           OR (c.rate IS NOT NULL AND least(c.burst, coalesce(c.tokens, c.burst) + c.rate
-                   * greatest(0.0, extract(epoch FROM clock_timestamp()
-                                           - coalesce(c.refilled_at, now()))::float8)) < 1)
+           OR (c.rate IS NOT NULL
+               AND {_RATE_TOKENS.format(at="clock_timestamp()")} < 1)
            OR c.max_concurrency <= (
                SELECT count(*) FROM jobs AS j
                WHERE j.status = 'running'
@@ -636,10 +656,7 @@ WITH ctl AS (
     -- credited the same interval twice.
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.limited, c.max_concurrency,
            c.max_per_key, c.fair, c.fair_weights, c.rate_per_key, c.burst_per_key, t.at,
-           CASE WHEN c.rate IS NOT NULL THEN
-               least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
-                     extract(epoch FROM t.at - coalesce(c.refilled_at, t.at))::float8))
-           END AS tokens
+           CASE WHEN c.rate IS NOT NULL THEN {_RATE_TOKENS.format(at="t.at")} END AS tokens
     FROM jobq_flow_controls AS c
     CROSS JOIN (SELECT clock_timestamp() AS at) AS t
     WHERE (c.scope = 'kind' AND c.name = ANY($2::text[]))
@@ -735,10 +752,7 @@ WITH ctl AS (
 ), key_tokens AS MATERIALIZED (
     -- Under a per-key rate, each key walked: its bucket refilled up to `at` (no row: full).
     SELECT ctl.scope, ctl.name, w.key, ctl.at, ctl.rate_per_key, ctl.burst_per_key,
-           least(ctl.burst_per_key, coalesce(b.tokens, ctl.burst_per_key)
-                 + ctl.rate_per_key * greatest(0.0,
-                     extract(epoch FROM ctl.at - coalesce(b.refilled_at, ctl.at))::float8))
-               AS tokens
+           {_KEY_TOKENS.format(tokens="b.tokens", refilled_at="b.refilled_at")} AS tokens
     FROM ctl
     JOIN (SELECT DISTINCT key FROM walk WHERE held) AS w ON true
     LEFT JOIN jobq_flow_key_buckets AS b
@@ -886,8 +900,8 @@ WITH ctl AS (
         FROM ctl JOIN jobq_flow_key_buckets AS o ON o.scope = ctl.scope AND o.name = ctl.name
         WHERE ctl.rate_per_key IS NOT NULL AND NOT ctl.paused
           AND o.key IN (SELECT key FROM walk WHERE held)
-          AND o.tokens + ctl.rate_per_key
-                * extract(epoch FROM ctl.at - o.refilled_at)::float8 >= ctl.burst_per_key
+          AND {_KEY_TOKENS.format(tokens="o.tokens", refilled_at="o.refilled_at")}
+              >= ctl.burst_per_key
           AND NOT EXISTS (SELECT 1 FROM claimed AS x WHERE x.concurrency_key = o.key)
         LIMIT 16)
     RETURNING 1
@@ -1038,12 +1052,10 @@ $fn$;
 
 _CLAIM_LIMITED_CALL = "SELECT * FROM jobq_claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 
-_USAGE = """
+_USAGE = f"""
 WITH ctl AS (
-    SELECT c.*, CASE WHEN c.rate IS NOT NULL THEN
-               least(c.burst, coalesce(c.tokens, c.burst) + c.rate * greatest(0.0,
-                     extract(epoch FROM now() - coalesce(c.refilled_at, now()))::float8))
-           END AS tokens_now
+    SELECT c.*, CASE WHEN c.rate IS NOT NULL THEN {_RATE_TOKENS.format(at="now()")} END
+               AS tokens_now
     FROM jobq_flow_controls AS c WHERE c.limited
 ), running AS (
     SELECT j.kind, j.queue, j.concurrency_key AS key, count(*)::int AS n
@@ -1063,13 +1075,13 @@ SELECT ctl.scope, ctl.name, ctl.paused_at, ctl.max_concurrency, ctl.max_per_key,
                     WHERE CASE ctl.scope WHEN 'kind' THEN r.kind ELSE r.queue END = ctl.name
                       AND r.key IS NOT NULL
                     GROUP BY r.key ORDER BY sum(r.n) DESC, r.key LIMIT 20) AS k),
-                '{}') AS keys,
+                '{{}}') AS keys,
        coalesce((SELECT array_agg(k.n::int ORDER BY k.n DESC, k.key) FROM (
                     SELECT r.key, sum(r.n) AS n FROM running AS r
                     WHERE CASE ctl.scope WHEN 'kind' THEN r.kind ELSE r.queue END = ctl.name
                       AND r.key IS NOT NULL
                     GROUP BY r.key ORDER BY sum(r.n) DESC, r.key LIMIT 20) AS k),
-                '{}') AS key_counts
+                '{{}}') AS key_counts
 FROM ctl
 ORDER BY ctl.scope, ctl.name
 """
@@ -1078,15 +1090,22 @@ ORDER BY ctl.scope, ctl.name
 # Buckets that have refilled since (a full bucket is no row), and those of limits no longer
 # declared. Claims remove refilled buckets only of the keys they hold; this removes the rest
 # (keys with no job waiting are walked by no claim). A bucket a claim is writing is skipped.
-_PRUNE_KEY_BUCKETS = """
+_PRUNE_KEY_BUCKETS = f"""
 DELETE FROM jobq_flow_key_buckets AS b
 WHERE (b.scope, b.name, b.key) IN (
     SELECT o.scope, o.name, o.key
     FROM jobq_flow_key_buckets AS o
     LEFT JOIN jobq_flow_controls AS c ON c.scope = o.scope AND c.name = o.name
     WHERE c.rate_per_key IS NULL
-       OR o.tokens + c.rate_per_key
-              * extract(epoch FROM clock_timestamp() - o.refilled_at)::float8 >= c.burst_per_key
+       OR {
+    _refilled(
+        burst="c.burst_per_key",
+        tokens="o.tokens",
+        rate="c.rate_per_key",
+        refilled_at="o.refilled_at",
+        at="clock_timestamp()",
+    )
+} >= c.burst_per_key
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED)
 """
