@@ -610,6 +610,21 @@ def test_per_key_rate_declarations_are_checked() -> None:
     assert (limits.rate_per_key, limits.burst_per_key, limits.any) == (2.0, 2.0, True)
 
 
+async def test_jobs_without_a_key_share_one_bucket_under_a_per_key_rate(queue: Queue) -> None:
+    # As they share one key's bound under max_per_key: a producer that forgets the key field
+    # must not start its jobs without limit.
+    limits = Limits.declare(rate_limit_per_key="2/min", rate_burst_per_key=2)
+    await queue.declare_limits("w", {"a": limits}, {})
+    await queue.enqueue_many([NewJob(kind="a") for _ in range(5)])
+    first = await queue.claim_limited_held("w", KINDS, QUEUES, 20, lease_seconds=30)
+    assert (len(first.jobs), first.held_back) == (2, True)
+    assert await _claim(queue, 20, limited=True) == []
+    await queue.pool.execute(
+        "UPDATE jobq_flow_key_buckets SET refilled_at = refilled_at - interval '30 s'"
+    )
+    assert len(await _claim(queue, 20, limited=True)) == 1
+
+
 async def test_each_concurrency_key_has_its_own_rate_bucket(queue: Queue) -> None:
     # 2 a minute: no token comes back while the test runs unless the test moves the clock.
     limits = Limits.declare(rate_limit_per_key="2/min", rate_burst_per_key=2)

@@ -615,6 +615,10 @@ _MAP_KEY = "({name} || coalesce(chr(31) || {key}, chr(30)))"
 _QUEUE_KEY = _MAP_KEY.format(name="w.queue", key="w.key")
 _KIND_KEY = _MAP_KEY.format(name="k.kind", key="w.key")
 
+# The key of the bucket jobs without a key share under a per-key rate: no key jobq accepts
+# holds a control character.
+_NO_BUCKET = "chr(30)"
+
 # In a fair queue, `turn` is a job's place within its key and `pos` its key's place in the walk
 # (round robin from the cursor); elsewhere both are constant and claim order applies.
 _ORDER = "turn, priority, pos, run_at, id"
@@ -749,12 +753,19 @@ WITH ctl AS (
     JOIN open_queues AS q ON q.queue = w.queue AND q.keyed AND w.held
     CROSS JOIN kind_key_bound AS kb
     CROSS JOIN key_running AS kr
+), bucket_keys AS (
+    -- The keys whose buckets this claim reads and writes: those it holds, and the "no key"
+    -- key while it holds that key's lock (jobs without a key share one bucket, as they share
+    -- one key's bound).
+    SELECT key FROM walk WHERE held
+    UNION
+    SELECT {_NO_BUCKET} WHERE no_key::bool
 ), key_tokens AS MATERIALIZED (
-    -- Under a per-key rate, each key walked: its bucket refilled up to `at` (no row: full).
+    -- Under a per-key rate, each such key: its bucket refilled up to `at` (no row: full).
     SELECT ctl.scope, ctl.name, w.key, ctl.at, ctl.rate_per_key, ctl.burst_per_key,
            {_KEY_TOKENS.format(tokens="b.tokens", refilled_at="b.refilled_at")} AS tokens
     FROM ctl
-    JOIN (SELECT DISTINCT key FROM walk WHERE held) AS w ON true
+    CROSS JOIN bucket_keys AS w
     LEFT JOIN jobq_flow_key_buckets AS b
         ON b.scope = ctl.scope AND b.name = ctl.name AND b.key = w.key
     WHERE ctl.rate_per_key IS NOT NULL AND NOT ctl.paused
@@ -844,8 +855,10 @@ WITH ctl AS (
     FROM ranked AS r
     LEFT JOIN room AS rk ON rk.scope = 'kind' AND rk.name = r.kind
     LEFT JOIN room AS rq ON rq.scope = 'queue' AND rq.name = r.queue
-    LEFT JOIN key_tokens AS tk ON tk.scope = 'kind' AND tk.name = r.kind AND tk.key = r.key
-    LEFT JOIN key_tokens AS tq ON tq.scope = 'queue' AND tq.name = r.queue AND tq.key = r.key
+    LEFT JOIN key_tokens AS tk ON tk.scope = 'kind' AND tk.name = r.kind
+        AND tk.key = coalesce(r.key, {_NO_BUCKET})
+    LEFT JOIN key_tokens AS tq ON tq.scope = 'queue' AND tq.name = r.queue
+        AND tq.key = coalesce(r.key, {_NO_BUCKET})
     WHERE r.n_all <= $4
       AND (rk.free IS NULL OR r.n_kind <= rk.free)
       AND (rq.free IS NULL OR r.n_queue <= rq.free)
@@ -884,7 +897,7 @@ WITH ctl AS (
     INSERT INTO jobq_flow_key_buckets AS b (scope, name, key, tokens, refilled_at)
     SELECT t.scope, t.name, t.key, t.tokens - count(*), t.at
     FROM key_tokens AS t
-    JOIN claimed AS x ON x.concurrency_key = t.key
+    JOIN claimed AS x ON coalesce(x.concurrency_key, {_NO_BUCKET}) = t.key
         AND CASE t.scope WHEN 'kind' THEN x.kind ELSE x.queue END = t.name
     GROUP BY t.scope, t.name, t.key, t.tokens, t.at
     ORDER BY t.scope, t.name, t.key
@@ -899,10 +912,11 @@ WITH ctl AS (
         SELECT o.scope, o.name, o.key
         FROM ctl JOIN jobq_flow_key_buckets AS o ON o.scope = ctl.scope AND o.name = ctl.name
         WHERE ctl.rate_per_key IS NOT NULL AND NOT ctl.paused
-          AND o.key IN (SELECT key FROM walk WHERE held)
+          AND o.key IN (SELECT key FROM bucket_keys)
           AND {_KEY_TOKENS.format(tokens="o.tokens", refilled_at="o.refilled_at")}
               >= ctl.burst_per_key
-          AND NOT EXISTS (SELECT 1 FROM claimed AS x WHERE x.concurrency_key = o.key)
+          AND NOT EXISTS (SELECT 1 FROM claimed AS x
+                          WHERE coalesce(x.concurrency_key, {_NO_BUCKET}) = o.key)
         LIMIT 16)
     RETURNING 1
 ), cursor_to AS (
