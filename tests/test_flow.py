@@ -4,7 +4,6 @@ share, against a real PostgreSQL (docs/flow-control.md)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -285,23 +284,35 @@ async def test_claims_of_different_keys_under_a_per_key_limit_do_not_wait_for_ea
         assert sorted(str(j.concurrency_key) for j in other) == ["t2", "t3"]
 
 
-async def test_claims_walking_at_once_from_the_same_cursor_take_different_keys(
+async def test_a_claim_waiting_for_a_limit_s_row_holds_no_key_another_claim_needs(
     queue: Queue,
 ) -> None:
-    # Claims that start together see the same cursor: each must go on past the keys the
-    # others hold until it holds enough, not give up after a fixed stretch of keys.
-    await queue.declare_limits("w", {"a": Limits(max_per_key=1)}, {})
-    await queue.enqueue_many([NewJob(kind="a", concurrency_key=f"t{i:02}") for i in range(12)])
-    async with contextlib.AsyncExitStack() as open_claims:
-        keys: list[str] = []
-        for worker in ("w1", "w2", "w3"):
-            conn = await open_claims.enter_async_context(queue.pool.acquire())
-            await open_claims.enter_async_context(conn.transaction())
-            rows = await conn.fetch(
-                flow._CLAIM_LIMITED_CALL, worker, KINDS, QUEUES, 4, 30.0, [], [], 3, flow.KEY_WALK
-            )
-            keys += [r["concurrency_key"] for r in rows if r["id"] is not None]
-    assert sorted(keys) == [f"t{i:02}" for i in range(12)]
+    # Keys are locked after the rows: a claim queued on another kind's row must not keep the
+    # per-key kind's keys from the claims that need no row.
+    await queue.declare_limits(
+        "w", {"a": Limits(max_per_key=1), "b": Limits(max_concurrency=5)}, {}
+    )
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key=f"t{i}") for i in range(4)])
+    async with queue.pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT 1 FROM jobq_flow_controls WHERE scope = 'kind' AND name = 'b' FOR UPDATE"
+        )
+        waiting = asyncio.create_task(queue.claim_limited("w1", KINDS, QUEUES, 4, lease_seconds=30))
+        await wait_for(
+            lambda: queue.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database() AND query LIKE '%jobq_claim_limited%'"
+            ),
+            timeout=10,
+        )
+        other = await asyncio.wait_for(
+            queue.claim_limited("w2", ["a"], QUEUES, 4, lease_seconds=30), 5
+        )
+        await tx.commit()
+    assert sorted(str(j.concurrency_key) for j in other) == ["t0", "t1", "t2", "t3"]
+    assert await asyncio.wait_for(waiting, 10) == []
 
 
 async def test_a_per_key_claim_goes_on_to_more_keys_when_the_first_have_fewer_jobs_than_room(

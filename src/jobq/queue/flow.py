@@ -465,28 +465,12 @@ CURSOR_LOCK_CLASS = KEY_LOCK_CLASS + 1
 # claims fit the server's lock table (max_locks_per_transaction x max_connections entries).
 KEY_LOCKS = 64
 
-# Whether the claim holds key k.key: under per-key bounds, a key whose hint leaves room and
-# whose lock it got at once (a key another claim holds is passed over: that claim decides for
-# it); else every key walked. `locked`: it took the key's lock.
-_KEY_HOLD = f"""
-        SELECT coalesce(t.locked, true) AS held, coalesce(t.locked, false) AS locked
-        FROM (SELECT CASE WHEN (SELECT lock_keys FROM lock_keys)
-                          THEN CASE WHEN s.share > 0
-                                    THEN pg_try_advisory_xact_lock({KEY_LOCK_CLASS},
-                                                                   hashtext(k.key))
-                                    ELSE false END
-                     END AS locked
-              OFFSET 0) AS t"""
-
 # The limited claim is three statements, run by one function (claim_limited_function). The
 # first (this one) finds, for every keyed queue (fair share or a per-key limit applies), the
 # keys the claim will consider: a loose index scan of jobs_queue_key_claim_idx, one probe per
 # key, starting after the key the previous claim stopped at and wrapping around once, at most
-# $9 keys. Under per-key bounds it locks the keys it will read as it goes (see _KEY_HOLD) and
-# stops once those can start what is asked for: keys other claims hold are passed over, and
-# claims walking at once from the same cursor spread over the keys. Which keys have waiting
-# jobs, and how many each can start, is only a hint: the decision reads them again, under the
-# locks.
+# $9 keys. It takes no lock: which keys have waiting jobs is only a hint (the claim reads
+# their jobs again below).
 # Written in the function's arguments: $2 kinds, $3 queues, $9 the walk's bound, $4 how many
 # jobs the claim asks for.
 _WALK_KEYS = f"""
@@ -498,9 +482,7 @@ WITH RECURSIVE ctl AS (
     WHERE c.limited AND ((c.scope = 'kind' AND c.name = ANY($2::text[]))
                          OR (c.scope = 'queue' AND c.name = ANY($3::text[])))
 ), walked AS (
-    -- Each queue walked may lock its share of the most keys one claim locks.
-    SELECT q.queue, coalesce(cur.after_key, '') AS after_key, coalesce(ctl.fair, false) AS fair,
-           greatest(1, {KEY_LOCKS} / count(*) OVER ()) AS lock_cap
+    SELECT q.queue, coalesce(cur.after_key, '') AS after_key, coalesce(ctl.fair, false) AS fair
     FROM unnest($3::text[]) AS q(queue)
     LEFT JOIN ctl ON ctl.scope = 'queue' AND ctl.name = q.queue
     LEFT JOIN jobq_flow_cursors AS cur ON cur.queue = q.queue
@@ -534,29 +516,22 @@ WITH RECURSIVE ctl AS (
                               WHERE scope = 'queue' AND max_per_key IS NOT NULL))
         GROUP BY 1, 2
     ) AS x
-), lock_keys AS MATERIALIZED (
-    -- Whether per-key bounds apply: then the walk locks the keys it will read.
-    SELECT EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys
 ), keys AS (
-    SELECT w.queue, w.after_key, w.fair, w.lock_cap, k.key, k.wrapped, 1 AS pos, s.share, h.held,
-           CASE WHEN h.held THEN s.share ELSE 0 END AS total, h.locked::int AS locks
+    SELECT w.queue, w.after_key, w.fair, k.key, k.wrapped, 1 AS pos, s.share, s.share AS total
     FROM walked AS w
     CROSS JOIN LATERAL ({_FIRST_KEY}) AS k
     CROSS JOIN LATERAL ({_KEY_SHARE.format(queue="w.queue")}) AS s
-    CROSS JOIN LATERAL ({_KEY_HOLD}) AS h
     UNION ALL
-    SELECT keys.queue, keys.after_key, keys.fair, keys.lock_cap, k.key, k.wrapped, keys.pos + 1,
-           s.share, h.held, keys.total + CASE WHEN h.held THEN s.share ELSE 0 END,
-           keys.locks + h.locked::int
+    SELECT keys.queue, keys.after_key, keys.fair, k.key, k.wrapped, keys.pos + 1, s.share,
+           keys.total + s.share
     FROM keys
     CROSS JOIN LATERAL ({_STEP_KEY}) AS k
     CROSS JOIN LATERAL ({_KEY_SHARE.format(queue="keys.queue")}) AS s
-    CROSS JOIN LATERAL ({_KEY_HOLD}) AS h
-    -- Stop at the bound, or once around: back at the keys after the cursor; or once the keys
-    -- held can start what is asked for, but in a fair queue (whose keys take turns); or once
-    -- the queue holds its share of key locks.
+    -- Stop at the bound, or once around: back at the keys after the cursor; or, but in a fair
+    -- queue (whose keys take turns), once the keys walked can start twice what is asked for
+    -- (some will be held by other claims).
     WHERE keys.pos < $9 AND NOT (k.wrapped AND k.key > keys.after_key)
-      AND (keys.fair OR keys.total < $4) AND keys.locks < keys.lock_cap
+      AND (keys.fair OR keys.total < 2 * $4)
 ), closed AS (
     -- The kinds and queues whose limit has no room (or bucket no token) as this snapshot
     -- sees them, or that are paused. When every kind or every queue claimed is closed the
@@ -580,24 +555,27 @@ WITH RECURSIVE ctl AS (
            AS shut,
            EXISTS (SELECT 1 FROM closed WHERE NOT paused) AS full
 )
--- Whether per-key bounds apply at all (then keys are locked), and per key walked whether the
--- claim holds it, and whether the walk left keys it might have taken to the next claims.
-SELECT keys.queue, keys.key, keys.pos, keys.held, shut.shut, shut.full, lock_keys.lock_keys,
-       keys.pos >= $9 OR NOT keys.held OR keys.locks >= keys.lock_cap AS cut
-FROM shut CROSS JOIN lock_keys LEFT JOIN keys ON true
+-- Whether per-key bounds apply at all (then keys are locked), and per key walked the hint of
+-- how many of its jobs the claim can start.
+SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
+       EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
+       keys.share AS room, keys.fair
+FROM shut LEFT JOIN keys ON true
 """
 
 # The second locks what the decision depends on, so that no other claim can change it until
 # this one commits. A limit with a bound over all its jobs (max_concurrency, a rate) or a fair
 # queue: its row, in one order (no deadlock between claimers); claims that share it take turns
-# here (the walk came before, so the row is held only for the decision: a probe per key
-# visited, not per key waiting). A per-key bound (max_per_key, a per-key rate) depends only on
-# the key's own jobs: the walk locked the keys the claim will read instead (a
-# transaction-scoped advisory lock per key, see KEY_LOCK_CLASS), and claims of different keys
-# decide at the same time. The third starts after the locks are held, so its snapshot sees
-# every claim committed by the previous holder: the running jobs it counts, the tokens it
-# reads, are current, and no other claim under these bounds can commit until this one does.
-# Jobs that end meanwhile only free slots: a count that still sees them errs on the safe side.
+# here. A per-key bound (max_per_key, a per-key rate) depends only on the key's own jobs: the
+# claim locks the keys it will read instead (a transaction-scoped advisory lock per key, see
+# KEY_LOCK_CLASS), and claims of different keys decide at the same time. The third starts after
+# the locks are held, so its snapshot sees every claim committed by the previous holder: the
+# running jobs it counts, the tokens it reads, are current, and no other claim under these
+# bounds can commit until this one does. Jobs that end meanwhile only free slots: a count that
+# still sees them errs on the safe side. The key walk came before the locks, so they are held
+# only for the decision: a probe per key visited, not per key waiting. Keys are locked after
+# the limits' rows, not as the walk visits them: a claim waiting for a row would hold its keys
+# all the while, and the claims of other kinds that need no row would find them held.
 _LOCK_LIMITS = """
 SELECT scope, name FROM jobq_flow_controls
 WHERE limited AND (max_concurrency IS NOT NULL OR rate IS NOT NULL OR fair)
@@ -1004,6 +982,8 @@ def claim_limited_function() -> str:
     walk, lock, claim = _WALK_KEYS.strip(), _LOCK_LIMITS.strip(), _CLAIM_LIMITED.strip()
     columns = ",\n    ".join(f"{f} {_JOB_TYPES[f]}" for f in _JOB_FIELDS)
     nulls = ", ".join(f"NULL::{_JOB_TYPES[f]}" for f in _JOB_FIELDS)
+    # Keys in walk order, the queues' keys taking turns: the lock loop below stops once it
+    # holds enough, and must not spend it all on the first queue's.
     walked = "array_agg(x.{} ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL)"
     return f"""CREATE OR REPLACE FUNCTION
     jobq_claim_limited(text, text[], text[], int, float8, text[], int[], int, int)
@@ -1021,7 +1001,8 @@ DECLARE
     w_queue text[];
     w_key text[];
     w_pos int[];
-    w_held boolean[];
+    w_room int[];
+    w_fair boolean[];
     l_scope text[];
     l_name text[];
     cut boolean;
@@ -1029,14 +1010,20 @@ DECLARE
     is_full boolean;
     lock_keys boolean;
     no_key boolean := true;
+    w_held boolean[] := '{{}}';
+    visited int := 0;
+    locked int := 0;
+    hinted jsonb := '{{}}';
+    queue_hinted int;
 BEGIN
     SELECT coalesce({walked.format("queue")}, '{{}}'),
            coalesce({walked.format("key")}, '{{}}'),
            coalesce({walked.format("pos")}, '{{}}'),
-           coalesce({walked.format("held")}, '{{}}'),
-           coalesce(bool_or(x.cut), false), bool_or(x.shut), bool_or(x.full),
+           coalesce({walked.format("room")}, '{{}}'),
+           coalesce({walked.format("fair")}, '{{}}'),
+           coalesce(bool_or(x.pos >= $9), false), bool_or(x.shut), bool_or(x.full),
            bool_or(x.lock_keys)
-    INTO w_queue, w_key, w_pos, w_held, cut, is_shut, is_full, lock_keys
+    INTO w_queue, w_key, w_pos, w_room, w_fair, cut, is_shut, is_full, lock_keys
     FROM (
 {walk}
     ) AS x;
@@ -1052,10 +1039,37 @@ BEGIN
 {lock}
     ) AS l;
     IF lock_keys THEN
-        -- Jobs without a key take turns as one more key. Held by another claim: try again
-        -- soon.
+        -- The keys to read, in walk order (the queues' keys taking turns), until their hinted
+        -- room covers what is asked for, in each queue (in a fair queue, whose keys take
+        -- turns, as many as walked): those another claim holds are passed over (it decides
+        -- for them), and so are those the hint says are full. A key held elsewhere or full
+        -- kept jobs back: try again soon.
+        FOR i IN 1 .. cardinality(w_key) LOOP
+            EXIT WHEN locked >= {KEY_LOCKS};
+            visited := i;
+            queue_hinted := coalesce((hinted ->> w_queue[i])::int, 0);
+            IF queue_hinted >= $4 AND NOT w_fair[i] THEN
+                w_held := w_held || false;
+            ELSIF coalesce(w_room[i], $4) > 0
+               AND pg_try_advisory_xact_lock({KEY_LOCK_CLASS}, hashtext(w_key[i])) THEN
+                w_held := w_held || true;
+                locked := locked + 1;
+                hinted := hinted
+                    || jsonb_build_object(w_queue[i], queue_hinted + coalesce(w_room[i], $4));
+            ELSE
+                w_held := w_held || false;
+                cut := true;
+            END IF;
+        END LOOP;
+        -- Keys past those visited are left to the next claims, as keys past the walk's bound.
+        cut := cut OR visited < cardinality(w_key);
+        w_queue := w_queue[1:visited];
+        w_key := w_key[1:visited];
+        w_pos := w_pos[1:visited];
         no_key := pg_try_advisory_xact_lock({KEY_LOCK_CLASS}, hashtext(chr(30)));
         cut := cut OR NOT no_key;
+    ELSE
+        w_held := array_fill(true, ARRAY[cardinality(w_key)]);
     END IF;
     RETURN QUERY
 {claim};

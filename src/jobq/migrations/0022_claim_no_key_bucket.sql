@@ -1,11 +1,10 @@
 -- jobq schema, version 22 (pre-deploy: replaces a function with one of the same signature).
 --
--- jobq_claim_limited's key walk locks the concurrency keys it will read as it goes and stops
--- once they can start what the claim asks for, passing over keys other claims hold: claims
--- that walk at once from the same cursor spread over the keys instead of finding every key
--- they walked held (docs/flow-control.md, "Two claims"). Generated from
--- jobq.queue.flow.claim_limited_function(); tests/test_migrations.py checks that the newest
--- migration defining the function states what the code does.
+-- Under a per-key rate (rate_limit_per_key), jobs without a key share one bucket, the "no
+-- key" key's, as they share one key's bound under max_per_key: they started without limit.
+-- A claim that finds every kind or every queue paused or full no longer walks the keys first.
+-- Generated from jobq.queue.flow.claim_limited_function(); tests/test_migrations.py checks
+-- that the newest migration defining the function states what the code does.
 
 SET LOCAL lock_timeout = '5s';
 
@@ -49,7 +48,8 @@ DECLARE
     w_queue text[];
     w_key text[];
     w_pos int[];
-    w_held boolean[];
+    w_room int[];
+    w_fair boolean[];
     l_scope text[];
     l_name text[];
     cut boolean;
@@ -57,14 +57,20 @@ DECLARE
     is_full boolean;
     lock_keys boolean;
     no_key boolean := true;
+    w_held boolean[] := '{}';
+    visited int := 0;
+    locked int := 0;
+    hinted jsonb := '{}';
+    queue_hinted int;
 BEGIN
     SELECT coalesce(array_agg(x.queue ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
            coalesce(array_agg(x.key ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
            coalesce(array_agg(x.pos ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
-           coalesce(array_agg(x.held ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
-           coalesce(bool_or(x.cut), false), bool_or(x.shut), bool_or(x.full),
+           coalesce(array_agg(x.room ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
+           coalesce(array_agg(x.fair ORDER BY x.pos, x.queue) FILTER (WHERE x.key IS NOT NULL), '{}'),
+           coalesce(bool_or(x.pos >= $9), false), bool_or(x.shut), bool_or(x.full),
            bool_or(x.lock_keys)
-    INTO w_queue, w_key, w_pos, w_held, cut, is_shut, is_full, lock_keys
+    INTO w_queue, w_key, w_pos, w_room, w_fair, cut, is_shut, is_full, lock_keys
     FROM (
 WITH RECURSIVE ctl AS (
     SELECT c.scope, c.name, c.paused_at IS NOT NULL AS paused, c.fair, c.max_per_key,
@@ -74,9 +80,7 @@ WITH RECURSIVE ctl AS (
     WHERE c.limited AND ((c.scope = 'kind' AND c.name = ANY($2::text[]))
                          OR (c.scope = 'queue' AND c.name = ANY($3::text[])))
 ), walked AS (
-    -- Each queue walked may lock its share of the most keys one claim locks.
-    SELECT q.queue, coalesce(cur.after_key, '') AS after_key, coalesce(ctl.fair, false) AS fair,
-           greatest(1, 64 / count(*) OVER ()) AS lock_cap
+    SELECT q.queue, coalesce(cur.after_key, '') AS after_key, coalesce(ctl.fair, false) AS fair
     FROM unnest($3::text[]) AS q(queue)
     LEFT JOIN ctl ON ctl.scope = 'queue' AND ctl.name = q.queue
     LEFT JOIN jobq_flow_cursors AS cur ON cur.queue = q.queue
@@ -110,12 +114,8 @@ WITH RECURSIVE ctl AS (
                               WHERE scope = 'queue' AND max_per_key IS NOT NULL))
         GROUP BY 1, 2
     ) AS x
-), lock_keys AS MATERIALIZED (
-    -- Whether per-key bounds apply: then the walk locks the keys it will read.
-    SELECT EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys
 ), keys AS (
-    SELECT w.queue, w.after_key, w.fair, w.lock_cap, k.key, k.wrapped, 1 AS pos, s.share, h.held,
-           CASE WHEN h.held THEN s.share ELSE 0 END AS total, h.locked::int AS locks
+    SELECT w.queue, w.after_key, w.fair, k.key, k.wrapped, 1 AS pos, s.share, s.share AS total
     FROM walked AS w
     CROSS JOIN LATERAL (
     SELECT x.key, x.wrapped FROM (
@@ -161,19 +161,9 @@ WITH RECURSIVE ctl AS (
                    ) AS due)
                    ELSE 0 END)) AS share
         OFFSET 0) AS s
-    CROSS JOIN LATERAL (
-        SELECT coalesce(t.locked, true) AS held, coalesce(t.locked, false) AS locked
-        FROM (SELECT CASE WHEN (SELECT lock_keys FROM lock_keys)
-                          THEN CASE WHEN s.share > 0
-                                    THEN pg_try_advisory_xact_lock(1785684593,
-                                                                   hashtext(k.key))
-                                    ELSE false END
-                     END AS locked
-              OFFSET 0) AS t) AS h
     UNION ALL
-    SELECT keys.queue, keys.after_key, keys.fair, keys.lock_cap, k.key, k.wrapped, keys.pos + 1,
-           s.share, h.held, keys.total + CASE WHEN h.held THEN s.share ELSE 0 END,
-           keys.locks + h.locked::int
+    SELECT keys.queue, keys.after_key, keys.fair, k.key, k.wrapped, keys.pos + 1, s.share,
+           keys.total + s.share
     FROM keys
     CROSS JOIN LATERAL (
     SELECT x.key, x.wrapped FROM (
@@ -219,20 +209,11 @@ WITH RECURSIVE ctl AS (
                    ) AS due)
                    ELSE 0 END)) AS share
         OFFSET 0) AS s
-    CROSS JOIN LATERAL (
-        SELECT coalesce(t.locked, true) AS held, coalesce(t.locked, false) AS locked
-        FROM (SELECT CASE WHEN (SELECT lock_keys FROM lock_keys)
-                          THEN CASE WHEN s.share > 0
-                                    THEN pg_try_advisory_xact_lock(1785684593,
-                                                                   hashtext(k.key))
-                                    ELSE false END
-                     END AS locked
-              OFFSET 0) AS t) AS h
-    -- Stop at the bound, or once around: back at the keys after the cursor; or once the keys
-    -- held can start what is asked for, but in a fair queue (whose keys take turns); or once
-    -- the queue holds its share of key locks.
+    -- Stop at the bound, or once around: back at the keys after the cursor; or, but in a fair
+    -- queue (whose keys take turns), once the keys walked can start twice what is asked for
+    -- (some will be held by other claims).
     WHERE keys.pos < $9 AND NOT (k.wrapped AND k.key > keys.after_key)
-      AND (keys.fair OR keys.total < $4) AND keys.locks < keys.lock_cap
+      AND (keys.fair OR keys.total < 2 * $4)
 ), closed AS (
     -- The kinds and queues whose limit has no room (or bucket no token) as this snapshot
     -- sees them, or that are paused. When every kind or every queue claimed is closed the
@@ -257,11 +238,12 @@ WITH RECURSIVE ctl AS (
            AS shut,
            EXISTS (SELECT 1 FROM closed WHERE NOT paused) AS full
 )
--- Whether per-key bounds apply at all (then keys are locked), and per key walked whether the
--- claim holds it, and whether the walk left keys it might have taken to the next claims.
-SELECT keys.queue, keys.key, keys.pos, keys.held, shut.shut, shut.full, lock_keys.lock_keys,
-       keys.pos >= $9 OR NOT keys.held OR keys.locks >= keys.lock_cap AS cut
-FROM shut CROSS JOIN lock_keys LEFT JOIN keys ON true
+-- Whether per-key bounds apply at all (then keys are locked), and per key walked the hint of
+-- how many of its jobs the claim can start.
+SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
+       EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
+       keys.share AS room, keys.fair
+FROM shut LEFT JOIN keys ON true
     ) AS x;
     IF is_shut THEN
         -- Every kind or every queue is paused or has no room: nothing to lock for.
@@ -280,10 +262,37 @@ ORDER BY scope, name
 FOR UPDATE
     ) AS l;
     IF lock_keys THEN
-        -- Jobs without a key take turns as one more key. Held by another claim: try again
-        -- soon.
+        -- The keys to read, in walk order (the queues' keys taking turns), until their hinted
+        -- room covers what is asked for, in each queue (in a fair queue, whose keys take
+        -- turns, as many as walked): those another claim holds are passed over (it decides
+        -- for them), and so are those the hint says are full. A key held elsewhere or full
+        -- kept jobs back: try again soon.
+        FOR i IN 1 .. cardinality(w_key) LOOP
+            EXIT WHEN locked >= 64;
+            visited := i;
+            queue_hinted := coalesce((hinted ->> w_queue[i])::int, 0);
+            IF queue_hinted >= $4 AND NOT w_fair[i] THEN
+                w_held := w_held || false;
+            ELSIF coalesce(w_room[i], $4) > 0
+               AND pg_try_advisory_xact_lock(1785684593, hashtext(w_key[i])) THEN
+                w_held := w_held || true;
+                locked := locked + 1;
+                hinted := hinted
+                    || jsonb_build_object(w_queue[i], queue_hinted + coalesce(w_room[i], $4));
+            ELSE
+                w_held := w_held || false;
+                cut := true;
+            END IF;
+        END LOOP;
+        -- Keys past those visited are left to the next claims, as keys past the walk's bound.
+        cut := cut OR visited < cardinality(w_key);
+        w_queue := w_queue[1:visited];
+        w_key := w_key[1:visited];
+        w_pos := w_pos[1:visited];
         no_key := pg_try_advisory_xact_lock(1785684593, hashtext(chr(30)));
         cut := cut OR NOT no_key;
+    ELSE
+        w_held := array_fill(true, ARRAY[cardinality(w_key)]);
     END IF;
     RETURN QUERY
 WITH ctl AS (
