@@ -63,6 +63,9 @@ class Claimer:
         self.held_back = False
         # Whether the last limited claim found a keyed queue: else the next skips the key walk.
         self._walk_keys = True
+        # The kinds the limited claim has handed out (at most the registry's): their successes
+        # hold slots until written.
+        self._limited_kinds: set[str] = set()
 
     async def _refresh_limited(self) -> None:
         now = time.monotonic()
@@ -72,11 +75,12 @@ class Claimer:
         self.limited, self._all_limited = await self.queue.limits_cover(state.kinds, state.queues)
         self._limits_checked = now
 
-    async def _claim(self, want: int) -> list[Job]:
-        """Up to `want` jobs. Under limits, the plain claim still takes the kinds and queues no
-        limit covers (it leaves limited ones out), so that they never wait behind a limited
-        backlog nor pay for the limited claim; the limited claim takes the rest of the slots.
-        The two take turns going first, so that neither side's backlog starves the other."""
+    async def _claim(self, want: int) -> int:
+        """Start up to `want` jobs; how many. Under limits, the plain claim still takes the
+        kinds and queues no limit covers (it leaves limited ones out), so that they never wait
+        behind a limited backlog nor pay for the limited claim; the limited claim takes the
+        rest of the slots. The two take turns going first, so that neither side's backlog
+        starves the other. Each claim's jobs start as soon as it returns."""
         state = self.state
         claims: list[Callable[..., Awaitable[list[Job]]]] = [self.queue.claim]
         if self._all_limited:  # implies limited
@@ -89,29 +93,35 @@ class Claimer:
                 else [self.queue.claim, self._claim_limited]
             )
         self.held_back = False
-        jobs: list[Job] = []
+        started = 0
         for claim in claims:
-            if len(jobs) >= want:
+            if started >= want:
                 break
-            jobs += await claim(
+            jobs = await claim(
                 state.worker_id,
                 state.kinds,
                 state.queues,
-                want - len(jobs),
+                want - started,
                 lease_seconds=state.settings.lease_seconds,
                 max_attempts=self.max_attempts,
             )
-        return jobs
+            if jobs:
+                metrics.WORKER_IN_FLIGHT.inc(len(jobs))
+            for job in jobs:
+                self.runner.start(job)
+            started += len(jobs)
+        return started
 
     async def _claim_limited(self, *args: Any, **kwargs: Any) -> list[Job]:
         state = self.state
-        if state.pending:
+        if any(kind in self._limited_kinds for _, _, kind in state.pending.values()):
             # This worker's successes not written yet still hold their slots (their keys', the
             # limit's): a claim now would find them full and come back short, then again.
             await state.wait_any(state.outcome_written, timeout=LIMITED_RETRY_SECONDS)
         claim = await self.queue.claim_limited_held(*args, walk_keys=self._walk_keys, **kwargs)
         self.held_back = claim.held_back
         self._walk_keys = claim.keyed
+        self._limited_kinds.update(job.kind for job in claim.jobs)
         return claim.jobs
 
     async def loop(self) -> None:
@@ -133,7 +143,7 @@ class Claimer:
             state.outcome_written.clear()
             try:
                 await self._refresh_limited()
-                jobs = await self._claim(want)
+                started = await self._claim(want)
             except Exception as exc:
                 if not db.is_unavailable(exc):
                     log.exception("claim failed", extra={"worker_id": state.worker_id})
@@ -142,11 +152,7 @@ class Claimer:
                 await retry.sleep()
                 continue
             retry.reset()
-            if jobs:
-                metrics.WORKER_IN_FLIGHT.inc(len(jobs))
-            for job in jobs:
-                self.runner.start(job)
-            if len(jobs) < want:
+            if started < want:
                 if self.held_back:
                     # A slot of this worker's own freed in the database (an outcome written)
                     # may be the one the limit was waiting for: try again then, or soon
