@@ -1288,8 +1288,8 @@ class Flow(Views):
             return LimitedClaim([], held_back=False)
         per_kind = max_attempts or {}
         walk_bound = KEY_WALK
-        # One round trip: jobq_claim_limited (migration 0020) runs the walk, the lock and the
-        # decision, each statement with its own snapshot, in this statement's transaction.
+        # One round trip: jobq_claim_limited (claim_limited_function) runs the walk, the locks
+        # and the decision, each statement with its own snapshot, in this one's transaction.
         rows = await self.pool.fetch(
             _CLAIM_LIMITED_CALL,
             worker,
