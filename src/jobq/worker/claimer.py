@@ -10,8 +10,9 @@ stored it): then it claims with the limited claim, which honours them, as well a
 plain claim, which takes what no limit covers. After a short claim it tries again soon only
 when a bound (a limit full, a bucket empty, the key walk's bound) kept jobs back, since slots
 and tokens free up without a NOTIFY; when nothing was kept back it waits for a NOTIFY or the
-poll, like the plain claim. Otherwise it claims with the plain claim only, which costs what it
-did before flow control existed (docs/flow-control.md).
+poll, like the plain claim. Its own successes not written yet still hold their slots, so a
+limited claim first waits, briefly, for their write. Otherwise it claims with the plain claim
+only, which costs what it did before flow control existed (docs/flow-control.md).
 """
 
 from __future__ import annotations
