@@ -621,6 +621,24 @@ def test_per_key_rate_declarations_are_checked() -> None:
     assert (limits.rate_per_key, limits.burst_per_key, limits.any) == (2.0, 2.0, True)
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [Limits(max_per_key=1), Limits.declare(rate_limit_per_key="1/min", rate_burst_per_key=1)],
+    ids=["max_per_key", "rate_limit_per_key"],
+)
+async def test_a_backlog_without_a_key_in_front_does_not_hold_back_keyed_jobs(
+    queue: Queue, limits: Limits
+) -> None:
+    # The "no key" key starts one; the claim's other places go to the keyed jobs behind.
+    await queue.declare_limits("w", {"a": limits}, {})
+    await queue.enqueue_many([NewJob(kind="a") for _ in range(20)])
+    await queue.enqueue_many([NewJob(kind="a", concurrency_key=f"t{i:02}") for i in range(20)])
+    first = await _claim(queue, 10, limited=True)
+    assert (len(first), sum(j.concurrency_key is None for j in first)) == (10, 1)
+    second = await _claim(queue, 10, limited=True)
+    assert (len(second), sum(j.concurrency_key is None for j in second)) == (10, 0)
+
+
 async def test_jobs_without_a_key_share_one_bucket_under_a_per_key_rate(queue: Queue) -> None:
     # As they share one key's bound under max_per_key: a producer that forgets the key field
     # must not start its jobs without limit.

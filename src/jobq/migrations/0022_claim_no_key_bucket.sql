@@ -428,12 +428,15 @@ WITH ctl AS (
         ORDER BY j.priority, j.run_at, j.id
         LIMIT kc.cap
     ) AS d
-), unkeyed AS (
+), keyless AS MATERIALIZED (
     -- In a keyed queue, the jobs without a key among its first $4 due jobs of the kinds this
-    -- claim may start, in claim order: they take turns as one more key, walked first. Jobs of
-    -- other kinds (paused, full, or no handler here) are passed over as the plain claim
-    -- passes them; they must not hide the jobs behind them.
-    SELECT a.id, a.kind, a.queue, a.key, a.priority, a.run_at, 0 AS pos, 1::bigint AS rk
+    -- claim may start, in claim order (`rn`): they take turns as one more key, walked first.
+    -- Jobs of other kinds (paused, full, or no handler here) are passed over as the plain
+    -- claim passes them; they must not hide the jobs behind them.
+    SELECT a.*,
+           row_number() OVER (PARTITION BY a.queue ORDER BY a.priority, a.run_at, a.id) AS rn,
+           row_number() OVER (PARTITION BY a.queue, a.kind ORDER BY a.priority, a.run_at, a.id)
+               AS rn_kind
     FROM open_queues AS q
     CROSS JOIN LATERAL (
         SELECT h.id, h.kind, h.queue, h.concurrency_key AS key, h.priority, h.run_at
@@ -444,6 +447,38 @@ WITH ctl AS (
         LIMIT $4
     ) AS a
     WHERE q.keyed AND no_key::bool AND a.key IS NULL
+), no_key_caps AS MATERIALIZED (
+    -- How many of those the "no key" key can still start, as key_caps for the keys walked,
+    -- its bucket's tokens too: per keyed queue (`cap`), and per kind with a per-key bound (in
+    -- no_key_kind_caps). Candidates a bound turns down still take places in the claim: a
+    -- backlog without a key must not take them all from the keyed jobs behind it.
+    SELECT q.queue, greatest(0, least(
+               q.cap,
+               q.max_per_key - coalesce(
+                   (kr.by_queue ->> (q.queue || coalesce(chr(31) || NULL, chr(30))))::int, 0),
+               q.key_burst,
+               (SELECT floor(t.tokens)::int FROM key_tokens AS t
+                WHERE t.scope = 'queue' AND t.name = q.queue AND t.key = chr(30)))) AS cap
+    FROM open_queues AS q
+    CROSS JOIN key_running AS kr
+    WHERE q.keyed AND no_key::bool
+), no_key_kind_caps AS MATERIALIZED (
+    SELECT r.name AS kind, greatest(0, least(
+               r.max_per_key - coalesce(
+                   (kr.by_kind ->> (r.name || coalesce(chr(31) || NULL, chr(30))))::int, 0),
+               r.key_burst,
+               (SELECT floor(t.tokens)::int FROM key_tokens AS t
+                WHERE t.scope = 'kind' AND t.name = r.name AND t.key = chr(30)))) AS cap
+    FROM room AS r
+    CROSS JOIN key_running AS kr
+    WHERE r.scope = 'kind' AND r.key_bound IS NOT NULL AND no_key::bool
+), unkeyed AS (
+    -- Those the "no key" key can start.
+    SELECT k.id, k.kind, k.queue, k.key, k.priority, k.run_at, 0 AS pos, 1::bigint AS rk
+    FROM keyless AS k
+    JOIN no_key_caps AS nk ON nk.queue = k.queue
+    LEFT JOIN no_key_kind_caps AS nkk ON nkk.kind = k.kind
+    WHERE k.rn <= nk.cap AND (nkk.cap IS NULL OR k.rn_kind <= nkk.cap)
 ), plain AS (
     -- An unkeyed queue: its jobs in claim order, skipping rows other claims hold (jobs of
     -- kinds no limit covers may be claimed by anyone).
@@ -628,6 +663,7 @@ WITH ctl AS (
     -- claim, it waits for a NOTIFY or the poll.
     SELECT cut::bool
         OR EXISTS (SELECT 1 FROM key_caps WHERE cap = 0)
+        OR (SELECT count(*) FROM keyless) > (SELECT count(*) FROM unkeyed)
         OR (SELECT count(*) FROM candidates) > (SELECT count(*) FROM picked)
         OR EXISTS (SELECT 1 FROM open_queues AS q
                    WHERE NOT q.keyed AND q.cap < $4
