@@ -285,6 +285,14 @@ async def test_a_resume_body_that_is_not_an_empty_object_is_a_422_problem_and_re
     assert [s.paused for s in await queue.flow_states()] == [True]
 
 
+async def test_a_resume_whose_content_length_says_zero_resumes(
+    client: httpx.AsyncClient, queue: Queue
+) -> None:
+    await queue.pause("queue", "q")
+    r = await client.post("/queues/q/resume", headers={"content-length": "00"})
+    assert r.status_code == 200 and r.json()["paused"] is False, r.text
+
+
 async def test_a_resume_with_an_empty_object_body_resumes(
     client: httpx.AsyncClient, queue: Queue
 ) -> None:

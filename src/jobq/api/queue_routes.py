@@ -155,8 +155,10 @@ def _name(request: Request, scope: str, name: str) -> str:
 
 
 def _has_body(request: Request) -> bool:
-    length = request.headers.get("content-length")
-    return "transfer-encoding" in request.headers or (length is not None and length != "0")
+    length = request.headers.get("content-length", "").strip()
+    if "transfer-encoding" in request.headers:
+        return True
+    return length != "" and (not length.isdigit() or int(length) > 0)
 
 
 async def _body(request: Request, fields: tuple[str, ...], shape: str) -> dict[str, Any]:

@@ -735,10 +735,11 @@ WITH ctl AS (
 ), bucket_keys AS (
     -- The keys whose buckets this claim reads and writes: those it holds, and the "no key"
     -- key while it holds that key's lock (jobs without a key share one bucket, as they share
-    -- one key's bound).
-    SELECT key FROM walk WHERE held
+    -- one key's bound). None when it locked no key: a per-key rate declared since starts
+    -- nothing this time (see room), and its buckets are another claim's to write.
+    SELECT key FROM walk WHERE held AND lock_keys::bool
     UNION
-    SELECT {_NO_BUCKET} WHERE no_key::bool
+    SELECT {_NO_BUCKET} WHERE no_key::bool AND lock_keys::bool
 ), key_tokens AS MATERIALIZED (
     -- Under a per-key rate, each such key: its bucket refilled up to `at` (no row: full).
     SELECT ctl.scope, ctl.name, w.key, ctl.at, ctl.rate_per_key, ctl.burst_per_key,
