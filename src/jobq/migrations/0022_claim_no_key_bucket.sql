@@ -464,7 +464,8 @@ WITH ctl AS (
     CROSS JOIN key_running AS kr
     WHERE q.keyed AND no_key::bool
 ), no_key_kind_caps AS MATERIALIZED (
-    SELECT r.name AS kind, greatest(0, least(
+    SELECT r.name AS kind,
+           greatest(0, least(
                r.max_per_key - coalesce(
                    (kr.by_kind ->> (r.name || coalesce(chr(31) || NULL, chr(30))))::int, 0),
                r.key_burst,

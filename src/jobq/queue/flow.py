@@ -598,6 +598,15 @@ _KIND_KEY = _MAP_KEY.format(name="k.kind", key="w.key")
 # holds a control character.
 _NO_BUCKET = "chr(30)"
 
+# What the "no key" key of {scope} {name} (a row {row} with max_per_key and key_burst) can still
+# start: its per-key limit less its running jobs, its bucket's size and tokens (NULL: no bound).
+_NO_KEY_ROOM = f"""
+               {{row}}.max_per_key - coalesce(
+                   (kr.by_{{scope}} ->> {_NO_KEY_OF.format(name="{name}")})::int, 0),
+               {{row}}.key_burst,
+               (SELECT floor(t.tokens)::int FROM key_tokens AS t
+                WHERE t.scope = '{{scope}}' AND t.name = {{name}} AND t.key = {_NO_BUCKET})"""
+
 # In a fair queue, `turn` is a job's place within its key and `pos` its key's place in the walk
 # (round robin from the cursor); elsewhere both are constant and claim order applies.
 _ORDER = "turn, priority, pos, run_at, id"
@@ -789,22 +798,13 @@ WITH ctl AS (
     -- no_key_kind_caps). Candidates a bound turns down still take places in the claim: a
     -- backlog without a key must not take them all from the keyed jobs behind it.
     SELECT q.queue, greatest(0, least(
-               q.cap,
-               q.max_per_key - coalesce(
-                   (kr.by_queue ->> {_NO_KEY_OF.format(name="q.queue")})::int, 0),
-               q.key_burst,
-               (SELECT floor(t.tokens)::int FROM key_tokens AS t
-                WHERE t.scope = 'queue' AND t.name = q.queue AND t.key = {_NO_BUCKET}))) AS cap
+               q.cap,{_NO_KEY_ROOM.format(scope="queue", row="q", name="q.queue")})) AS cap
     FROM open_queues AS q
     CROSS JOIN key_running AS kr
     WHERE q.keyed AND no_key::bool
 ), no_key_kind_caps AS MATERIALIZED (
-    SELECT r.name AS kind, greatest(0, least(
-               r.max_per_key - coalesce(
-                   (kr.by_kind ->> {_NO_KEY_OF.format(name="r.name")})::int, 0),
-               r.key_burst,
-               (SELECT floor(t.tokens)::int FROM key_tokens AS t
-                WHERE t.scope = 'kind' AND t.name = r.name AND t.key = {_NO_BUCKET}))) AS cap
+    SELECT r.name AS kind,
+           greatest(0, least({_NO_KEY_ROOM.format(scope="kind", row="r", name="r.name")})) AS cap
     FROM room AS r
     CROSS JOIN key_running AS kr
     WHERE r.scope = 'kind' AND r.key_bound IS NOT NULL AND no_key::bool
