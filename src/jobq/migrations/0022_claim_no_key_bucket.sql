@@ -115,52 +115,11 @@ WITH RECURSIVE ctl AS (
         GROUP BY 1, 2
     ) AS x
 ), keys AS (
-    SELECT w.queue, w.after_key, w.fair, k.key, k.wrapped, 1 AS pos, s.share, s.share AS total
+    -- Each queue starts at its cursor (place 0, not a key walked): every key is found by the
+    -- recursive step.
+    SELECT w.queue, w.after_key, w.fair, w.after_key AS key, false AS wrapped, 0 AS pos,
+           0 AS share, 0 AS total
     FROM walked AS w
-    CROSS JOIN LATERAL (
-    SELECT x.key, x.wrapped FROM (
-        (SELECT concurrency_key AS key, false AS wrapped FROM jobs
-         WHERE status IN ('queued', 'retrying') AND queue = w.queue AND concurrency_key IS NOT NULL
-           AND concurrency_key > w.after_key
-         ORDER BY concurrency_key LIMIT 1)
-        UNION ALL
-        (SELECT concurrency_key, true FROM jobs
-         WHERE status IN ('queued', 'retrying') AND queue = w.queue AND concurrency_key IS NOT NULL
-           AND NOT false
-         ORDER BY concurrency_key LIMIT 1)
-    ) AS x LIMIT 1) AS k
-    CROSS JOIN LATERAL (
-        SELECT greatest(0, least($4, (
-            SELECT least(c.max_per_key - coalesce(
-                             (r.by_queue ->> (w.queue || chr(31) || k.key))::int, 0),
-                         c.key_burst)
-            FROM ctl AS c, running AS r
-            WHERE c.scope = 'queue' AND c.name = w.queue AND c.per_key),
-            CASE WHEN (SELECT cardinality(bounded) > 0 FROM kinds_keyed)
-                 THEN (SELECT count(*)::int FROM (
-                SELECT 1 FROM jobs AS j
-                WHERE j.status IN ('queued', 'retrying') AND j.queue = w.queue AND j.concurrency_key = k.key
-                  AND j.run_at <= now()
-                  AND j.kind = ANY((SELECT bounded FROM kinds_keyed)::text[])
-                LIMIT greatest(0, coalesce((
-                    SELECT max(least(c.max_per_key - coalesce(
-                                         (r.by_kind ->> (c.name || chr(31) || k.key))::int, 0),
-                                     c.key_burst))
-                    FROM ctl AS c, running AS r
-                    WHERE c.scope = 'kind' AND c.per_key AND NOT c.paused), $4))
-            ) AS due)
-                 ELSE 0 END
-            -- (Not read when every kind has a bound: an index scan for no kind reads them all.)
-            + CASE WHEN (SELECT cardinality(unbounded) > 0 FROM kinds_keyed)
-                   THEN (SELECT count(*)::int FROM (
-                       SELECT 1 FROM jobs AS j
-                       WHERE j.status IN ('queued', 'retrying') AND j.queue = w.queue AND j.concurrency_key = k.key
-                         AND j.run_at <= now()
-                         AND j.kind = ANY((SELECT unbounded FROM kinds_keyed)::text[])
-                       LIMIT $4
-                   ) AS due)
-                   ELSE 0 END)) AS share
-        OFFSET 0) AS s
     UNION ALL
     SELECT keys.queue, keys.after_key, keys.fair, k.key, k.wrapped, keys.pos + 1, s.share,
            keys.total + s.share
@@ -243,7 +202,7 @@ WITH RECURSIVE ctl AS (
 SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
        EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
        keys.share AS room, keys.fair
-FROM shut LEFT JOIN keys ON true
+FROM shut LEFT JOIN keys ON keys.pos > 0
     ) AS x;
     IF is_shut THEN
         -- Every kind or every queue is paused or has no room: nothing to lock for.

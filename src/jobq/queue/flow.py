@@ -415,7 +415,6 @@ _NEXT_KEY = f"""
            AND NOT {{wrapped}}
          ORDER BY concurrency_key LIMIT 1)
     ) AS x LIMIT 1"""
-_FIRST_KEY = _NEXT_KEY.format(queue="w.queue", after="w.after_key", wrapped="false")
 
 # A hint of how many jobs of key k.key in queue {queue} a claim can start: its due jobs of the
 # kinds with a per-key bound, no more than the most those bounds still let it start (their
@@ -517,10 +516,11 @@ WITH RECURSIVE ctl AS (
         GROUP BY 1, 2
     ) AS x
 ), keys AS (
-    SELECT w.queue, w.after_key, w.fair, k.key, k.wrapped, 1 AS pos, s.share, s.share AS total
+    -- Each queue starts at its cursor (place 0, not a key walked): every key is found by the
+    -- recursive step.
+    SELECT w.queue, w.after_key, w.fair, w.after_key AS key, false AS wrapped, 0 AS pos,
+           0 AS share, 0 AS total
     FROM walked AS w
-    CROSS JOIN LATERAL ({_FIRST_KEY}) AS k
-    CROSS JOIN LATERAL ({_KEY_SHARE.format(queue="w.queue")}) AS s
     UNION ALL
     SELECT keys.queue, keys.after_key, keys.fair, k.key, k.wrapped, keys.pos + 1, s.share,
            keys.total + s.share
@@ -560,7 +560,7 @@ WITH RECURSIVE ctl AS (
 SELECT keys.queue, keys.key, keys.pos, shut.shut, shut.full,
        EXISTS (SELECT 1 FROM ctl WHERE per_key AND NOT paused) AS lock_keys,
        keys.share AS room, keys.fair
-FROM shut LEFT JOIN keys ON true
+FROM shut LEFT JOIN keys ON keys.pos > 0
 """
 
 # The second locks what the decision depends on, so that no other claim can change it until
