@@ -315,6 +315,36 @@ async def test_a_claim_waiting_for_a_limit_s_row_holds_no_key_another_claim_need
     assert await asyncio.wait_for(waiting, 10) == []
 
 
+async def test_a_claim_that_locked_no_key_leaves_the_key_buckets_alone(queue: Queue) -> None:
+    # A per-key rate stored while the claim waited for a row came after its walk: it locked no
+    # key, so the keys' buckets are other claims' to read and write (a refilled one included).
+    await queue.declare_limits("w", {"b": Limits(max_concurrency=5)}, {})
+    await queue.enqueue_many([NewJob(kind="a")])
+    async with queue.pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT 1 FROM jobq_flow_controls WHERE scope = 'kind' AND name = 'b' FOR UPDATE"
+        )
+        waiting = asyncio.create_task(queue.claim_limited("w1", KINDS, QUEUES, 4, lease_seconds=30))
+        await wait_for(
+            lambda: queue.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database() AND query LIKE '%jobq_claim_limited%'"
+            ),
+            timeout=10,
+        )
+        limits = Limits.declare(rate_limit_per_key="1/s", rate_burst_per_key=1)
+        await queue.declare_limits("w2", {"a": limits}, {})
+        await queue.pool.execute(
+            "INSERT INTO jobq_flow_key_buckets (scope, name, key, tokens, refilled_at)"
+            " VALUES ('kind', 'a', chr(30), 0, now() - interval '1 hour')"
+        )
+        await tx.commit()
+        assert await asyncio.wait_for(waiting, 10) == []
+    assert await queue.pool.fetchval("SELECT count(*) FROM jobq_flow_key_buckets") == 1
+
+
 async def test_a_per_key_claim_goes_on_to_more_keys_when_the_first_have_fewer_jobs_than_room(
     queue: Queue,
 ) -> None:
