@@ -4,7 +4,10 @@ share, against a real PostgreSQL (docs/flow-control.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -12,8 +15,36 @@ import pytest
 from jobq.queue import Limits, NewJob, Queue, flow, lease_of
 from tests.helpers import wait_for
 
+T = TypeVar("T")
+
 KINDS = ["a", "b"]
 QUEUES = ["default", "other"]
+
+
+@contextlib.asynccontextmanager
+async def _queued_on_row(
+    queue: Queue, kind: str, claim: Coroutine[Any, Any, T]
+) -> AsyncIterator[asyncio.Task[T]]:
+    """`claim` running, queued on the lock of `kind`'s limit row, which another transaction
+    holds until the block ends."""
+    async with queue.pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT 1 FROM jobq_flow_controls WHERE scope = 'kind' AND name = $1 FOR UPDATE", kind
+        )
+        task = asyncio.create_task(claim)
+        await wait_for(
+            lambda: queue.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database() AND query LIKE '%jobq_claim_limited%'"
+            ),
+            timeout=10,
+        )
+        try:
+            yield task
+        finally:
+            await tx.commit()
 
 
 async def _claim(queue: Queue, n: int = 100, *, limited: bool = False, worker: str = "w") -> list:
@@ -293,24 +324,11 @@ async def test_a_claim_waiting_for_a_limit_s_row_holds_no_key_another_claim_need
         "w", {"a": Limits(max_per_key=1), "b": Limits(max_concurrency=5)}, {}
     )
     await queue.enqueue_many([NewJob(kind="a", concurrency_key=f"t{i}") for i in range(4)])
-    async with queue.pool.acquire() as holder:
-        tx = holder.transaction()
-        await tx.start()
-        await holder.execute(
-            "SELECT 1 FROM jobq_flow_controls WHERE scope = 'kind' AND name = 'b' FOR UPDATE"
-        )
-        waiting = asyncio.create_task(queue.claim_limited("w1", KINDS, QUEUES, 4, lease_seconds=30))
-        await wait_for(
-            lambda: queue.pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND datname = current_database() AND query LIKE '%jobq_claim_limited%'"
-            ),
-            timeout=10,
-        )
+    claim = queue.claim_limited("w1", KINDS, QUEUES, 4, lease_seconds=30)
+    async with _queued_on_row(queue, "b", claim) as waiting:
         other = await asyncio.wait_for(
             queue.claim_limited("w2", ["a"], QUEUES, 4, lease_seconds=30), 5
         )
-        await tx.commit()
     assert sorted(str(j.concurrency_key) for j in other) == ["t0", "t1", "t2", "t3"]
     assert await asyncio.wait_for(waiting, 10) == []
 
@@ -320,28 +338,15 @@ async def test_a_claim_that_locked_no_key_leaves_the_key_buckets_alone(queue: Qu
     # key, so the keys' buckets are other claims' to read and write (a refilled one included).
     await queue.declare_limits("w", {"b": Limits(max_concurrency=5)}, {})
     await queue.enqueue_many([NewJob(kind="a")])
-    async with queue.pool.acquire() as holder:
-        tx = holder.transaction()
-        await tx.start()
-        await holder.execute(
-            "SELECT 1 FROM jobq_flow_controls WHERE scope = 'kind' AND name = 'b' FOR UPDATE"
-        )
-        waiting = asyncio.create_task(queue.claim_limited("w1", KINDS, QUEUES, 4, lease_seconds=30))
-        await wait_for(
-            lambda: queue.pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND datname = current_database() AND query LIKE '%jobq_claim_limited%'"
-            ),
-            timeout=10,
-        )
+    claim = queue.claim_limited("w1", KINDS, QUEUES, 4, lease_seconds=30)
+    async with _queued_on_row(queue, "b", claim) as waiting:
         limits = Limits.declare(rate_limit_per_key="1/s", rate_burst_per_key=1)
         await queue.declare_limits("w2", {"a": limits}, {})
         await queue.pool.execute(
             "INSERT INTO jobq_flow_key_buckets (scope, name, key, tokens, refilled_at)"
             " VALUES ('kind', 'a', chr(30), 0, now() - interval '1 hour')"
         )
-        await tx.commit()
-        assert await asyncio.wait_for(waiting, 10) == []
+    assert await asyncio.wait_for(waiting, 10) == []
     assert await queue.pool.fetchval("SELECT count(*) FROM jobq_flow_key_buckets") == 1
 
 
@@ -371,25 +376,10 @@ async def test_a_bound_declared_while_a_claim_waits_for_its_locks_starts_nothing
     # such claims could both see the one free slot.
     await queue.declare_limits("w", {"a": Limits(max_concurrency=10)}, {})
     await queue.enqueue_many([NewJob(kind="b") for _ in range(3)])
-    async with queue.pool.acquire() as holder:
-        tx = holder.transaction()
-        await tx.start()
-        await holder.execute(
-            "SELECT 1 FROM jobq_flow_controls WHERE scope = 'kind' AND name = 'a' FOR UPDATE"
-        )
-        claim = asyncio.create_task(
-            queue.claim_limited_held("w", KINDS, QUEUES, 10, lease_seconds=30)
-        )
-        await wait_for(
-            lambda: queue.pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND datname = current_database() AND query LIKE '%jobq_claim_limited%'"
-            ),
-            timeout=10,
-        )
+    claim = queue.claim_limited_held("w", KINDS, QUEUES, 10, lease_seconds=30)
+    async with _queued_on_row(queue, "a", claim) as waiting:
         await queue.declare_limits("w2", {"b": Limits(max_concurrency=1)}, {})
-        await tx.commit()
-        first = await asyncio.wait_for(claim, 10)
+    first = await asyncio.wait_for(waiting, 10)
     assert (first.jobs, first.held_back) == ([], True)
     assert len(await _claim(queue, 10, limited=True)) == 1
 

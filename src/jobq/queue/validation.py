@@ -116,32 +116,26 @@ def _check_trace_context(value: object) -> None:
         raise InvalidJob("trace_context", "must not contain NUL characters")
 
 
+def _validated_at(index: int, job: NewJob) -> NewJob:
+    try:
+        return validate(job)
+    except InvalidJob as exc:
+        exc.index = index
+        raise
+
+
 def validate_each(jobs: Sequence[NewJob]) -> list[NewJob]:
     """Each job validated; the InvalidJob of a bad one names its position (`index`)."""
-    checked = []
-    for i, job in enumerate(jobs):
-        try:
-            checked.append(validate(job))
-        except InvalidJob as exc:
-            exc.index = i
-            raise
-    return checked
+    return [_validated_at(i, job) for i, job in enumerate(jobs)]
 
 
 def validate_changed(changed: Sequence[NewJob], checked: Sequence[NewJob]) -> list[NewJob]:
     """`changed`, what enqueue middleware made of `checked` (validated already), with each job
     a middleware replaced validated again; the InvalidJob of a bad one names its position."""
-    out = []
-    for i, (job, before) in enumerate(zip(changed, checked, strict=True)):
-        if job is before:
-            out.append(job)
-            continue
-        try:
-            out.append(validate(job))
-        except InvalidJob as exc:
-            exc.index = i
-            raise
-    return out
+    return [
+        job if job is before else _validated_at(i, job)
+        for i, (job, before) in enumerate(zip(changed, checked, strict=True))
+    ]
 
 
 def validate(job: NewJob) -> NewJob:
